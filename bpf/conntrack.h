@@ -1,0 +1,76 @@
+/* The connection table: forward and reverse entries of balanced flows. */
+#ifndef LBCTL_CONNTRACK_H
+#define LBCTL_CONNTRACK_H
+
+static __always_inline __u64 ct_lifetime(const struct ct4_entry *e, __u8 proto)
+{
+	if (proto != IPPROTO_TCP)
+		return LBCTL_CT_UDP_TIMEOUT_NS;
+	if (e->flags & CT_F_CLOSING)
+		return LBCTL_CT_TCP_CLOSING_TIMEOUT_NS;
+	if (!(e->flags & CT_F_SEEN_REPLY))
+		return LBCTL_CT_TCP_SYN_TIMEOUT_NS;
+	return LBCTL_CT_TCP_TIMEOUT_NS;
+}
+
+static __always_inline int ct_alive(const struct ct4_entry *e, __u8 proto, __u64 now)
+{
+	return now - e->last_seen_ns <= ct_lifetime(e, proto);
+}
+
+/* Refresh last_seen at most once per LBCTL_CT_REFRESH_NS, so established
+ * flows do not write to a shared cache line on every packet. */
+static __always_inline void ct_touch(struct ct4_entry *e, const struct pkt4 *p, __u64 now)
+{
+	if (now - e->last_seen_ns > LBCTL_CT_REFRESH_NS)
+		e->last_seen_ns = now;
+	if ((p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) && !(e->flags & CT_F_CLOSING)) {
+		e->flags |= CT_F_CLOSING;
+		e->last_seen_ns = now;
+	}
+}
+
+static __always_inline void ct4_forward_key(struct ct4_key *k, const struct pkt4 *p)
+{
+	k->saddr = p->saddr;
+	k->daddr = p->daddr;
+	k->sport = p->sport;
+	k->dport = p->dport;
+	k->proto = p->proto;
+	k->dir = CT_DIR_FORWARD;
+	k->pad = 0;
+}
+
+/* Record a new flow client -> vip:vport balanced to backend be. */
+static __always_inline int ct4_create(const struct pkt4 *p, const struct lb4_backend *be,
+				      __u32 backend_id, __u32 frontend_id, __u64 now)
+{
+	struct ct4_key k = {};
+	struct ct4_entry e = {};
+
+	e.created_ns = now;
+	e.last_seen_ns = now;
+	e.backend_id = backend_id;
+	e.frontend_id = frontend_id;
+	if (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+		e.flags = CT_F_CLOSING;
+
+	ct4_forward_key(&k, p);
+	e.nat_addr = be->addr;
+	e.nat_port = be->port;
+	if (ct4.update(&k, &e))
+		return -1;
+
+	k.saddr = be->addr;
+	k.daddr = p->saddr;
+	k.sport = be->port;
+	k.dport = p->sport;
+	k.dir = CT_DIR_REVERSE;
+	e.nat_addr = p->daddr;
+	e.nat_port = p->dport;
+	if (ct4.update(&k, &e))
+		return -1;
+	return 0;
+}
+
+#endif /* LBCTL_CONNTRACK_H */

@@ -1,0 +1,55 @@
+/* Service lookup and backend choice. */
+#ifndef LBCTL_LB_H
+#define LBCTL_LB_H
+
+static __always_inline struct lb_service *lb4_lookup(const struct pkt4 *p)
+{
+	struct lb4_key k = {};
+
+	k.addr = p->daddr;
+	k.port = p->dport;
+	k.proto = p->proto;
+	k.scope = LB_SCOPE_ALL;
+	return lb4_services.lookup(&k);
+}
+
+/* Pick a backend among slots 1..count.  Slots are written before the count
+ * is raised and the last slot is copied into a hole before the count is
+ * lowered, so a slot inside the count always names a live backend; a slot
+ * beyond it (a reader that saw the old count) falls back to slot 1. */
+static __always_inline struct lb4_backend *lb4_select(const struct lb_service *svc,
+						     __u32 *backend_id)
+{
+	struct lb_slot_key k = {};
+	struct lb_slot *slot;
+	__u16 count = svc->count;
+
+	if (count == 0)
+		return NULL;
+	k.frontend_id = svc->frontend_id;
+	k.slot = bpf_get_prandom_u32() % count + 1;
+	slot = lb_slots.lookup(&k);
+	if (!slot) {
+		k.slot = 1;
+		slot = lb_slots.lookup(&k);
+		if (!slot)
+			return NULL;
+	}
+	*backend_id = slot->backend_id;
+	return lb4_backends.lookup(backend_id);
+}
+
+/* Is the backend a flow was pinned to still part of its frontend? */
+static __always_inline int lb4_backend_valid(const struct ct4_entry *e,
+					     const struct lb_service *svc)
+{
+	__u32 id = e->backend_id;
+	struct lb4_backend *be;
+
+	if (!svc || svc->frontend_id != e->frontend_id)
+		return 0;
+	be = lb4_backends.lookup(&id);
+	return be && be->addr == e->nat_addr && be->port == e->nat_port;
+}
+
+#endif /* LBCTL_LB_H */

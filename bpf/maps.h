@@ -1,0 +1,31 @@
+/* Map declarations.  Layouts come from lbctl.h; names, sizes and the pin
+ * directory are fixed by lbctl/datapath/settings.py through -D flags, and
+ * every map is pinned there so it outlives the agent (a restart adopts it).
+ */
+#ifndef LBCTL_MAPS_H
+#define LBCTL_MAPS_H
+
+#define LBCTL_PIN(name) LBCTL_PIN_DIR "/" #name
+
+BPF_TABLE_PINNED("hash", struct lb4_key, struct lb_service, lb4_services,
+		 LBCTL_MAX_SERVICES, LBCTL_PIN(lb4_services));
+BPF_TABLE_PINNED("hash", struct lb_slot_key, struct lb_slot, lb_slots,
+		 LBCTL_MAX_SLOTS, LBCTL_PIN(lb_slots));
+BPF_TABLE_PINNED("hash", __u32, struct lb4_backend, lb4_backends,
+		 LBCTL_MAX_BACKENDS, LBCTL_PIN(lb4_backends));
+BPF_TABLE_PINNED("hash", __u32, struct lb_frontend_meta, lb_frontend_meta,
+		 LBCTL_MAX_SERVICES, LBCTL_PIN(lb_frontend_meta));
+BPF_TABLE_PINNED("lru_hash", struct ct4_key, struct ct4_entry, ct4,
+		 LBCTL_CT_SIZE, LBCTL_PIN(ct4));
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_stats, LB_STAT_MAX,
+		 LBCTL_PIN(lb_stats));
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = lb_stats.lookup(&idx);
+
+	if (v)
+		*v += 1;
+}
+
+#endif /* LBCTL_MAPS_H */

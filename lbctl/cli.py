@@ -1,0 +1,163 @@
+"""The `lbctl` command line.
+
+Exit codes: 0 success, 1 the command failed (the reason is on stderr),
+2 the command line itself is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from lbctl import __version__
+from lbctl.datapath.settings import DEFAULT_PIN_DIR, BpfSettings
+
+log = logging.getLogger("lbctl")
+
+
+def _interfaces(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one interface name")
+    return names
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lbctl",
+        description="eBPF load balancer for Kubernetes Services (a kube-proxy replacement).",
+    )
+    p.add_argument("--version", action="version", version=f"lbctl {__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run the agent: program the datapath and keep it in sync",
+        description="Compile and attach the BPF datapath, program it from the source, "
+        "and apply every change until stopped. On exit the datapath stays in place "
+        "(pinned maps, attached programs) so traffic keeps flowing and a restart adopts "
+        "it; `lbctl cleanup` removes it.",
+    )
+    run.add_argument(
+        "--manifests",
+        type=Path,
+        metavar="DIR",
+        required=True,
+        help="directory of Service and EndpointSlice YAML to serve and watch",
+    )
+    run.add_argument(
+        "--interfaces",
+        type=_interfaces,
+        metavar="IF[,IF...]",
+        help="interfaces to attach to (default: every non-loopback interface of this "
+        "network namespace, including ones that appear later)",
+    )
+    _bpffs_arg(run)
+
+    maps = sub.add_parser("maps", help="inspect the datapath's maps")
+    maps_sub = maps.add_subparsers(dest="maps_command", required=True, metavar="ACTION")
+    dump = maps_sub.add_parser("dump", help="print services, backends and map fill, decoded")
+    dump.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    _bpffs_arg(dump)
+
+    cleanup = sub.add_parser(
+        "cleanup",
+        help="detach lbctl's programs from this namespace's interfaces and remove its pins",
+    )
+    _bpffs_arg(cleanup)
+    return p
+
+
+def _bpffs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bpffs",
+        type=Path,
+        default=DEFAULT_PIN_DIR,
+        metavar="DIR",
+        help=f"directory on bpffs for lbctl's pinned maps (default {DEFAULT_PIN_DIR})",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "maps":
+            return _dump(args)
+        return _cleanup(args)
+    except Exception as err:  # the CLI's last line of defence
+        log.debug("failure", exc_info=True)
+        print(f"lbctl {args.command}: {err}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from lbctl.agent import Agent, AgentOptions
+    from lbctl.datapath.bpf import BpfDatapath
+    from lbctl.manifests import ManifestSource
+
+    if not args.manifests.is_dir():
+        raise FileNotFoundError(f"--manifests {args.manifests}: not a directory")
+    datapath = BpfDatapath(BpfSettings(pin_dir=args.bpffs))
+    agent = Agent(
+        ManifestSource(args.manifests), datapath, AgentOptions(interfaces=args.interfaces)
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping; the datapath stays in place", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        agent.run(stop)
+    finally:
+        datapath.close()
+    return 0
+
+
+def _dump(args: argparse.Namespace) -> int:
+    from lbctl import dump
+
+    if not (args.bpffs / "lb4_services").exists():
+        raise FileNotFoundError(
+            f"no lbctl maps under {args.bpffs}: is the agent running with --bpffs {args.bpffs}?"
+        )
+    data = dump.read(args.bpffs)
+    if args.output == "json":
+        print(json.dumps(data, indent=2))
+    else:
+        sys.stdout.write(dump.render_table(data))
+    return 0
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    from lbctl.datapath import tc
+    from lbctl.datapath.maps import MAP_TYPES
+
+    detached = tc.detach(tc.list_interfaces())
+    removed = []
+    for name in MAP_TYPES:
+        pin = args.bpffs / name
+        if pin.exists():
+            pin.unlink()
+            removed.append(name)
+    if args.bpffs.is_dir() and not any(args.bpffs.iterdir()):
+        args.bpffs.rmdir()
+    print(f"detached from: {', '.join(detached) or 'no interface'}")
+    print(f"removed pinned maps: {', '.join(removed) or 'none'} (under {args.bpffs})")
+    return 0

@@ -1,0 +1,1 @@
+"""Datapaths: what turns the plan into kernel state."""

@@ -1,0 +1,102 @@
+"""BpfDatapath: the tc program compiled with bcc, its pinned maps, its hooks."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from lbctl.datapath import tc
+from lbctl.datapath.frontends import DatapathError, FrontendTable
+from lbctl.datapath.maps import Maps
+from lbctl.datapath.settings import BpfSettings, bpf_program_text
+from lbctl.plan import Frontend, FrontendKey, PlanDiff
+
+log = logging.getLogger(__name__)
+
+BPF_FS_MAGIC = 0xCAFE4A11
+
+
+def check_bpffs(pin_dir: Path) -> None:
+    """The pin directory must sit on a bpf file system, or pins are lost."""
+    probe = pin_dir
+    while not probe.exists():
+        probe = probe.parent
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    buf = _Statfs()
+    if libc.statfs(str(probe).encode(), ctypes.byref(buf)) != 0:
+        raise DatapathError(f"bpffs path {pin_dir}: {os.strerror(ctypes.get_errno())}")
+    if buf.f_type & 0xFFFFFFFF != BPF_FS_MAGIC:
+        raise DatapathError(
+            f"bpffs path {pin_dir} is not on a bpf file system (is /sys/fs/bpf mounted? "
+            "`mount -t bpf bpf /sys/fs/bpf`; under `ip netns exec` /sys is remounted: "
+            "use `nsenter --net=...` instead)"
+        )
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+
+class BpfDatapath:
+    """Compiles and loads the programs, adopts or creates the pinned maps."""
+
+    mode = "ebpf"
+
+    def __init__(self, settings: BpfSettings) -> None:
+        from bcc import BPF  # imported late: the CLI's read-only commands do not need it
+
+        self.settings = settings
+        check_bpffs(settings.pin_dir)
+        settings.pin_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._bpf: Any = BPF(text=bpf_program_text(), cflags=settings.cflags())
+            self.prog_fd: int = self._bpf.load_func(tc.PROGRAM_NAME, BPF.SCHED_CLS).fd
+        except Exception as err:
+            raise DatapathError(
+                f"compiling or loading the BPF program failed: {err}. bcc needs kernel "
+                f"headers at /lib/modules/{os.uname().release}/build (run `make deps`, or "
+                "mount the host's /lib/modules and /usr/src into the container)"
+            ) from err
+        self.maps = Maps.from_fds(lambda name: int(self._bpf[name].map_fd))
+        self.table = FrontendTable(self.maps)
+        self.table.adopt()
+        self.interfaces: set[str] = set()
+
+    # -- hooks ------------------------------------------------------------------
+
+    def attach(self, ifnames: Iterable[str]) -> list[str]:
+        """Attach to the given interfaces; return the error of each failure."""
+        errors = []
+        for ifname in ifnames:
+            if ifname in self.interfaces:
+                continue
+            try:
+                tc.attach(ifname, self.prog_fd)
+            except tc.AttachError as err:
+                errors.append(str(err))
+                continue
+            self.interfaces.add(ifname)
+            log.info("attached tc ingress program to %s", ifname)
+        return errors
+
+    def forget_missing(self, present: Iterable[str]) -> None:
+        """Interfaces that went away (a pod's veth) took their filter with them."""
+        self.interfaces &= set(present)
+
+    # -- maps -----------------------------------------------------------------------
+
+    def reconcile(self, desired: Mapping[FrontendKey, Frontend]) -> list[str]:
+        return self.table.reconcile(desired)
+
+    def apply(self, change: PlanDiff) -> list[str]:
+        return self.table.apply(change.upserts, change.removals)
+
+    def close(self) -> None:
+        """Release this process's handles; programs and pins stay in place."""
+        self.maps.close()
+        self._bpf.cleanup()

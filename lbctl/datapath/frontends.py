@@ -1,0 +1,401 @@
+"""Service frontends in the BPF maps, written so no packet sees a bad slot.
+
+A frontend (VIP, port, protocol) has a header in lb4_services holding its
+id and backend count, and numbered slots 1..count in lb_slots naming
+backends of lb4_backends.  The rules:
+
+- adding backends: write the backend entries and the new slots beyond the
+  count, then raise the count;
+- removing a backend: copy the last slot into its hole, lower the count,
+  then delete the old last slot; a backend entry goes only when no slot
+  names it any more;
+- a new frontend becomes visible with its header, written last; a removed
+  one disappears with its header, deleted first.
+
+Every write of one frontend either completes or is undone, so a full map
+costs that one frontend, never a half-written entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from lbctl.datapath import layout
+from lbctl.datapath.libbpf import MapError
+from lbctl.datapath.maps import Maps
+from lbctl.model import Protocol, ServiceRef
+from lbctl.plan import Backend, Frontend, FrontendKey
+
+log = logging.getLogger(__name__)
+
+Target = tuple[Any, int, Protocol]  # (address, port, protocol)
+
+_F_READY = layout.const("LB_BACKEND_F_READY")
+_F_SERVING = layout.const("LB_BACKEND_F_SERVING")
+_F_TERMINATING = layout.const("LB_BACKEND_F_TERMINATING")
+
+
+def backend_flags(b: Backend) -> int:
+    return (
+        (_F_READY if b.ready else 0)
+        | (_F_SERVING if b.serving else 0)
+        | (_F_TERMINATING if b.terminating else 0)
+    )
+
+
+def flags_backend(target: Target, flags: int) -> Backend:
+    address, port, protocol = target
+    return Backend(
+        address,
+        port,
+        protocol,
+        ready=bool(flags & _F_READY),
+        serving=bool(flags & _F_SERVING),
+        terminating=bool(flags & _F_TERMINATING),
+    )
+
+
+class DatapathError(Exception):
+    """A frontend could not be programmed; the message names it and the fix."""
+
+
+class IdPool:
+    """Small integer ids (from 1), reused after release."""
+
+    def __init__(self) -> None:
+        self._next = 1
+        self._free: list[int] = []
+        self._used: set[int] = set()
+
+    def take(self, wanted: int | None = None) -> int:
+        if wanted is not None:
+            self._used.add(wanted)
+            self._next = max(self._next, wanted + 1)
+            return wanted
+        ident = self._free.pop() if self._free else self._next
+        if ident == self._next:
+            self._next += 1
+        self._used.add(ident)
+        return ident
+
+    def release(self, ident: int) -> None:
+        if ident in self._used:
+            self._used.remove(ident)
+            self._free.append(ident)
+
+
+@dataclasses.dataclass
+class ProgrammedBackend:
+    ident: int
+    flags: int
+    refs: int = 0
+
+
+@dataclasses.dataclass
+class ProgrammedFrontend:
+    ident: int
+    service: ServiceRef
+    port_name: str
+    slots: list[Target]  # slots[0] is slot 1
+
+
+class _Undo:
+    """Actions that revert the writes made so far, run in reverse order."""
+
+    def __init__(self) -> None:
+        self._steps: list[Callable[[], None]] = []
+
+    def push(self, step: Callable[[], None]) -> None:
+        self._steps.append(step)
+
+    def run(self) -> None:
+        for step in reversed(self._steps):
+            try:
+                step()
+            except OSError as err:  # keep undoing the rest
+                log.error("could not undo a partial map write: %s", err)
+        self._steps.clear()
+
+
+class FrontendTable:
+    """What the maps hold, mirrored in Python, and the only code writing them."""
+
+    def __init__(self, maps: Maps) -> None:
+        self.maps = maps
+        self.frontends: dict[FrontendKey, ProgrammedFrontend] = {}
+        self.backends: dict[Target, ProgrammedBackend] = {}
+        self._frontend_ids = IdPool()
+        self._backend_ids = IdPool()
+        self.map_ops = 0  # map writes and deletes, for tests and metrics
+
+    # -- reading what is already there (a restart adopts pinned maps) --------
+
+    def adopt(self) -> None:
+        """Rebuild the mirror from the maps; drop what cannot be decoded."""
+        m = self.maps
+        targets: dict[int, Target] = {}
+        for key, be in m.lb4_backends.items():
+            target = (
+                _ipv4(be.addr),
+                layout.port_num(be.port),
+                Protocol(be.proto),
+            )
+            ident = int(key[0])
+            targets[ident] = target
+            self.backends[target] = ProgrammedBackend(self._backend_ids.take(ident), be.flags)
+        slots: dict[int, dict[int, int]] = {}
+        for key, slot in m.lb_slots.items():
+            slots.setdefault(key.frontend_id, {})[key.slot] = slot.backend_id
+        metas = {int(k[0]): v for k, v in m.lb_frontend_meta.items()}
+        for key, svc in m.lb4_services.items():
+            fkey = FrontendKey(_ipv4(key.addr), layout.port_num(key.port), Protocol(key.proto))
+            meta = metas.get(svc.frontend_id)
+            ref = (
+                ServiceRef(layout.c_string(meta.namespace), layout.c_string(meta.name))
+                if meta
+                else ServiceRef("", "")
+            )
+            own = slots.get(svc.frontend_id, {})
+            chosen = [own.get(n) for n in range(1, svc.count + 1)]
+            fe = ProgrammedFrontend(
+                self._frontend_ids.take(svc.frontend_id),
+                ref,
+                layout.c_string(meta.port_name) if meta else "",
+                [targets[b] for b in chosen if b is not None and b in targets],
+            )
+            self.frontends[fkey] = fe
+            for target in fe.slots:
+                self.backends[target].refs += 1
+        log.info(
+            "adopted %d frontends and %d backends from pinned maps",
+            len(self.frontends),
+            len(self.backends),
+        )
+
+    # -- changes --------------------------------------------------------------
+
+    def apply(self, upserts: Iterable[Frontend], removals: Iterable[FrontendKey]) -> list[str]:
+        """Program changes; return one message per frontend that failed."""
+        errors = []
+        for key in removals:
+            try:
+                self.remove(key)
+            except OSError as err:
+                errors.append(f"removing frontend {key}: {err}")
+        for fe in upserts:
+            try:
+                self.upsert(fe)
+            except (OSError, DatapathError) as err:
+                errors.append(f"Service {fe.service} port {fe.port_name or fe.key.port}: {err}")
+        return errors
+
+    def reconcile(self, desired: Mapping[FrontendKey, Frontend]) -> list[str]:
+        """Make the maps hold exactly `desired`, touching only what differs."""
+        stale = [key for key in self.frontends if key not in desired]
+        changed = [fe for key, fe in desired.items() if not self.matches(fe)]
+        return self.apply(changed, stale)
+
+    def matches(self, fe: Frontend) -> bool:
+        have = self.frontends.get(fe.key)
+        if have is None or (have.service, have.port_name) != (fe.service, fe.port_name):
+            return False
+        if sorted(have.slots) != sorted(b.target for b in fe.backends):
+            return False
+        return all(self.backends[b.target].flags == backend_flags(b) for b in fe.backends)
+
+    def upsert(self, fe: Frontend) -> None:
+        have = self.frontends.get(fe.key)
+        if have is None:
+            self._create(fe)
+            return
+        wanted = {b.target: b for b in fe.backends}
+        for target in [t for t in have.slots if t not in wanted]:
+            self._remove_slot(fe.key, have, target)
+        if (have.service, have.port_name) != (fe.service, fe.port_name):
+            self._write_meta(have.ident, fe.service, fe.port_name)
+            have.service, have.port_name = fe.service, fe.port_name
+        undo = _Undo()
+        try:
+            for b in fe.backends:
+                self._hold_backend(b, undo)
+            self._add_slots(fe.key, have, [b.target for b in fe.backends], undo)
+        except (OSError, DatapathError):
+            undo.run()
+            raise
+        # The references taken above are now held by the slots (new ones) or
+        # were taken twice (backends already in a slot): give back the extras.
+        for b in fe.backends:
+            self._release_backend(b.target)
+
+    def remove(self, key: FrontendKey) -> None:
+        have = self.frontends.pop(key, None)
+        if have is None:
+            return
+        self._delete(self.maps.lb4_services, self._service_key(key))
+        for n in range(len(have.slots), 0, -1):
+            self._delete_slot(have.ident, n)
+        self._delete(self.maps.lb_frontend_meta, self._id_key(have.ident))
+        for target in have.slots:
+            self._release_backend(target)
+        self._frontend_ids.release(have.ident)
+
+    # -- the steps ------------------------------------------------------------
+
+    def _create(self, fe: Frontend) -> None:
+        ident = self._frontend_ids.take()
+        have = ProgrammedFrontend(ident, fe.service, fe.port_name, [])
+        undo = _Undo()
+        undo.push(lambda: self._frontend_ids.release(ident))
+        try:
+            self._write_meta(ident, fe.service, fe.port_name)
+            undo.push(lambda: self._delete(self.maps.lb_frontend_meta, self._id_key(ident)))
+            for b in fe.backends:
+                self._hold_backend(b, undo)
+            for n, b in enumerate(fe.backends, start=1):
+                self._write(self.maps.lb_slots, self._slot_key(ident, n), self._slot(b.target))
+                undo.push(functools.partial(self._delete_slot, ident, n))
+            have.slots = [b.target for b in fe.backends]
+            self._write_header(fe.key, have)  # the frontend becomes visible here
+        except (OSError, DatapathError):
+            undo.run()
+            raise
+        self.frontends[fe.key] = have
+
+    def _add_slots(
+        self, key: FrontendKey, have: ProgrammedFrontend, targets: list[Target], undo: _Undo
+    ) -> None:
+        new = [t for t in targets if t not in have.slots]
+        if not new:
+            return
+        base = len(have.slots)
+        for n, target in enumerate(new, start=base + 1):
+            self._write(self.maps.lb_slots, self._slot_key(have.ident, n), self._slot(target))
+            undo.push(functools.partial(self._delete_slot, have.ident, n))
+        have.slots.extend(new)
+        try:
+            self._write_header(key, have)  # raise the count last
+        except OSError:
+            del have.slots[base:]
+            raise
+        for target in new:
+            self.backends[target].refs += 1
+
+    def _remove_slot(self, key: FrontendKey, have: ProgrammedFrontend, target: Target) -> None:
+        hole = have.slots.index(target) + 1
+        last = len(have.slots)
+        if hole != last:
+            moved = have.slots[last - 1]
+            self._write(self.maps.lb_slots, self._slot_key(have.ident, hole), self._slot(moved))
+            have.slots[hole - 1] = moved
+        have.slots.pop()
+        self._write_header(key, have)
+        self._delete_slot(have.ident, last)
+        self._release_backend(target)
+
+    def _hold_backend(self, b: Backend, undo: _Undo) -> None:
+        """Make sure the backend entry exists with the right flags; take a ref."""
+        flags = backend_flags(b)
+        have = self.backends.get(b.target)
+        if have is None:
+            have = ProgrammedBackend(self._backend_ids.take(), flags)
+            try:
+                self._write_backend(b.target, have)
+            except OSError:
+                self._backend_ids.release(have.ident)
+                raise
+            self.backends[b.target] = have
+        elif have.flags != flags:
+            old = have.flags
+            have.flags = flags
+            self._write_backend(b.target, have)
+            undo.push(lambda: self._restore_flags(b.target, old))
+        have.refs += 1
+        undo.push(lambda: self._release_backend(b.target))
+
+    def _restore_flags(self, target: Target, flags: int) -> None:
+        have = self.backends.get(target)
+        if have is not None:
+            have.flags = flags
+            self._write_backend(target, have)
+
+    def _release_backend(self, target: Target) -> None:
+        have = self.backends.get(target)
+        if have is None:
+            return
+        have.refs -= 1
+        if have.refs <= 0:
+            del self.backends[target]
+            self._delete(self.maps.lb4_backends, self._id_key(have.ident))
+            self._backend_ids.release(have.ident)
+
+    # -- map entries ------------------------------------------------------------
+
+    def _write(self, bpf_map: Any, key: Any, value: Any) -> None:
+        self.map_ops += 1
+        bpf_map.update(key, value)
+
+    def _delete(self, bpf_map: Any, key: Any) -> None:
+        self.map_ops += 1
+        bpf_map.delete(key)
+
+    def _delete_slot(self, ident: int, slot: int) -> None:
+        self._delete(self.maps.lb_slots, self._slot_key(ident, slot))
+
+    def _write_header(self, key: FrontendKey, have: ProgrammedFrontend) -> None:
+        value = layout.new(
+            "struct lb_service",
+            frontend_id=have.ident,
+            count=len(have.slots),
+            flags=layout.const("LB_SVC_F_CLUSTER_IP"),
+        )
+        self._write(self.maps.lb4_services, self._service_key(key), value)
+
+    def _write_meta(self, ident: int, ref: ServiceRef, port_name: str) -> None:
+        value = layout.new("struct lb_frontend_meta")
+        value.namespace = ref.namespace.encode()[:63]
+        value.name = ref.name.encode()[:63]
+        value.port_name = port_name.encode()[:15]
+        self._write(self.maps.lb_frontend_meta, self._id_key(ident), value)
+
+    def _write_backend(self, target: Target, have: ProgrammedBackend) -> None:
+        address, port, protocol = target
+        value = layout.new(
+            "struct lb4_backend",
+            addr=layout.ip4(address),
+            port=layout.port(port),
+            proto=protocol.number,
+            flags=have.flags,
+        )
+        self._write(self.maps.lb4_backends, self._id_key(have.ident), value)
+
+    def _slot(self, target: Target) -> Any:
+        return layout.new("struct lb_slot", backend_id=self.backends[target].ident)
+
+    @staticmethod
+    def _service_key(key: FrontendKey) -> Any:
+        return layout.new(
+            "struct lb4_key",
+            addr=layout.ip4(str(key.address)),
+            port=layout.port(key.port),
+            proto=key.protocol.number,
+        )
+
+    @staticmethod
+    def _slot_key(ident: int, slot: int) -> Any:
+        return layout.new("struct lb_slot_key", frontend_id=ident, slot=slot)
+
+    @staticmethod
+    def _id_key(ident: int) -> Any:
+        return layout.ffi.new("__u32 *", ident)
+
+
+def _ipv4(value: int) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(layout.ip4_str(value))
+
+
+__all__ = ["DatapathError", "FrontendTable", "MapError", "backend_flags", "flags_backend"]

@@ -1,0 +1,223 @@
+"""Low-level BPF calls through libbpf (libbpf.so.1), bound with cffi.
+
+The agent and the CLI both reach the maps through these calls: the agent
+with the descriptors bcc gives it, the CLI and restarts through the pinned
+paths.  Keys and values are cffi structs from lbctl.datapath.layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from lbctl.datapath import layout
+
+_CDEF = """
+struct bpf_test_run_opts {
+    size_t sz;
+    const void *data_in;
+    void *data_out;
+    uint32_t data_size_in;
+    uint32_t data_size_out;
+    const void *ctx_in;
+    void *ctx_out;
+    uint32_t ctx_size_in;
+    uint32_t ctx_size_out;
+    uint32_t retval;
+    int repeat;
+    uint32_t duration;
+    uint32_t flags;
+    uint32_t cpu;
+    uint32_t batch_size;
+};
+struct lbctl_map_info {
+    uint32_t type;
+    uint32_t id;
+    uint32_t key_size;
+    uint32_t value_size;
+    uint32_t max_entries;
+    uint32_t map_flags;
+    char name[16];
+};
+int bpf_obj_get(const char *pathname);
+int bpf_obj_pin(int fd, const char *pathname);
+int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags);
+int bpf_map_lookup_elem(int fd, const void *key, void *value);
+int bpf_map_delete_elem(int fd, const void *key);
+int bpf_map_get_next_key(int fd, const void *key, void *next_key);
+int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len);
+int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
+int libbpf_num_possible_cpus(void);
+"""
+
+ffi = layout.ffi
+ffi.cdef(_CDEF)
+_lib: Any = ffi.dlopen("libbpf.so.1")
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+MAP_TYPE_NAMES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash"}
+PERCPU_TYPES = {5, 6, 10}
+
+
+class MapError(OSError):
+    """A map operation failed; the message names the map and the cause."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MapInfo:
+    name: str
+    type: str
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        code = -rc
+        raise MapError(code, f"{what}: {os.strerror(code)}")
+    return rc
+
+
+def obj_get(path: str) -> int:
+    return _check(_lib.bpf_obj_get(path.encode()), f"open pinned object {path}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(_lib.bpf_obj_pin(fd, path.encode()), f"pin to {path}")
+
+
+def map_info(fd: int) -> MapInfo:
+    info = ffi.new("struct lbctl_map_info *")
+    size = ffi.new("uint32_t *", ffi.sizeof("struct lbctl_map_info"))
+    _check(_lib.bpf_obj_get_info_by_fd(fd, info, size), f"map info of fd {fd}")
+    return MapInfo(
+        name=ffi.string(info.name).decode(),
+        type=MAP_TYPE_NAMES.get(info.type, str(info.type)),
+        key_size=info.key_size,
+        value_size=info.value_size,
+        max_entries=info.max_entries,
+    )
+
+
+def num_possible_cpus() -> int:
+    return int(_check(_lib.libbpf_num_possible_cpus(), "count possible CPUs"))
+
+
+class BpfMap:
+    """One BPF map with typed keys and values (C type names of lbctl.h)."""
+
+    def __init__(self, fd: int, name: str, key_type: str, value_type: str, *, owns_fd: bool):
+        self.fd = fd
+        self.name = name
+        self.key_type = key_type
+        self.value_type = value_type
+        self._owns_fd = owns_fd
+        info = map_info(fd)
+        self.max_entries = info.max_entries
+        self.percpu = info.type in {"percpu_hash", "percpu_array"}
+        self._ncpus = num_possible_cpus() if self.percpu else 1
+        want = (ffi.sizeof(key_type), ffi.sizeof(value_type))
+        if (info.key_size, info.value_size) != want:
+            raise MapError(
+                errno.EINVAL,
+                f"map {name} has key/value sizes {info.key_size}/{info.value_size} but "
+                f"bpf/lbctl.h says {want[0]}/{want[1]}: it was made by another lbctl "
+                "version; run `lbctl cleanup` to remove the old maps",
+            )
+
+    @classmethod
+    def open_pinned(cls, path: str, key_type: str, value_type: str) -> BpfMap:
+        return cls(obj_get(path), os.path.basename(path), key_type, value_type, owns_fd=True)
+
+    def close(self) -> None:
+        if self._owns_fd and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+    def new_key(self, **fields: Any) -> Any:
+        return layout.new(self.key_type, **fields)
+
+    def new_value(self, **fields: Any) -> Any:
+        if self.percpu:
+            return ffi.new(f"{self.value_type}[]", self._ncpus)
+        return layout.new(self.value_type, **fields)
+
+    def lookup(self, key: Any) -> Any | None:
+        value = self.new_value()
+        rc = _lib.bpf_map_lookup_elem(self.fd, key, value)
+        if rc == -errno.ENOENT:
+            return None
+        _check(rc, f"lookup in map {self.name}")
+        return value
+
+    def update(self, key: Any, value: Any, flags: int = BPF_ANY) -> None:
+        rc = _lib.bpf_map_update_elem(self.fd, key, value, flags)
+        if rc == -errno.E2BIG:
+            raise MapError(
+                errno.E2BIG,
+                f"map {self.name} is full ({self.max_entries} entries); "
+                "raise its size in the lbctl configuration",
+            )
+        _check(rc, f"update of map {self.name}")
+
+    def delete(self, key: Any) -> bool:
+        rc = _lib.bpf_map_delete_elem(self.fd, key)
+        if rc == -errno.ENOENT:
+            return False
+        _check(rc, f"delete from map {self.name}")
+        return True
+
+    def keys(self) -> Iterator[Any]:
+        prev = ffi.NULL
+        while True:
+            nxt = self.new_key()
+            rc = _lib.bpf_map_get_next_key(self.fd, prev, nxt)
+            if rc == -errno.ENOENT:
+                return
+            _check(rc, f"iterate map {self.name}")
+            yield nxt
+            prev = nxt
+
+    def items(self) -> Iterator[tuple[Any, Any]]:
+        for key in self.keys():
+            value = self.lookup(key)
+            if value is not None:  # deleted while we iterated
+                yield key, value
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.keys())
+
+
+@dataclasses.dataclass
+class TestRun:
+    """The outcome of BPF_PROG_TEST_RUN: the verdict and the packet as it left."""
+
+    retval: int
+    data: bytes
+    duration_ns: int
+
+
+def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1) -> TestRun:
+    """Run a loaded program once on a packet, without any network."""
+    data_in = ffi.new("char[]", packet)
+    data_out = ffi.new("char[]", len(packet) + 256)
+    opts = ffi.new("struct bpf_test_run_opts *")
+    opts.sz = ffi.sizeof("struct bpf_test_run_opts")
+    opts.data_in = data_in
+    opts.data_size_in = len(packet)
+    opts.data_out = data_out
+    opts.data_size_out = len(packet) + 256
+    opts.repeat = repeat
+    _check(_lib.bpf_prog_test_run_opts(prog_fd, opts), "BPF_PROG_TEST_RUN")
+    return TestRun(
+        retval=opts.retval,
+        data=bytes(ffi.buffer(data_out, opts.data_size_out)),
+        duration_ns=opts.duration,
+    )

@@ -1,0 +1,62 @@
+"""The BPF maps of the datapath by name, with the lbctl.h types of each.
+
+The one list of maps on the Python side: the agent opens them through the
+descriptors bcc created, the CLI through their pins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+from lbctl.datapath.libbpf import BpfMap
+
+# name -> (key type, value type), as declared in bpf/maps.h
+MAP_TYPES: dict[str, tuple[str, str]] = {
+    "lb4_services": ("struct lb4_key", "struct lb_service"),
+    "lb_slots": ("struct lb_slot_key", "struct lb_slot"),
+    "lb4_backends": ("__u32", "struct lb4_backend"),
+    "lb_frontend_meta": ("__u32", "struct lb_frontend_meta"),
+    "ct4": ("struct ct4_key", "struct ct4_entry"),
+    "lb_stats": ("__u32", "__u64"),
+}
+
+
+@dataclasses.dataclass
+class Maps:
+    lb4_services: BpfMap
+    lb_slots: BpfMap
+    lb4_backends: BpfMap
+    lb_frontend_meta: BpfMap
+    ct4: BpfMap
+    lb_stats: BpfMap
+
+    @classmethod
+    def from_fds(cls, fd_of: Callable[[str], int]) -> Maps:
+        """Maps whose descriptors belong to someone else (bcc)."""
+        return cls(
+            **{
+                name: BpfMap(fd_of(name), name, key, value, owns_fd=False)
+                for name, (key, value) in MAP_TYPES.items()
+            }
+        )
+
+    @classmethod
+    def open_pinned(cls, pin_dir: Path) -> Maps:
+        opened: dict[str, BpfMap] = {}
+        try:
+            for name, (key, value) in MAP_TYPES.items():
+                opened[name] = BpfMap.open_pinned(str(pin_dir / name), key, value)
+        except OSError:
+            for m in opened.values():
+                m.close()
+            raise
+        return cls(**opened)
+
+    def all(self) -> dict[str, BpfMap]:
+        return {name: getattr(self, name) for name in MAP_TYPES}
+
+    def close(self) -> None:
+        for m in self.all().values():
+            m.close()

@@ -1,0 +1,93 @@
+"""Compile-time settings of the BPF programs, in one place.
+
+Every map size, timeout and switch the C code uses reaches bcc from here as a
+-D flag; the C sources define none of them, so a missing one is a compile
+error rather than a silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+DEFAULT_PIN_DIR = Path("/sys/fs/bpf/lbctl")
+SECOND_NS = 1_000_000_000
+
+
+def bpf_source_dir() -> Path:
+    """Where the C sources live: the source tree, or the installed copy."""
+    here = Path(__file__).resolve().parents[2] / "bpf"
+    if (here / "lbctl.h").exists():
+        return here
+    import sys
+
+    installed = Path(sys.prefix) / "share" / "lbctl" / "bpf"
+    if (installed / "lbctl.h").exists():
+        return installed
+    raise FileNotFoundError(
+        f"lbctl's BPF sources are missing (looked in {here} and {installed}); reinstall lbctl"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class BpfSettings:
+    pin_dir: Path = DEFAULT_PIN_DIR
+    max_services: int = 65536
+    max_backends: int = 65536
+    max_slots: int = 262144
+    ct_size: int = 262144
+    ct_tcp_timeout_s: int = 86400
+    ct_tcp_syn_timeout_s: int = 60
+    ct_tcp_closing_timeout_s: int = 10
+    ct_udp_timeout_s: int = 60
+    ct_refresh_s: int = 1
+    fib_redirect: bool = True
+
+    def cflags(self) -> list[str]:
+        defines: dict[str, str | int] = {
+            "LBCTL_PIN_DIR": f'"{self.pin_dir}"',
+            "LBCTL_MAX_SERVICES": self.max_services,
+            "LBCTL_MAX_BACKENDS": self.max_backends,
+            "LBCTL_MAX_SLOTS": self.max_slots,
+            "LBCTL_CT_SIZE": self.ct_size,
+            "LBCTL_CT_TCP_TIMEOUT_NS": f"{self.ct_tcp_timeout_s * SECOND_NS}ULL",
+            "LBCTL_CT_TCP_SYN_TIMEOUT_NS": f"{self.ct_tcp_syn_timeout_s * SECOND_NS}ULL",
+            "LBCTL_CT_TCP_CLOSING_TIMEOUT_NS": f"{self.ct_tcp_closing_timeout_s * SECOND_NS}ULL",
+            "LBCTL_CT_UDP_TIMEOUT_NS": f"{self.ct_udp_timeout_s * SECOND_NS}ULL",
+            "LBCTL_CT_REFRESH_NS": f"{self.ct_refresh_s * SECOND_NS}ULL",
+            "LBCTL_FIB_REDIRECT": int(self.fib_redirect),
+        }
+        flags = [f"-I{bpf_source_dir()}"]
+        flags += [f"-D{name}={value}" for name, value in defines.items()]
+        return flags
+
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+def bpf_program_text(main: str = "lbctl_tc.c") -> str:
+    """The program's source with its local headers inlined.
+
+    bcc rewrites map calls (`map.lookup(...)`) only in the text it is given,
+    not in files that text includes, so the small headers under bpf/ are
+    pasted in here, each once, in include order.
+    """
+    root = bpf_source_dir()
+    seen: set[str] = set()
+
+    def expand(name: str) -> list[str]:
+        if name in seen:
+            return []
+        seen.add(name)
+        out = [f'#line 1 "{name}"']
+        for number, line in enumerate((root / name).read_text().splitlines(), start=1):
+            match = _LOCAL_INCLUDE.match(line)
+            if match:
+                out += expand(match.group(1))
+                out.append(f'#line {number + 1} "{name}"')
+            else:
+                out.append(line)
+        return out
+
+    return "\n".join(expand(main)) + "\n"

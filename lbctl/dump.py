@@ -1,0 +1,121 @@
+"""`lbctl maps dump`: the pinned maps read back and decoded through lbctl.h."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from lbctl.datapath import layout
+from lbctl.datapath.frontends import flags_backend
+from lbctl.datapath.maps import Maps
+from lbctl.model import Protocol
+
+STAT_NAMES = {
+    "LB_STAT_PASS": "passed",
+    "LB_STAT_DNAT_NEW": "new_flows",
+    "LB_STAT_DNAT_EST": "established",
+    "LB_STAT_RNAT": "reverse_nat",
+    "LB_STAT_DROP_NO_BACKEND": "drop_no_backend",
+    "LB_STAT_PASS_FRAGMENT": "passed_fragments",
+    "LB_STAT_REDIRECT": "redirected",
+    "LB_STAT_CT_FULL": "conntrack_full",
+}
+
+
+def _state(flags: int) -> str:
+    b = flags_backend(("", 0, Protocol.TCP), flags)
+    if b.terminating:
+        return "terminating" if b.serving else "terminating,not-serving"
+    return "ready" if b.ready else ("serving" if b.serving else "not-ready")
+
+
+def read(pin_dir: Path) -> dict[str, Any]:
+    """Everything the datapath's maps hold, as plain data."""
+    maps = Maps.open_pinned(pin_dir)
+    try:
+        backends = {int(k[0]): v for k, v in maps.lb4_backends.items()}
+        metas = {int(k[0]): v for k, v in maps.lb_frontend_meta.items()}
+        slots = {(k.frontend_id, k.slot): v.backend_id for k, v in maps.lb_slots.items()}
+        frontends = []
+        for key, svc in maps.lb4_services.items():
+            meta = metas.get(svc.frontend_id)
+            rows = []
+            for n in range(1, svc.count + 1):
+                ident = slots.get((svc.frontend_id, n))
+                be = backends.get(ident) if ident is not None else None
+                if be is None:
+                    rows.append({"slot": n, "backend_id": ident, "missing": True})
+                    continue
+                rows.append(
+                    {
+                        "slot": n,
+                        "backend_id": ident,
+                        "address": layout.ip4_str(be.addr),
+                        "port": layout.port_num(be.port),
+                        "state": _state(be.flags),
+                    }
+                )
+            frontends.append(
+                {
+                    "service": f"{layout.c_string(meta.namespace)}/{layout.c_string(meta.name)}"
+                    if meta
+                    else "?",
+                    "port_name": layout.c_string(meta.port_name) if meta else "",
+                    "address": layout.ip4_str(key.addr),
+                    "port": layout.port_num(key.port),
+                    "protocol": Protocol(key.proto).name,
+                    "frontend_id": svc.frontend_id,
+                    "backends": rows,
+                }
+            )
+        frontends.sort(key=lambda f: (f["service"], f["port_name"], f["address"], f["port"]))
+        stats_values = maps.lb_stats
+        stats = {}
+        for const_name, label in STAT_NAMES.items():
+            per_cpu = stats_values.lookup(layout.ffi.new("__u32 *", layout.const(const_name)))
+            stats[label] = sum(per_cpu) if per_cpu is not None else 0
+        fill = {
+            name: {"entries": len(m), "capacity": m.max_entries}
+            for name, m in maps.all().items()
+            if name != "lb_stats"
+        }
+        return {"frontends": frontends, "maps": fill, "counters": stats}
+    finally:
+        maps.close()
+
+
+@dataclasses.dataclass
+class _Table:
+    headers: list[str]
+    rows: list[list[str]] = dataclasses.field(default_factory=list)
+
+    def render(self) -> str:
+        widths = [len(h) for h in self.headers]
+        for row in self.rows:
+            widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+        lines = [self.headers, *self.rows]
+        return "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+            for line in lines
+        )
+
+
+def render_table(data: dict[str, Any]) -> str:
+    services = _Table(["SERVICE", "PORT", "FRONTEND", "PROTO", "SLOT", "BACKEND", "STATE"])
+    for fe in data["frontends"]:
+        first = [fe["service"], fe["port_name"] or "-", f"{fe['address']}:{fe['port']}"]
+        first.append(fe["protocol"])
+        if not fe["backends"]:
+            services.rows.append([*first, "-", "(no backends)", ""])
+        for i, be in enumerate(fe["backends"]):
+            lead = first if i == 0 else ["", "", "", ""]
+            target = "(missing)" if be.get("missing") else f"{be['address']}:{be['port']}"
+            services.rows.append([*lead, str(be["slot"]), target, be.get("state", "")])
+    maps = _Table(["MAP", "ENTRIES", "CAPACITY"])
+    for name, fill in data["maps"].items():
+        maps.rows.append([name, str(fill["entries"]), str(fill["capacity"])])
+    counters = _Table(["COUNTER", "PACKETS"])
+    for name, value in data["counters"].items():
+        counters.rows.append([name, str(value)])
+    return "\n\n".join([services.render(), maps.render(), counters.render()]) + "\n"

@@ -1,0 +1,133 @@
+"""The normalized model: what lbctl knows about Services and their endpoints.
+
+Sources (a manifest directory, the Kubernetes API) turn objects into these
+frozen dataclasses; nothing downstream sees a Kubernetes object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+from collections.abc import Iterable
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Protocol(enum.Enum):
+    TCP = 6
+    UDP = 17
+    SCTP = 132
+
+    @property
+    def number(self) -> int:
+        return self.value
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class ServiceRef:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServicePort:
+    name: str  # "" for a single unnamed port
+    protocol: Protocol
+    port: int
+    node_port: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Service:
+    ref: ServiceRef
+    type: str  # ClusterIP, NodePort, LoadBalancer
+    cluster_ips: tuple[IPAddress, ...]
+    ports: tuple[ServicePort, ...]
+    external_ips: tuple[IPAddress, ...] = ()
+    load_balancer_ips: tuple[IPAddress, ...] = ()
+    session_affinity: str = "None"
+    affinity_timeout_s: int = 10800
+    external_traffic_policy: str = "Cluster"
+    internal_traffic_policy: str = "Cluster"
+    annotations: tuple[tuple[str, str], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointPort:
+    name: str
+    protocol: Protocol
+    port: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    addresses: tuple[IPAddress, ...]
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str | None = None
+    zone: str | None = None
+    zone_hints: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class EndpointSlice:
+    namespace: str
+    name: str
+    service_name: str
+    address_type: str  # IPv4, IPv6, FQDN
+    ports: tuple[EndpointPort, ...]
+    endpoints: tuple[Endpoint, ...]
+
+    @property
+    def service(self) -> ServiceRef:
+        return ServiceRef(self.namespace, self.service_name)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+
+class ServiceTable:
+    """Services and EndpointSlices as the sources last reported them.
+
+    Every change returns the services it touched, so callers re-plan only
+    those: the cost of a change does not grow with the cluster.
+    """
+
+    def __init__(self) -> None:
+        self.services: dict[ServiceRef, Service] = {}
+        self.slices: dict[tuple[str, str], EndpointSlice] = {}
+        self._slices_by_service: dict[ServiceRef, dict[tuple[str, str], EndpointSlice]] = {}
+
+    def set_service(self, svc: Service) -> ServiceRef:
+        self.services[svc.ref] = svc
+        return svc.ref
+
+    def remove_service(self, ref: ServiceRef) -> ServiceRef:
+        self.services.pop(ref, None)
+        return ref
+
+    def set_slice(self, eps: EndpointSlice) -> set[ServiceRef]:
+        touched = self.remove_slice(eps.key)
+        self.slices[eps.key] = eps
+        self._slices_by_service.setdefault(eps.service, {})[eps.key] = eps
+        touched.add(eps.service)
+        return touched
+
+    def remove_slice(self, key: tuple[str, str]) -> set[ServiceRef]:
+        old = self.slices.pop(key, None)
+        if old is None:
+            return set()
+        group = self._slices_by_service.get(old.service, {})
+        group.pop(key, None)
+        if not group:
+            self._slices_by_service.pop(old.service, None)
+        return {old.service}
+
+    def slices_of(self, ref: ServiceRef) -> Iterable[EndpointSlice]:
+        return self._slices_by_service.get(ref, {}).values()

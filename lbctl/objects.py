@@ -1,0 +1,239 @@
+"""Kubernetes Service and EndpointSlice objects (plain dicts) into the model.
+
+Both sources use these parsers: the manifest directory hands them YAML
+documents, the informer hands them decoded API JSON.  Validation follows the
+API's own rules where lbctl depends on them; every failure names the field
+and the fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from typing import Any
+
+from lbctl.model import (
+    Endpoint,
+    EndpointPort,
+    EndpointSlice,
+    IPAddress,
+    Protocol,
+    Service,
+    ServicePort,
+    ServiceRef,
+)
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+class InvalidObject(ValueError):
+    """An object lbctl cannot use; the message says which field and why."""
+
+
+class Ignored(Exception):
+    """An object lbctl deliberately leaves alone (headless, ExternalName...)."""
+
+
+def _mapping(value: Any, field: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidObject(f"{field}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, field: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidObject(f"{field}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _ip(value: Any, field: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(str(value))
+    except ValueError:
+        raise InvalidObject(f"{field}: {value!r} is not a valid IP address") from None
+
+
+def _port(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidObject(f"{field}: {value!r} is not a port number")
+    if not 1 <= value <= 65535:
+        raise InvalidObject(f"{field}: {value} is out of range (1-65535)")
+    return value
+
+
+def _protocol(value: Any, field: str) -> Protocol:
+    name = "TCP" if value is None else value
+    try:
+        return Protocol[str(name)]
+    except KeyError:
+        raise InvalidObject(
+            f"{field}: unknown protocol {name!r} (expected TCP, UDP or SCTP)"
+        ) from None
+
+
+def meta_ref(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """(namespace, name) of any object, for error messages too."""
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        return ("default", "")
+    return (str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
+
+
+def _name(obj: Mapping[str, Any]) -> tuple[str, str]:
+    namespace, name = meta_ref(obj)
+    if not name:
+        raise InvalidObject("metadata.name: missing")
+    return namespace, name
+
+
+def parse_service(obj: Mapping[str, Any]) -> Service:
+    namespace, name = _name(obj)
+    meta = _mapping(obj.get("metadata"), "metadata")
+    spec = _mapping(obj.get("spec"), "spec")
+    svc_type = str(spec.get("type") or "ClusterIP")
+    if svc_type == "ExternalName":
+        raise Ignored("type ExternalName has no proxy rules")
+    if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer"):
+        raise InvalidObject(f"spec.type: unknown Service type {svc_type!r}")
+    labels = _mapping(meta.get("labels"), "metadata.labels")
+    if "service.kubernetes.io/service-proxy-name" in labels:
+        raise Ignored("labelled service.kubernetes.io/service-proxy-name: another proxy owns it")
+
+    raw_ips = _list(spec.get("clusterIPs"), "spec.clusterIPs") or (
+        [spec["clusterIP"]] if spec.get("clusterIP") else []
+    )
+    if any(str(ip) == "None" for ip in raw_ips):
+        raise Ignored("headless (clusterIP: None)")
+    if not raw_ips:
+        raise InvalidObject("spec.clusterIP: missing (set the address the Service answers on)")
+    cluster_ips = tuple(_ip(ip, f"spec.clusterIPs[{i}]") for i, ip in enumerate(raw_ips))
+
+    ports = []
+    seen: set[tuple[int, Protocol]] = set()
+    raw_ports = _list(spec.get("ports"), "spec.ports")
+    if not raw_ports:
+        raise InvalidObject("spec.ports: a Service needs at least one port")
+    for i, raw in enumerate(raw_ports):
+        field = f"spec.ports[{i}]"
+        raw = _mapping(raw, field)
+        protocol = _protocol(raw.get("protocol"), f"{field}.protocol")
+        number = _port(raw.get("port"), f"{field}.port")
+        if (number, protocol) in seen:
+            raise InvalidObject(f"{field}: duplicate port {number}/{protocol.name}")
+        seen.add((number, protocol))
+        node_port = raw.get("nodePort")
+        ports.append(
+            ServicePort(
+                name=str(raw.get("name") or ""),
+                protocol=protocol,
+                port=number,
+                node_port=None if node_port is None else _port(node_port, f"{field}.nodePort"),
+            )
+        )
+    if len(ports) > 1 and any(not p.name for p in ports):
+        raise InvalidObject("spec.ports: every port of a multi-port Service needs a name")
+
+    status = _mapping(obj.get("status"), "status")
+    lb = _mapping(status.get("loadBalancer"), "status.loadBalancer")
+    lb_ips = tuple(
+        _ip(_mapping(ing, "ingress")["ip"], f"status.loadBalancer.ingress[{i}].ip")
+        for i, ing in enumerate(_list(lb.get("ingress"), "status.loadBalancer.ingress"))
+        if _mapping(ing, "ingress").get("ip")
+    )
+    affinity = _mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig")
+    client_ip = _mapping(affinity.get("clientIP"), "spec.sessionAffinityConfig.clientIP")
+    annotations = _mapping(meta.get("annotations"), "metadata.annotations")
+    return Service(
+        ref=ServiceRef(namespace, name),
+        type=svc_type,
+        cluster_ips=cluster_ips,
+        ports=tuple(ports),
+        external_ips=tuple(
+            _ip(ip, f"spec.externalIPs[{i}]")
+            for i, ip in enumerate(_list(spec.get("externalIPs"), "spec.externalIPs"))
+        ),
+        load_balancer_ips=lb_ips,
+        session_affinity=str(spec.get("sessionAffinity") or "None"),
+        affinity_timeout_s=int(client_ip.get("timeoutSeconds") or 10800),
+        external_traffic_policy=str(spec.get("externalTrafficPolicy") or "Cluster"),
+        internal_traffic_policy=str(spec.get("internalTrafficPolicy") or "Cluster"),
+        annotations=tuple(sorted((str(k), str(v)) for k, v in annotations.items())),
+    )
+
+
+def _condition(conditions: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = conditions.get(name)
+    return default if value is None else bool(value)
+
+
+def parse_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSlice:
+    namespace, name = _name(obj)
+    meta = _mapping(obj.get("metadata"), "metadata")
+    labels = _mapping(meta.get("labels"), "metadata.labels")
+    service_name = labels.get(SERVICE_NAME_LABEL)
+    if not service_name:
+        raise InvalidObject(
+            f"metadata.labels: missing {SERVICE_NAME_LABEL} (the Service this slice belongs to)"
+        )
+    address_type = obj.get("addressType")
+    if address_type not in ("IPv4", "IPv6", "FQDN"):
+        raise InvalidObject(f"addressType: {address_type!r} is not IPv4, IPv6 or FQDN")
+
+    ports = []
+    for i, raw in enumerate(_list(obj.get("ports"), "ports")):
+        field = f"ports[{i}]"
+        raw = _mapping(raw, field)
+        ports.append(
+            EndpointPort(
+                name=str(raw.get("name") or ""),
+                protocol=_protocol(raw.get("protocol"), f"{field}.protocol"),
+                port=_port(raw.get("port"), f"{field}.port"),
+            )
+        )
+
+    endpoints = []
+    want_version = {"IPv4": 4, "IPv6": 6}.get(str(address_type))
+    for i, raw in enumerate(_list(obj.get("endpoints"), "endpoints")):
+        field = f"endpoints[{i}]"
+        raw = _mapping(raw, field)
+        addresses = _list(raw.get("addresses"), f"{field}.addresses")
+        if not addresses:
+            raise InvalidObject(f"{field}.addresses: an endpoint needs an address")
+        if want_version is None:
+            continue  # FQDN endpoints carry names, which a proxy cannot use
+        parsed = tuple(_ip(a, f"{field}.addresses[{j}]") for j, a in enumerate(addresses))
+        for j, ip in enumerate(parsed):
+            if ip.version != want_version:
+                raise InvalidObject(
+                    f"{field}.addresses[{j}]: {ip} is not an {address_type} address"
+                )
+        conditions = _mapping(raw.get("conditions"), f"{field}.conditions")
+        ready = _condition(conditions, "ready", True)
+        hints = _mapping(raw.get("hints"), f"{field}.hints")
+        endpoints.append(
+            Endpoint(
+                addresses=parsed,
+                ready=ready,
+                serving=_condition(conditions, "serving", True),
+                terminating=_condition(conditions, "terminating", False),
+                node_name=raw.get("nodeName"),
+                zone=raw.get("zone"),
+                zone_hints=tuple(
+                    str(_mapping(h, "hint").get("name"))
+                    for h in _list(hints.get("forZones"), f"{field}.hints.forZones")
+                ),
+            )
+        )
+    return EndpointSlice(
+        namespace=namespace,
+        name=name,
+        service_name=str(service_name),
+        address_type=str(address_type),
+        ports=tuple(ports),
+        endpoints=tuple(endpoints),
+    )

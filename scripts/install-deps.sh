@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Install everything lbctl needs on Debian 12, as root. Idempotent: each step
+# checks first and does nothing when its part is already in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEB_PACKAGES=(
+  python3-bpfcc libbpfcc libbpf1 bpftool   # bcc compiles the programs; libbpf for map calls
+  python3-venv python3-dev                 # the venv that sees bcc
+  iproute2 ethtool iptables nftables       # namespaces, veths, tc; netfilter for the tests
+  linux-headers-amd64                      # bcc needs kernel headers
+)
+
+missing=()
+for pkg in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "deps: installing Debian packages: ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+# bcc looks for headers at /lib/modules/$(uname -r)/{build,source}. When the
+# running kernel ships none, point them at Debian's newest header packages
+# (the uapi that tc programs use is stable across these versions).
+kver=$(uname -r)
+if [ ! -e "/lib/modules/$kver/build/include" ]; then
+  arch_dir=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+  common_dir=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
+  if [ -z "$arch_dir" ] || [ -z "$common_dir" ]; then
+    echo "deps: no kernel headers under /usr/src; install linux-headers-amd64" >&2
+    exit 1
+  fi
+  echo "deps: linking /lib/modules/$kver/{build,source} to $arch_dir and $common_dir"
+  mkdir -p "/lib/modules/$kver"
+  ln -sfn "$arch_dir" "/lib/modules/$kver/build"
+  ln -sfn "$common_dir" "/lib/modules/$kver/source"
+fi
+
+# bpffs, where the maps are pinned.
+if ! mountpoint -q /sys/fs/bpf; then
+  echo "deps: mounting bpffs on /sys/fs/bpf"
+  mkdir -p /sys/fs/bpf
+  mount -t bpf bpf /sys/fs/bpf
+fi
+
+# A venv on Debian's python3 (3.11), which is what bcc's module is built for.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import bcc" 2>/dev/null; then
+  echo "deps: creating .venv"
+  rm -rf .venv
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.lbctl-installed
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+  echo "deps: installing lbctl and its test extras into .venv"
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  touch "$stamp"
+fi

@@ -1,0 +1,22 @@
+from glob import glob
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lbctl",
+    version="0.1.0",
+    description="eBPF load balancer for Kubernetes Services (a kube-proxy replacement)",
+    python_requires=">=3.11",
+    packages=find_packages(include=["lbctl", "lbctl.*"]),
+    # The C sources are compiled at run time by bcc; installed copies live here.
+    data_files=[("share/lbctl/bpf", sorted(glob("bpf/*.[ch]")))],
+    install_requires=[
+        "cffi>=1.15",
+        "pyroute2>=0.7",
+        "PyYAML>=6",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "mypy>=1.8", "ruff>=0.4", "types-PyYAML"],
+    },
+    entry_points={"console_scripts": ["lbctl=lbctl.cli:main"]},
+)
