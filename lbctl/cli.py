@@ -60,6 +60,21 @@ def _parser() -> argparse.ArgumentParser:
         "network namespace, including ones that appear later)",
     )
     _bpffs_arg(run)
+    defaults = BpfSettings()
+    for flag, field, what in (
+        ("--max-services", "max_services", "service frontends"),
+        ("--max-backends", "max_backends", "distinct backends"),
+        ("--max-slots", "max_slots", "backend slots over all frontends"),
+        ("--conntrack-size", "ct_size", "conntrack entries (two per flow)"),
+    ):
+        run.add_argument(
+            flag,
+            type=int,
+            dest=field,
+            default=getattr(defaults, field),
+            metavar="N",
+            help=f"capacity for {what} (default {getattr(defaults, field)})",
+        )
 
     maps = sub.add_parser("maps", help="inspect the datapath's maps")
     maps_sub = maps.add_subparsers(dest="maps_command", required=True, metavar="ACTION")
@@ -111,7 +126,14 @@ def _run(args: argparse.Namespace) -> int:
 
     if not args.manifests.is_dir():
         raise FileNotFoundError(f"--manifests {args.manifests}: not a directory")
-    datapath = BpfDatapath(BpfSettings(pin_dir=args.bpffs))
+    settings = BpfSettings(
+        pin_dir=args.bpffs,
+        max_services=args.max_services,
+        max_backends=args.max_backends,
+        max_slots=args.max_slots,
+        ct_size=args.ct_size,
+    )
+    datapath = BpfDatapath(settings)
     agent = Agent(
         ManifestSource(args.manifests), datapath, AgentOptions(interfaces=args.interfaces)
     )

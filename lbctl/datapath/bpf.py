@@ -62,7 +62,7 @@ class BpfDatapath:
                 f"headers at /lib/modules/{os.uname().release}/build (run `make deps`, or "
                 "mount the host's /lib/modules and /usr/src into the container)"
             ) from err
-        self.maps = Maps.from_fds(lambda name: int(self._bpf[name].map_fd))
+        self.maps = Maps.from_fds(lambda name: int(self._bpf[name.encode()].map_fd))
         self.table = FrontendTable(self.maps)
         self.table.adopt()
         self.interfaces: set[str] = set()

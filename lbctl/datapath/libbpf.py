@@ -68,6 +68,9 @@ PERCPU_TYPES = {5, 6, 10}
 class MapError(OSError):
     """A map operation failed; the message names the map and the cause."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 @dataclasses.dataclass(frozen=True)
 class MapInfo:
@@ -113,12 +116,22 @@ def num_possible_cpus() -> int:
 class BpfMap:
     """One BPF map with typed keys and values (C type names of lbctl.h)."""
 
-    def __init__(self, fd: int, name: str, key_type: str, value_type: str, *, owns_fd: bool):
+    def __init__(
+        self,
+        fd: int,
+        name: str,
+        key_type: str,
+        value_type: str,
+        *,
+        owns_fd: bool,
+        size_flag: str | None = None,
+    ):
         self.fd = fd
         self.name = name
         self.key_type = key_type
         self.value_type = value_type
         self._owns_fd = owns_fd
+        self._size_flag = size_flag
         info = map_info(fd)
         self.max_entries = info.max_entries
         self.percpu = info.type in {"percpu_hash", "percpu_array"}
@@ -133,8 +146,11 @@ class BpfMap:
             )
 
     @classmethod
-    def open_pinned(cls, path: str, key_type: str, value_type: str) -> BpfMap:
-        return cls(obj_get(path), os.path.basename(path), key_type, value_type, owns_fd=True)
+    def open_pinned(
+        cls, path: str, key_type: str, value_type: str, size_flag: str | None = None
+    ) -> BpfMap:
+        name = os.path.basename(path)
+        return cls(obj_get(path), name, key_type, value_type, owns_fd=True, size_flag=size_flag)
 
     def close(self) -> None:
         if self._owns_fd and self.fd >= 0:
@@ -160,10 +176,10 @@ class BpfMap:
     def update(self, key: Any, value: Any, flags: int = BPF_ANY) -> None:
         rc = _lib.bpf_map_update_elem(self.fd, key, value, flags)
         if rc == -errno.E2BIG:
+            fix = f"`lbctl run {self._size_flag} N`" if self._size_flag else "a larger map"
             raise MapError(
                 errno.E2BIG,
-                f"map {self.name} is full ({self.max_entries} entries); "
-                "raise its size in the lbctl configuration",
+                f"map {self.name} is full ({self.max_entries} entries); raise it with {fix}",
             )
         _check(rc, f"update of map {self.name}")
 

@@ -22,6 +22,15 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_stats": ("__u32", "__u64"),
 }
 
+# The `lbctl run` flag that sizes each map, for "map full" errors.
+SIZE_FLAGS: dict[str, str] = {
+    "lb4_services": "--max-services",
+    "lb_frontend_meta": "--max-services",
+    "lb_slots": "--max-slots",
+    "lb4_backends": "--max-backends",
+    "ct4": "--conntrack-size",
+}
+
 
 @dataclasses.dataclass
 class Maps:
@@ -37,7 +46,9 @@ class Maps:
         """Maps whose descriptors belong to someone else (bcc)."""
         return cls(
             **{
-                name: BpfMap(fd_of(name), name, key, value, owns_fd=False)
+                name: BpfMap(
+                    fd_of(name), name, key, value, owns_fd=False, size_flag=SIZE_FLAGS.get(name)
+                )
                 for name, (key, value) in MAP_TYPES.items()
             }
         )
@@ -47,7 +58,9 @@ class Maps:
         opened: dict[str, BpfMap] = {}
         try:
             for name, (key, value) in MAP_TYPES.items():
-                opened[name] = BpfMap.open_pinned(str(pin_dir / name), key, value)
+                opened[name] = BpfMap.open_pinned(
+                    str(pin_dir / name), key, value, size_flag=SIZE_FLAGS.get(name)
+                )
         except OSError:
             for m in opened.values():
                 m.close()

@@ -1,0 +1,85 @@
+"""Shared fixtures.
+
+The suite runs as root: it compiles BPF programs, pins maps under
+/sys/fs/bpf and builds network namespaces.  Every fixture removes what it
+made, and the session ends by checking that nothing was left behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lbctl.datapath.bpf import BpfDatapath
+from lbctl.datapath.maps import MAP_TYPES
+from lbctl.datapath.settings import BpfSettings
+
+BPFFS = Path("/sys/fs/bpf")
+PIN_PREFIX = f"lbctl-test-{os.getpid()}-"
+_pins = itertools.count()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.geteuid() != 0:
+        pytest.exit("lbctl's tests need root (BPF, bpffs, network namespaces)", returncode=1)
+
+
+def remove_pins(path: Path) -> None:
+    for name in MAP_TYPES:
+        (path / name).unlink(missing_ok=True)
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def pin_dir() -> Iterator[Path]:
+    """A fresh bpffs directory for one test's pinned maps."""
+    path = BPFFS / f"{PIN_PREFIX}{next(_pins)}"
+    try:
+        yield path
+    finally:
+        remove_pins(path)
+
+
+@pytest.fixture(scope="session")
+def datapath() -> Iterator[BpfDatapath]:
+    """One compiled datapath for the session's map and BPF_PROG_TEST_RUN tests.
+
+    It is attached nowhere; tests call `reset_datapath` to start from empty maps.
+    """
+    path = BPFFS / f"{PIN_PREFIX}session"
+    dp = BpfDatapath(BpfSettings(pin_dir=path))
+    try:
+        yield dp
+    finally:
+        dp.close()
+        remove_pins(path)
+
+
+def reset_datapath(dp: BpfDatapath) -> None:
+    dp.table.reconcile({})
+    for key in list(dp.maps.ct4.keys()):
+        dp.maps.ct4.delete(key)
+
+
+@pytest.fixture
+def clean_datapath(datapath: BpfDatapath) -> Iterator[BpfDatapath]:
+    reset_datapath(datapath)
+    yield datapath
+    reset_datapath(datapath)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    yield
+    from tests.netlab import alive_namespaces
+
+    leftovers = [p.name for p in BPFFS.glob(f"{PIN_PREFIX}*")]
+    assert not leftovers, f"tests left pinned maps behind: {leftovers}"
+    namespaces = alive_namespaces()
+    assert not namespaces, f"tests left network namespaces behind: {namespaces}"

@@ -1,0 +1,201 @@
+"""The map writer: slot discipline, rollback on a full map, O(1) changes, adoption.
+
+These run against real BPF maps (the session's compiled datapath, attached
+nowhere) and, for the slot race, the real tc program under BPF_PROG_TEST_RUN.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lbctl.datapath import layout
+from lbctl.datapath.bpf import BpfDatapath
+from lbctl.datapath.frontends import FrontendTable
+from lbctl.datapath.libbpf import prog_test_run
+from lbctl.datapath.settings import BpfSettings
+from lbctl.model import Protocol, ServiceRef
+from lbctl.plan import Backend, Frontend, FrontendKey
+from tests import packets
+
+IP = ipaddress.ip_address
+TC_ACT_SHOT = 2
+
+
+def frontend(i: int, backends: list[str], port: int = 80) -> Frontend:
+    key = FrontendKey(IP(f"10.96.{i // 250}.{i % 250 + 1}"), port, Protocol.TCP)
+    return Frontend(
+        key,
+        ServiceRef("ns", f"svc{i}"),
+        "http",
+        "ClusterIP",
+        tuple(Backend(IP(b), 8080, Protocol.TCP) for b in backends),
+    )
+
+
+def decoded(dp: BpfDatapath) -> dict[str, Any]:
+    """What the maps hold, checked for the slot invariants on the way."""
+    m = dp.maps
+    backends = {int(k[0]): v for k, v in m.lb4_backends.items()}
+    slots = {(k.frontend_id, k.slot): v.backend_id for k, v in m.lb_slots.items()}
+    metas = {int(k[0]) for k in m.lb_frontend_meta.keys()}
+    seen_slots = set()
+    used_backends = set()
+    out = {}
+    for key, svc in m.lb4_services.items():
+        assert svc.frontend_id in metas, "frontend without its metadata"
+        names = []
+        for n in range(1, svc.count + 1):
+            assert (svc.frontend_id, n) in slots, f"slot {n} of {svc.count} missing"
+            bid = slots[(svc.frontend_id, n)]
+            assert bid in backends, "slot names a backend that does not exist"
+            used_backends.add(bid)
+            seen_slots.add((svc.frontend_id, n))
+            names.append(layout.ip4_str(backends[bid].addr))
+        out[f"{layout.ip4_str(key.addr)}:{layout.port_num(key.port)}"] = sorted(names)
+    assert set(slots) == seen_slots, "slots beyond a count or of a removed frontend"
+    assert set(backends) == used_backends, "backend entries nobody references"
+    assert len(metas) == len(out), "metadata of removed frontends left behind"
+    return out
+
+
+def expected(frontends: dict[FrontendKey, Frontend]) -> dict[str, Any]:
+    return {
+        f"{k.address}:{k.port}": sorted(str(b.address) for b in fe.backends)
+        for k, fe in frontends.items()
+    }
+
+
+def test_random_changes_keep_maps_exact(clean_datapath: BpfDatapath) -> None:
+    rng = random.Random(7)
+    pool = [f"10.1.0.{i}" for i in range(1, 13)]
+    want: dict[FrontendKey, Frontend] = {}
+    for _ in range(300):
+        i = rng.randrange(8)
+        if rng.random() < 0.15:
+            key = frontend(i, []).key
+            clean_datapath.table.remove(key)
+            want.pop(key, None)
+        else:
+            fe = frontend(i, rng.sample(pool, rng.randrange(0, 6)))
+            clean_datapath.table.upsert(fe)
+            want[fe.key] = fe
+        assert decoded(clean_datapath) == expected(want)
+
+
+def test_one_endpoint_change_costs_the_same_at_any_size(clean_datapath: BpfDatapath) -> None:
+    table = clean_datapath.table
+    costs = []
+    for size in (10, 1000):
+        for i in range(size):
+            table.upsert(frontend(i, ["10.2.0.1", "10.2.0.2"]))
+        target = frontend(size // 2, ["10.2.0.1", "10.2.0.2"])
+        before = table.map_ops
+        table.upsert(frontend(size // 2, ["10.2.0.1", "10.2.0.2", "10.2.0.3"]))
+        added = table.map_ops - before
+        before = table.map_ops
+        table.upsert(target)
+        removed = table.map_ops - before
+        costs.append((added, removed))
+        table.reconcile({})
+    assert costs[0] == costs[1]
+    # add: backend entry, slot, count; remove: hole fill or none, count, slot, backend entry
+    assert costs[0][0] == 3 and costs[0][1] <= 4
+
+
+def test_full_map_costs_only_that_frontend(pin_dir: Path) -> None:
+    dp = BpfDatapath(BpfSettings(pin_dir=pin_dir, max_services=4, max_slots=6))
+    try:
+        table = dp.table
+        errors = table.apply([frontend(i, ["10.3.0.1"]) for i in range(4)], [])
+        assert errors == []
+        # lb4_services is full: the fifth frontend fails whole, the others stay.
+        errors = table.apply([frontend(4, ["10.3.0.2"])], [])
+        assert len(errors) == 1
+        assert "Service ns/svc4 port http" in errors[0]
+        # its metadata entry is written first, so that map reports it
+        assert "map lb_frontend_meta is full (4 entries)" in errors[0]
+        assert "raise it with `lbctl run --max-services N`" in errors[0]
+        assert decoded(dp) == {f"10.96.0.{i + 1}:80": ["10.3.0.1"] for i in range(4)}
+        # lb_slots fills up halfway through adding backends: nothing of them stays.
+        errors = table.apply([frontend(0, ["10.3.0.1", "10.3.0.5", "10.3.0.6", "10.3.0.7"])], [])
+        assert len(errors) == 1 and "map lb_slots is full" in errors[0]
+        assert decoded(dp)["10.96.0.1:80"] == ["10.3.0.1"]
+        # Freeing room lets the same change through.
+        table.remove(frontend(3, []).key)
+        assert table.apply([frontend(0, ["10.3.0.1", "10.3.0.5", "10.3.0.6"])], []) == []
+        assert decoded(dp)["10.96.0.1:80"] == ["10.3.0.1", "10.3.0.5", "10.3.0.6"]
+    finally:
+        dp.close()
+
+
+def test_restart_adopts_maps_and_touches_only_what_changed(clean_datapath: BpfDatapath) -> None:
+    want = {fe.key: fe for fe in (frontend(i, ["10.4.0.1", "10.4.0.2"]) for i in range(20))}
+    assert clean_datapath.table.reconcile(want) == []
+    adopted = FrontendTable(clean_datapath.maps)
+    adopted.adopt()
+    assert adopted.reconcile(want) == [] and adopted.map_ops == 0
+    stale = frontend(5, []).key
+    del want[stale]
+    assert adopted.reconcile(want) == []
+    assert decoded(clean_datapath) == expected(want)
+    # header, 2 slots, metadata; the two backends stay (other frontends use them)
+    assert adopted.map_ops == 4
+    clean_datapath.table = adopted
+
+
+def test_no_packet_sees_an_empty_or_removed_slot(clean_datapath: BpfDatapath) -> None:
+    """A writer churns two backends while the program picks for new flows."""
+    table = clean_datapath.table
+    always, churn = "10.5.0.1", ["10.5.0.2", "10.5.0.3"]
+    table.upsert(frontend(0, [always, *churn]))
+    removed_at: dict[str, float] = {}
+    added_at: dict[str, float] = {}
+    stop = threading.Event()
+    cycles = 0
+
+    def writer() -> None:
+        nonlocal cycles
+        rng = random.Random(3)
+        present = set(churn)
+        while not stop.is_set():
+            cycles += 1
+            victim = rng.choice(churn)
+            if victim in present:
+                present.discard(victim)
+                table.upsert(frontend(0, [always, *sorted(present)]))
+                removed_at[victim] = time.monotonic()
+            else:
+                added_at[victim] = time.monotonic()
+                present.add(victim)
+                table.upsert(frontend(0, [always, *sorted(present)]))
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    bad = []
+    try:
+        for n in range(3000):
+            started = time.monotonic()
+            frame = packets.ipv4_tcp("10.244.0.10", "10.96.0.1", 10000 + n, 80, flags="S")
+            run = prog_test_run(clean_datapath.prog_fd, frame)
+            if run.retval == TC_ACT_SHOT:
+                bad.append(f"packet {n} dropped")
+                continue
+            chosen = packets.parse(run.data).dst
+            # Removed (and not re-added) before this packet started: stale.
+            if chosen not in (always, *churn):
+                bad.append(f"packet {n} went to {chosen}, never a backend")
+            gone = removed_at.get(chosen)
+            if gone is not None and gone > added_at.get(chosen, 0.0) and gone < started:
+                bad.append(f"packet {n} went to {chosen}, removed before it started")
+    finally:
+        stop.set()
+        thread.join()
+    assert not bad, bad[:5]
+    assert cycles > 100, "the writer hardly ran: the race was not exercised"

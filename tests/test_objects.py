@@ -1,0 +1,120 @@
+"""Parsing Kubernetes objects into the model (pure)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+import pytest
+
+from lbctl.model import Protocol
+from lbctl.objects import Ignored, InvalidObject, parse_endpoint_slice, parse_service
+
+
+def service(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "type": "ClusterIP",
+        "clusterIP": "10.96.0.10",
+        "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+    }
+    base.update(spec)
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}, "spec": base}
+
+
+def eps(endpoints: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    obj = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "web-1",
+            "namespace": "ns",
+            "labels": {"kubernetes.io/service-name": "web"},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }
+    obj.update(extra)
+    return obj
+
+
+def test_service_fields() -> None:
+    svc = parse_service(service(ports=[{"port": 53, "protocol": "UDP"}]))
+    assert str(svc.ref) == "default/web"
+    assert svc.cluster_ips == (ipaddress.ip_address("10.96.0.10"),)
+    assert svc.ports[0].protocol is Protocol.UDP and svc.ports[0].name == ""
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"clusterIP": "10.96.0.300"}, "spec.clusterIPs[0]: '10.96.0.300' is not a valid IP"),
+        ({"ports": [{"port": 70000}]}, "spec.ports[0].port: 70000 is out of range (1-65535)"),
+        ({"ports": [{"port": 80, "protocol": "ICMP"}]}, "unknown protocol 'ICMP'"),
+        ({"ports": [{"port": "http"}]}, "spec.ports[0].port: 'http' is not a port number"),
+        ({"ports": []}, "spec.ports: a Service needs at least one port"),
+        ({"clusterIP": None}, "spec.clusterIP: missing"),
+        (
+            {"ports": [{"port": 80}, {"port": 81}]},
+            "every port of a multi-port Service needs a name",
+        ),
+    ],
+)
+def test_invalid_services_name_the_field(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidObject, match=re.escape(message)):
+        parse_service(service(**spec))
+
+
+def test_ignored_services() -> None:
+    with pytest.raises(Ignored, match="headless"):
+        parse_service(service(clusterIP="None"))
+    with pytest.raises(Ignored, match="ExternalName"):
+        parse_service(service(type="ExternalName"))
+    labelled = service()
+    labelled["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": "other"}
+    with pytest.raises(Ignored, match="service-proxy-name"):
+        parse_service(labelled)
+
+
+def test_endpoint_conditions_follow_the_api_defaults() -> None:
+    parsed = parse_endpoint_slice(
+        eps(
+            [
+                {"addresses": ["10.0.0.1"]},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": False}},
+                {
+                    "addresses": ["10.0.0.3"],
+                    "conditions": {"ready": False, "serving": True, "terminating": True},
+                },
+            ]
+        )
+    )
+    states = [(e.ready, e.serving, e.terminating) for e in parsed.endpoints]
+    # nil ready and serving mean true, nil terminating means false (as kube-proxy reads them)
+    assert states == [(True, True, False), (False, True, False), (False, True, True)]
+    assert str(parsed.service) == "ns/web"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"endpoints": [{"addresses": ["10.0.0.999"]}]}, "endpoints[0].addresses[0]"),
+        ({"endpoints": [{"addresses": ["fd00::1"]}]}, "is not an IPv4 address"),
+        ({"ports": [{"port": 0}]}, "ports[0].port: 0 is out of range"),
+        ({"ports": [{"port": 80, "protocol": "GRE"}]}, "unknown protocol 'GRE'"),
+        ({"addressType": "IPv5"}, "addressType"),
+    ],
+)
+def test_invalid_slices_name_the_field(change: dict[str, Any], message: str) -> None:
+    obj = eps([{"addresses": ["10.0.0.1"]}])
+    obj.update(change)
+    with pytest.raises(InvalidObject, match=re.escape(message)):
+        parse_endpoint_slice(obj)
+
+
+def test_slice_without_service_label_is_invalid() -> None:
+    obj = eps([])
+    obj["metadata"]["labels"] = {}
+    with pytest.raises(InvalidObject, match="kubernetes.io/service-name"):
+        parse_endpoint_slice(obj)
