@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from lbctl.datapath import layout
 from lbctl.datapath.bpf import BpfDatapath
 from lbctl.datapath.frontends import FrontendTable
@@ -44,7 +42,7 @@ def decoded(dp: BpfDatapath) -> dict[str, Any]:
     m = dp.maps
     backends = {int(k[0]): v for k, v in m.lb4_backends.items()}
     slots = {(k.frontend_id, k.slot): v.backend_id for k, v in m.lb_slots.items()}
-    metas = {int(k[0]) for k in m.lb_frontend_meta.keys()}
+    metas = {int(k[0]) for k, _ in m.lb_frontend_meta.items()}
     seen_slots = set()
     used_backends = set()
     out = {}

@@ -147,5 +147,5 @@ def test_duplicate_object_first_file_wins_then_hands_over(
 def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
     from lbctl.manifests import SourceError
 
-    with pytest.raises(SourceError, match="manifest directory .*nope"):
+    with pytest.raises(SourceError, match=r"manifest directory .*nope"):
         ManifestSource(tmp_path / "nope").poll(ServiceTable())

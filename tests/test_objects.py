@@ -116,5 +116,5 @@ def test_invalid_slices_name_the_field(change: dict[str, Any], message: str) -> 
 def test_slice_without_service_label_is_invalid() -> None:
     obj = eps([])
     obj["metadata"]["labels"] = {}
-    with pytest.raises(InvalidObject, match="kubernetes.io/service-name"):
+    with pytest.raises(InvalidObject, match=re.escape("kubernetes.io/service-name")):
         parse_endpoint_slice(obj)
