@@ -39,17 +39,15 @@ static __always_inline struct lb4_backend *lb4_select(const struct lb_service *s
 	return lb4_backends.lookup(backend_id);
 }
 
-/* Is the backend a flow was pinned to still part of its frontend? */
-static __always_inline int lb4_backend_valid(const struct ct4_entry *e,
-					     const struct lb_service *svc)
+/* Is the backend a flow was pinned to still part of its frontend?  Ids are
+ * not reused while the agent runs, so a membership names this very pair. */
+static __always_inline int lb4_backend_member(const struct ct4_entry *e)
 {
-	__u32 id = e->backend_id;
-	struct lb4_backend *be;
+	struct lb_member_key k = {};
 
-	if (!svc || svc->frontend_id != e->frontend_id)
-		return 0;
-	be = lb4_backends.lookup(&id);
-	return be && be->addr == e->nat_addr && be->port == e->nat_port;
+	k.frontend_id = e->frontend_id;
+	k.backend_id = e->backend_id;
+	return lb_members.lookup(&k) != NULL;
 }
 
 #endif /* LBCTL_LB_H */

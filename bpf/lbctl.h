@@ -67,6 +67,18 @@ struct lb_slot {
 	__u32 backend_id;
 };
 
+/* lb_members: (frontend, backend) present while the backend holds a slot of
+ * the frontend.  Conntrack checks it to tell whether a flow's backend is still
+ * part of its service (port reuse, UDP flows of removed backends). */
+struct lb_member_key {
+	__u32 frontend_id;
+	__u32 backend_id;
+};
+
+struct lb_member {
+	__u32 unused;
+};
+
 /* lb4_backends: backend id -> where the traffic goes. */
 struct lb4_backend {
 	__be32 addr;

@@ -52,10 +52,12 @@ static __always_inline int reverse_nat4(struct __sk_buff *skb, struct pkt4 *p, _
 	k.proto = p->proto;
 	k.dir = CT_DIR_REVERSE;
 	rev = ct4.lookup(&k);
-	if (!rev || !ct_alive(rev, p->proto, now))
+	if (!rev)
 		return -1;
-	/* Confirm the forward twin: a later direct connection to the pod that
-	 * reuses the tuple must not be rewritten to the VIP. */
+	/* The forward twin decides: it must still point at this backend (a later
+	 * direct connection to the pod reusing the tuple is not ours) and be
+	 * alive.  It is refreshed by both directions, so a flow lives as long as
+	 * either side talks. */
 	k.saddr = p->daddr;
 	k.daddr = rev->nat_addr;
 	k.sport = p->dport;
@@ -64,7 +66,8 @@ static __always_inline int reverse_nat4(struct __sk_buff *skb, struct pkt4 *p, _
 	fwd = ct4.lookup(&k);
 	if (!fwd || fwd->nat_addr != p->saddr || fwd->nat_port != p->sport)
 		return -1;
-	ct_touch(rev, p, now);
+	if (!ct_alive(fwd, p->proto, now))
+		return -1;
 	ct_touch(fwd, p, now);
 	if (!(fwd->flags & CT_F_SEEN_REPLY))
 		fwd->flags |= CT_F_SEEN_REPLY;
@@ -95,9 +98,14 @@ int lbctl_tc_ingress(struct __sk_buff *skb)
 	ct4_forward_key(&k, &p);
 	ct = ct4.lookup(&k);
 	if (ct && ct_alive(ct, p.proto, now)) {
-		/* A SYN on a known tuple is a new connection reusing the port:
-		 * keep the backend only if it is still part of the service. */
-		if (!is_new_tcp(&p) || lb4_backend_valid(ct, lb4_lookup(&p))) {
+		/* A SYN on a known tuple is a new connection reusing the port, and
+		 * a UDP flow has no end: both keep their backend only while it is
+		 * still part of the service (as kube-proxy flushes UDP conntrack
+		 * of removed endpoints).  An established TCP connection keeps its
+		 * backend until it ends. */
+		int recheck = is_new_tcp(&p) || p.proto == IPPROTO_UDP;
+
+		if (!recheck || lb4_backend_member(ct)) {
 			__be32 addr = ct->nat_addr;
 			__be16 port = ct->nat_port;
 

@@ -11,6 +11,8 @@ BPF_TABLE_PINNED("hash", struct lb4_key, struct lb_service, lb4_services,
 		 LBCTL_MAX_SERVICES, LBCTL_PIN(lb4_services));
 BPF_TABLE_PINNED("hash", struct lb_slot_key, struct lb_slot, lb_slots,
 		 LBCTL_MAX_SLOTS, LBCTL_PIN(lb_slots));
+BPF_TABLE_PINNED("hash", struct lb_member_key, struct lb_member, lb_members,
+		 LBCTL_MAX_SLOTS, LBCTL_PIN(lb_members));
 BPF_TABLE_PINNED("hash", __u32, struct lb4_backend, lb4_backends,
 		 LBCTL_MAX_BACKENDS, LBCTL_PIN(lb4_backends));
 BPF_TABLE_PINNED("hash", __u32, struct lb_frontend_meta, lb_frontend_meta,

@@ -14,7 +14,9 @@ for a forwarded packet, never TC_ACT_SHOT.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -48,7 +50,6 @@ STAT_RNAT = layout.const("LB_STAT_RNAT")
 STAT_DROP_NO_BACKEND = layout.const("LB_STAT_DROP_NO_BACKEND")
 STAT_PASS_FRAGMENT = layout.const("LB_STAT_PASS_FRAGMENT")
 STAT_REDIRECT = layout.const("LB_STAT_REDIRECT")
-STAT_CT_FULL = layout.const("LB_STAT_CT_FULL")
 STAT_MAX = layout.const("LB_STAT_MAX")
 
 CT_DIR_FORWARD = layout.const("CT_DIR_FORWARD")
@@ -157,21 +158,6 @@ def checked(result: libbpf.TestRun) -> packets.Parsed:
     return out
 
 
-def send_tcp(
-    dp: BpfDatapath,
-    sport: int,
-    flags: str = "S",
-    payload: bytes = b"",
-    *,
-    dst: str = VIP,
-    dport: int = TCP_PORT,
-    **kw: Any,
-) -> tuple[libbpf.TestRun, packets.Parsed]:
-    """A client packet to dst:dport; return the run and the checked output."""
-    result = run(dp, packets.ipv4_tcp(CLIENT, dst, sport, dport, flags, payload, **kw))
-    return result, checked(result)
-
-
 def assert_dnat(
     result: libbpf.TestRun, backends: Iterable[str], frame_of: Any, ttl: int = 64
 ) -> str:
@@ -185,6 +171,18 @@ def assert_dnat(
     want = frame_of(out.dst, ttl_after(result.retval, ttl))
     assert normalized(result.data) == normalized(want)
     return out.dst
+
+
+def assert_passes_unchanged(dp: BpfDatapath, frame: bytes, stat: int = STAT_PASS) -> None:
+    before = stats(dp)
+    ct_before = ct_entries(dp)
+    result = run(dp, frame)
+    assert result.retval == TC_ACT_OK, f"verdict {result.retval}, expected TC_ACT_OK"
+    assert result.data == frame, "a pass-through frame was modified"
+    assert stat_delta(before, stats(dp)) == {stat: 1}
+    assert [dataclasses.replace(e, last_seen_ns=0) for e in ct_entries(dp)] == [
+        dataclasses.replace(e, last_seen_ns=0) for e in ct_before
+    ], "a pass-through frame changed conntrack"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,7 +377,7 @@ def test_established_flow_sticks_to_its_backend(clean_datapath: BpfDatapath) -> 
     for n in range(50):
         flags = "A" if n % 2 == 0 else "PA"
         payload = b"" if flags == "A" else b"GET /%d HTTP/1.1\r\n\r\n" % n
-        kw = {"seq": 1001 + n, "ack": 5000 + n}
+        kw: dict[str, Any] = {"seq": 1001 + n, "ack": 5000 + n}
         frame = packets.ipv4_tcp(CLIENT, VIP, sport, TCP_PORT, flags, payload, **kw)
         result = run(dp, frame)
         results.append(result)
@@ -399,7 +397,7 @@ def test_conntrack_holds_forward_and_reverse_entries(clean_datapath: BpfDatapath
     backend_id = dp.table.backends[(ip(backend), TCP_TARGET, Protocol.TCP)].ident
     frontend_id = dp.table.frontends[key].ident
 
-    entries = {(e.dir): e for e in ct_entries(dp)}
+    entries = {e.dir: e for e in ct_entries(dp)}
     assert len(ct_entries(dp)) == 2 and set(entries) == {CT_DIR_FORWARD, CT_DIR_REVERSE}
     fwd, rev = entries[CT_DIR_FORWARD], entries[CT_DIR_REVERSE]
     tcp = packets.IPPROTO_TCP
@@ -487,18 +485,6 @@ def test_udp_reply_from_backend_is_reverse_nated(clean_datapath: BpfDatapath) ->
     assert not out.udp_csum_zero
 
 
-def assert_passes_unchanged(dp: BpfDatapath, frame: bytes, stat: int = STAT_PASS) -> None:
-    before = stats(dp)
-    ct_before = ct_entries(dp)
-    result = run(dp, frame)
-    assert result.retval == TC_ACT_OK, f"verdict {result.retval}, expected TC_ACT_OK"
-    assert result.data == frame, "a pass-through frame was modified"
-    assert stat_delta(before, stats(dp)) == {stat: 1}
-    assert [dataclasses.replace(e, last_seen_ns=0) for e in ct_entries(dp)] == [
-        dataclasses.replace(e, last_seen_ns=0) for e in ct_before
-    ], "a pass-through frame changed conntrack"
-
-
 def test_reply_without_a_flow_passes_unchanged(clean_datapath: BpfDatapath) -> None:
     dp = clean_datapath
     tcp_service(dp)
@@ -581,8 +567,6 @@ PASS_THROUGH: dict[str, tuple[bytes, int]] = {
         packets.ipv4_udp(CLIENT, VIP, 47000, UDP_PORT, b"\xb7\x98\0\x35rest", frag_off=16),
         STAT_PASS_FRAGMENT,
     ),
-    "ethernet-header-only": (_VIP_SYN[:ETH_HLEN], STAT_PASS),
-    "ipv4-header-cut": (_VIP_SYN[: ETH_HLEN + IP_HLEN - 1], STAT_PASS),
     "ipv4-header-only": (_VIP_SYN[: ETH_HLEN + IP_HLEN], STAT_PASS),
     "tcp-ports-only": (_VIP_SYN[: ETH_HLEN + IP_HLEN + 4], STAT_PASS),
     "tcp-header-cut": (_VIP_SYN[: ETH_HLEN + IP_HLEN + 19], STAT_PASS),
@@ -619,6 +603,25 @@ def test_pass_through_is_byte_identical(clean_datapath: BpfDatapath, name: str) 
         assert parsed.truncated and parsed.ethertype == packets.ETH_P_IP
     assert_passes_unchanged(dp, frame, stat)
     assert ct_entries(dp) == []
+
+
+@pytest.mark.parametrize(
+    "length", [ETH_HLEN, ETH_HLEN + 10, ETH_HLEN + IP_HLEN - 1], ids=["eth-only", "ip-10", "ip-19"]
+)
+def test_frame_shorter_than_an_ipv4_header_passes_unchanged(
+    clean_datapath: BpfDatapath, length: int
+) -> None:
+    dp = clean_datapath
+    tcp_service(dp)
+    frame = _VIP_SYN[:length]
+    try:
+        assert_passes_unchanged(dp, frame)
+    except libbpf.MapError as err:
+        # Recent kernels refuse such frames before the program runs (the IPv4
+        # header must be in the linear data), so the program's own bounds check
+        # cannot be reached from BPF_PROG_TEST_RUN.
+        assert err.errno == errno.EINVAL
+        pytest.skip(f"this kernel refuses a {length}-byte IPv4 frame in BPF_PROG_TEST_RUN")
 
 
 # ---------------------------------------------------------------------- 7: IP options
@@ -692,7 +695,7 @@ def test_removed_backend_keeps_established_flow_but_gets_no_new_ones(
 
     before = stats(dp)
     for n in range(20):
-        kw = {"seq": 1001 + n, "ack": 5001}
+        kw: dict[str, Any] = {"seq": 1001 + n, "ack": 5001}
         result = run(dp, packets.ipv4_tcp(CLIENT, VIP, sport, TCP_PORT, "A", **kw))
         assert assert_dnat(result, [removed], tcp_to_backend(sport, "A", **kw)) == removed
     assert stats(dp)[STAT_DNAT_EST] - before[STAT_DNAT_EST] == 20
@@ -757,11 +760,6 @@ def test_syn_retransmit_keeps_its_live_backend(clean_datapath: BpfDatapath) -> N
     assert stat_delta(before, stats(dp)).get(STAT_DNAT_EST) == 20
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bpf/lb.h lb4_backend_valid() only checks that the backend id still exists in "
-    "lb4_backends (any service may hold it), not that it is still a slot of this frontend",
-)
 def test_syn_reusing_tuple_of_removed_backend_shared_with_another_service(
     clean_datapath: BpfDatapath,
 ) -> None:
@@ -781,6 +779,65 @@ def test_syn_reusing_tuple_of_removed_backend_shared_with_another_service(
         result = run(dp, frame)
         got = assert_dnat(result, BACKENDS, tcp_to_backend(sport, "S", seq=900 + n))
         assert got != removed, f"SYN {n} reusing the tuple went to removed backend {removed}"
+
+
+# ---------------------------------------------------------------------- expiry
+
+
+def age_flow(dp: BpfDatapath, backend: str, sport: int, seconds: int) -> None:
+    """Pretend both ct4 entries of a TCP flow were last seen `seconds` ago.
+
+    bpf_ktime_get_ns() and time.monotonic_ns() read the same clock (CLOCK_MONOTONIC).
+    """
+    tcp = packets.IPPROTO_TCP
+    then = time.monotonic_ns() - seconds * 1_000_000_000
+    for key in (
+        ct_key(CLIENT, VIP, sport, TCP_PORT, tcp, CT_DIR_FORWARD),
+        ct_key(backend, CLIENT, TCP_TARGET, sport, tcp, CT_DIR_REVERSE),
+    ):
+        value = dp.maps.ct4.lookup(key)
+        assert value is not None
+        value.created_ns = value.last_seen_ns = then
+        dp.maps.ct4.update(key, value)
+
+
+def test_unanswered_flow_expires_and_is_balanced_again(clean_datapath: BpfDatapath) -> None:
+    dp = clean_datapath
+    tcp_service(dp)
+    sport = 55000
+    backend = syn(dp, sport)
+    age_flow(dp, backend, sport, 30)  # within the 60 s SYN timeout: still the same flow
+    before = stats(dp)
+    syn(dp, sport)
+    assert stat_delta(before, stats(dp)).get(STAT_DNAT_EST) == 1
+
+    age_flow(dp, backend, sport, 120)  # no reply for 2 minutes: the flow is gone
+    before = stats(dp)
+    syn(dp, sport)
+    assert stat_delta(before, stats(dp)).get(STAT_DNAT_NEW) == 1
+    fwd = dp.maps.ct4.lookup(
+        ct_key(CLIENT, VIP, sport, TCP_PORT, packets.IPPROTO_TCP, CT_DIR_FORWARD)
+    )
+    assert fwd is not None and time.monotonic_ns() - fwd.created_ns < 10_000_000_000
+
+
+def test_idle_established_flow_still_reverse_nats_replies(clean_datapath: BpfDatapath) -> None:
+    dp = clean_datapath
+    tcp_service(dp)
+    sport = 55100
+    backend = syn(dp, sport)
+    checked(run(dp, reply_frame(backend, sport, "SA")))  # established: a reply was seen
+    age_flow(dp, backend, sport, 120)  # idle for 2 minutes, far below the TCP timeout
+
+    before = stats(dp)
+    result = run(dp, packets.ipv4_tcp(CLIENT, VIP, sport, TCP_PORT, "PA", b"query", seq=1001))
+    assert checked(result).dst == backend
+    assert stat_delta(before, stats(dp)).get(STAT_DNAT_EST) == 1
+    result = run(dp, reply_frame(backend, sport, "PA", payload=b"answer"))
+    out = packets.parse(result.data)
+    assert (out.src, out.sport) == (VIP, TCP_PORT), (
+        f"the reply of an established flow left with source {out.src}:{out.sport}"
+    )
 
 
 # ---------------------------------------------------------------------- 12: TTL
@@ -807,11 +864,3 @@ def test_ttl_follows_the_verdict(clean_datapath: BpfDatapath) -> None:
     assert result.retval == TC_ACT_OK
     out = checked(result)
     assert (out.ttl, out.dport) == (1, TCP_TARGET) and out.dst in BACKENDS
-
-
-def test_ct_full_counter_stays_zero(clean_datapath: BpfDatapath) -> None:
-    dp = clean_datapath
-    tcp_service(dp)
-    before = stats(dp)
-    syn(dp, 54000)
-    assert STAT_CT_FULL not in stat_delta(before, stats(dp))

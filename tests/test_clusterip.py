@@ -105,6 +105,7 @@ def test_tcp_and_udp_spread_over_all_pods(tmp_path: Path, pin_dir: Path, offload
             tcp = [tcp_request(client, VIP, 80) for _ in range(300)]
             # udp_request checks the reply comes from VIP:53 (reverse NAT)
             udp = [udp_request(client, VIP, 53) for _ in range(300)]
+            counters = env.agent.dump()["counters"]
         finally:
             env.agent.stop()
     for replies in (tcp, udp):
@@ -112,6 +113,12 @@ def test_tcp_and_udp_spread_over_all_pods(tmp_path: Path, pin_dir: Path, offload
         assert min(shares.values()) >= 0.15, shares
         # a ClusterIP reached from a pod keeps the client's address
         assert {r.peer_ip for r in replies} == {client.ip}
+    # nearly every request was a new flow (a client port reused within the
+    # conntrack lifetime continues its flow), and NATed packets bypassed the stack
+    assert counters["new_flows"] >= 550
+    assert counters["reverse_nat"] >= 600
+    assert counters["redirected"] >= counters["new_flows"] + counters["reverse_nat"]
+    assert counters["drop_no_backend"] == 0
 
 
 def test_removed_backend_keeps_its_connection(env: Env) -> None:

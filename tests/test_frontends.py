@@ -43,6 +43,7 @@ def decoded(dp: BpfDatapath) -> dict[str, Any]:
     backends = {int(k[0]): v for k, v in m.lb4_backends.items()}
     slots = {(k.frontend_id, k.slot): v.backend_id for k, v in m.lb_slots.items()}
     metas = {int(k[0]) for k, _ in m.lb_frontend_meta.items()}
+    members = {(k.frontend_id, k.backend_id) for k, _ in m.lb_members.items()}
     seen_slots = set()
     used_backends = set()
     out = {}
@@ -58,9 +59,14 @@ def decoded(dp: BpfDatapath) -> dict[str, Any]:
             names.append(layout.ip4_str(backends[bid].addr))
         out[f"{layout.ip4_str(key.addr)}:{layout.port_num(key.port)}"] = sorted(names)
     assert set(slots) == seen_slots, "slots beyond a count or of a removed frontend"
+    assert members == set(slots_members(slots)), "memberships differ from the slots"
     assert set(backends) == used_backends, "backend entries nobody references"
     assert len(metas) == len(out), "metadata of removed frontends left behind"
     return out
+
+
+def slots_members(slots: dict[tuple[int, int], int]) -> list[tuple[int, int]]:
+    return [(frontend, backend) for (frontend, _), backend in slots.items()]
 
 
 def expected(frontends: dict[FrontendKey, Frontend]) -> dict[str, Any]:
@@ -103,8 +109,9 @@ def test_one_endpoint_change_costs_the_same_at_any_size(clean_datapath: BpfDatap
         costs.append((added, removed))
         table.reconcile({})
     assert costs[0] == costs[1]
-    # add: backend entry, slot, count; remove: hole fill or none, count, slot, backend entry
-    assert costs[0][0] == 3 and costs[0][1] <= 4
+    # add: backend entry, membership, slot, count;
+    # remove: hole fill (or none), count, slot, membership, backend entry
+    assert costs[0][0] == 4 and costs[0][1] <= 5
 
 
 def test_full_map_costs_only_that_frontend(pin_dir: Path) -> None:
@@ -123,7 +130,9 @@ def test_full_map_costs_only_that_frontend(pin_dir: Path) -> None:
         assert decoded(dp) == {f"10.96.0.{i + 1}:80": ["10.3.0.1"] for i in range(4)}
         # lb_slots fills up halfway through adding backends: nothing of them stays.
         errors = table.apply([frontend(0, ["10.3.0.1", "10.3.0.5", "10.3.0.6", "10.3.0.7"])], [])
-        assert len(errors) == 1 and "map lb_slots is full" in errors[0]
+        # (memberships are written just before their slot and fill up alongside)
+        assert len(errors) == 1 and "map lb_members is full" in errors[0]
+        assert "`lbctl run --max-slots N`" in errors[0]
         assert decoded(dp)["10.96.0.1:80"] == ["10.3.0.1"]
         # Freeing room lets the same change through.
         table.remove(frontend(3, []).key)
@@ -143,8 +152,8 @@ def test_restart_adopts_maps_and_touches_only_what_changed(clean_datapath: BpfDa
     del want[stale]
     assert adopted.reconcile(want) == []
     assert decoded(clean_datapath) == expected(want)
-    # header, 2 slots, metadata; the two backends stay (other frontends use them)
-    assert adopted.map_ops == 4
+    # header, 2 slots, 2 memberships, metadata; the backends stay (others use them)
+    assert adopted.map_ops == 6
     clean_datapath.table = adopted
 
 

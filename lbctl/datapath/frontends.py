@@ -65,11 +65,16 @@ class DatapathError(Exception):
 
 
 class IdPool:
-    """Small integer ids (from 1), reused after release."""
+    """Integer ids from 1, handed out in increasing order.
+
+    An id is not reused until the 32-bit space wraps, so a conntrack entry
+    that names a removed frontend or backend can never match a new one.
+    """
+
+    LIMIT = 0xFFFFFFFF
 
     def __init__(self) -> None:
         self._next = 1
-        self._free: list[int] = []
         self._used: set[int] = set()
 
     def take(self, wanted: int | None = None) -> int:
@@ -77,16 +82,15 @@ class IdPool:
             self._used.add(wanted)
             self._next = max(self._next, wanted + 1)
             return wanted
-        ident = self._free.pop() if self._free else self._next
-        if ident == self._next:
-            self._next += 1
+        while self._next in self._used or self._next > self.LIMIT:
+            self._next = 1 if self._next > self.LIMIT else self._next + 1
+        ident = self._next
+        self._next += 1
         self._used.add(ident)
         return ident
 
     def release(self, ident: int) -> None:
-        if ident in self._used:
-            self._used.remove(ident)
-            self._free.append(ident)
+        self._used.discard(ident)
 
 
 @dataclasses.dataclass
@@ -171,6 +175,9 @@ class FrontendTable:
             self.frontends[fkey] = fe
             for target in fe.slots:
                 self.backends[target].refs += 1
+                # Maps pinned by an older lbctl may lack memberships.
+                if m.lb_members.lookup(self._member_key(fe.ident, target)) is None:
+                    self._write_member(fe.ident, target)
         log.info(
             "adopted %d frontends and %d backends from pinned maps",
             len(self.frontends),
@@ -239,6 +246,8 @@ class FrontendTable:
         self._delete(self.maps.lb4_services, self._service_key(key))
         for n in range(len(have.slots), 0, -1):
             self._delete_slot(have.ident, n)
+        for target in have.slots:
+            self._delete_member(have.ident, target)
         self._delete(self.maps.lb_frontend_meta, self._id_key(have.ident))
         for target in have.slots:
             self._release_backend(target)
@@ -257,6 +266,8 @@ class FrontendTable:
             for b in fe.backends:
                 self._hold_backend(b, undo)
             for n, b in enumerate(fe.backends, start=1):
+                self._write_member(ident, b.target)
+                undo.push(functools.partial(self._delete_member, ident, b.target))
                 self._write(self.maps.lb_slots, self._slot_key(ident, n), self._slot(b.target))
                 undo.push(functools.partial(self._delete_slot, ident, n))
             have.slots = [b.target for b in fe.backends]
@@ -274,6 +285,8 @@ class FrontendTable:
             return
         base = len(have.slots)
         for n, target in enumerate(new, start=base + 1):
+            self._write_member(have.ident, target)
+            undo.push(functools.partial(self._delete_member, have.ident, target))
             self._write(self.maps.lb_slots, self._slot_key(have.ident, n), self._slot(target))
             undo.push(functools.partial(self._delete_slot, have.ident, n))
         have.slots.extend(new)
@@ -295,6 +308,7 @@ class FrontendTable:
         have.slots.pop()
         self._write_header(key, have)
         self._delete_slot(have.ident, last)
+        self._delete_member(have.ident, target)
         self._release_backend(target)
 
     def _hold_backend(self, b: Backend, undo: _Undo) -> None:
@@ -342,6 +356,17 @@ class FrontendTable:
     def _delete(self, bpf_map: Any, key: Any) -> None:
         self.map_ops += 1
         bpf_map.delete(key)
+
+    def _write_member(self, ident: int, target: Target) -> None:
+        key = self._member_key(ident, target)
+        self._write(self.maps.lb_members, key, layout.new("struct lb_member"))
+
+    def _delete_member(self, ident: int, target: Target) -> None:
+        self._delete(self.maps.lb_members, self._member_key(ident, target))
+
+    def _member_key(self, ident: int, target: Target) -> Any:
+        backend = self.backends[target].ident
+        return layout.new("struct lb_member_key", frontend_id=ident, backend_id=backend)
 
     def _delete_slot(self, ident: int, slot: int) -> None:
         self._delete(self.maps.lb_slots, self._slot_key(ident, slot))

@@ -16,6 +16,7 @@ from lbctl.datapath.libbpf import BpfMap
 MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb4_services": ("struct lb4_key", "struct lb_service"),
     "lb_slots": ("struct lb_slot_key", "struct lb_slot"),
+    "lb_members": ("struct lb_member_key", "struct lb_member"),
     "lb4_backends": ("__u32", "struct lb4_backend"),
     "lb_frontend_meta": ("__u32", "struct lb_frontend_meta"),
     "ct4": ("struct ct4_key", "struct ct4_entry"),
@@ -27,6 +28,7 @@ SIZE_FLAGS: dict[str, str] = {
     "lb4_services": "--max-services",
     "lb_frontend_meta": "--max-services",
     "lb_slots": "--max-slots",
+    "lb_members": "--max-slots",
     "lb4_backends": "--max-backends",
     "ct4": "--conntrack-size",
 }
@@ -36,6 +38,7 @@ SIZE_FLAGS: dict[str, str] = {
 class Maps:
     lb4_services: BpfMap
     lb_slots: BpfMap
+    lb_members: BpfMap
     lb4_backends: BpfMap
     lb_frontend_meta: BpfMap
     ct4: BpfMap
