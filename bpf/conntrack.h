@@ -41,9 +41,17 @@ static __always_inline void ct4_forward_key(struct ct4_key *k, const struct pkt4
 	k->pad = 0;
 }
 
-/* Record a new flow client -> vip:vport balanced to backend be. */
+/* Record a new flow client -> vip:vport balanced to backend be, as fresh
+ * entries (a reused tuple starts with clean flags).  With BPF_NOEXIST the
+ * forward insert fails when another CPU recorded the same new flow first;
+ * the caller then follows that entry instead. */
+#define CT_CREATED 0
+#define CT_LOST_RACE 1
+#define CT_FAILED -1
+
 static __always_inline int ct4_create(const struct pkt4 *p, const struct lb4_backend *be,
-				      __u32 backend_id, __u32 frontend_id, __u64 now)
+				      __u32 backend_id, __u32 frontend_id, __u64 now,
+				      int exclusive)
 {
 	struct ct4_key k = {};
 	struct ct4_entry e = {};
@@ -58,8 +66,8 @@ static __always_inline int ct4_create(const struct pkt4 *p, const struct lb4_bac
 	ct4_forward_key(&k, p);
 	e.nat_addr = be->addr;
 	e.nat_port = be->port;
-	if (ct4.update(&k, &e))
-		return -1;
+	if (exclusive ? ct4.insert(&k, &e) : ct4.update(&k, &e))
+		return exclusive ? CT_LOST_RACE : CT_FAILED;
 
 	k.saddr = be->addr;
 	k.daddr = p->saddr;
@@ -69,8 +77,8 @@ static __always_inline int ct4_create(const struct pkt4 *p, const struct lb4_bac
 	e.nat_addr = p->daddr;
 	e.nat_port = p->dport;
 	if (ct4.update(&k, &e))
-		return -1;
-	return 0;
+		return CT_FAILED;
+	return CT_CREATED;
 }
 
 #endif /* LBCTL_CONNTRACK_H */

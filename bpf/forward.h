@@ -27,7 +27,9 @@ static __always_inline int forward4(struct __sk_buff *skb, const struct pkt4 *p)
 	fib.l4_protocol = p->proto;
 	fib.sport = p->sport;
 	fib.dport = p->dport;
-	fib.tot_len = bpf_ntohs(p->tot_len);
+	/* tot_len stays 0: a non-zero one makes the kernel compare it with the
+	 * route MTU and refuse GSO packets (veth carries 64 KB TSO frames); with
+	 * 0 it checks forwardability the way the stack does. */
 	fib.ipv4_src = p->saddr;
 	fib.ipv4_dst = p->daddr;
 	fib.ifindex = skb->ingress_ifindex;

@@ -29,25 +29,41 @@ static __always_inline struct lb4_backend *lb4_select(const struct lb_service *s
 	k.frontend_id = svc->frontend_id;
 	k.slot = bpf_get_prandom_u32() % count + 1;
 	slot = lb_slots.lookup(&k);
-	if (!slot) {
-		k.slot = 1;
-		slot = lb_slots.lookup(&k);
-		if (!slot)
-			return NULL;
+	if (slot) {
+		struct lb4_backend *be;
+
+		*backend_id = slot->backend_id;
+		be = lb4_backends.lookup(backend_id);
+		if (be)
+			return be;
 	}
+	/* The slot or its backend went away between reading the count and
+	 * now: slot 1 is live while the count is positive. */
+	k.slot = 1;
+	slot = lb_slots.lookup(&k);
+	if (!slot)
+		return NULL;
 	*backend_id = slot->backend_id;
 	return lb4_backends.lookup(backend_id);
 }
 
-/* Is the backend a flow was pinned to still part of its frontend?  Ids are
- * not reused while the agent runs, so a membership names this very pair. */
-static __always_inline int lb4_backend_member(const struct ct4_entry *e)
+/* Is the backend a flow was pinned to still part of its frontend, at the
+ * same address?  (The address check guards against an id reused across an
+ * agent restart.) */
+static __always_inline struct lb4_backend *lb4_backend_member(const struct ct4_entry *e)
 {
 	struct lb_member_key k = {};
+	struct lb4_backend *be;
+	__u32 id = e->backend_id;
 
 	k.frontend_id = e->frontend_id;
-	k.backend_id = e->backend_id;
-	return lb_members.lookup(&k) != NULL;
+	k.backend_id = id;
+	if (!lb_members.lookup(&k))
+		return NULL;
+	be = lb4_backends.lookup(&id);
+	if (!be || be->addr != e->nat_addr || be->port != e->nat_port)
+		return NULL;
+	return be;
 }
 
 #endif /* LBCTL_LB_H */

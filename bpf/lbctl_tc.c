@@ -98,17 +98,25 @@ int lbctl_tc_ingress(struct __sk_buff *skb)
 	ct4_forward_key(&k, &p);
 	ct = ct4.lookup(&k);
 	if (ct && ct_alive(ct, p.proto, now)) {
+		__be32 addr = ct->nat_addr;
+		__be16 port = ct->nat_port;
+
+		/* An established TCP connection keeps its backend until it ends. */
+		if (p.proto == IPPROTO_TCP && !is_new_tcp(&p)) {
+			ct_touch(ct, &p, now);
+			return dnat4(skb, &p, addr, port, LB_STAT_DNAT_EST);
+		}
 		/* A SYN on a known tuple is a new connection reusing the port, and
 		 * a UDP flow has no end: both keep their backend only while it is
-		 * still part of the service (as kube-proxy flushes UDP conntrack
-		 * of removed endpoints).  An established TCP connection keeps its
-		 * backend until it ends. */
-		int recheck = is_new_tcp(&p) || p.proto == IPPROTO_UDP;
-
-		if (!recheck || lb4_backend_member(ct)) {
-			__be32 addr = ct->nat_addr;
-			__be16 port = ct->nat_port;
-
+		 * still in the service (kube-proxy likewise flushes the UDP
+		 * conntrack of removed endpoints). */
+		be = lb4_backend_member(ct);
+		if (be) {
+			if (is_new_tcp(&p)) {
+				/* fresh entries: the old connection's flags must not carry over */
+				ct4_create(&p, be, ct->backend_id, ct->frontend_id, now, 0);
+				return dnat4(skb, &p, addr, port, LB_STAT_DNAT_NEW);
+			}
 			ct_touch(ct, &p, now);
 			return dnat4(skb, &p, addr, port, LB_STAT_DNAT_EST);
 		}
@@ -123,8 +131,16 @@ int lbctl_tc_ingress(struct __sk_buff *skb)
 			stat_inc(LB_STAT_DROP_NO_BACKEND);
 			return TC_ACT_SHOT;
 		}
-		if (ct4_create(&p, be, backend_id, frontend_id, now))
+		/* With no entry yet, insert exclusively: when the first packets of
+		 * a flow race on two CPUs, the loser follows the winner's backend. */
+		rc = ct4_create(&p, be, backend_id, frontend_id, now, ct == NULL);
+		if (rc == CT_LOST_RACE) {
+			ct = ct4.lookup(&k);
+			if (ct)
+				return dnat4(skb, &p, ct->nat_addr, ct->nat_port, LB_STAT_DNAT_EST);
+		} else if (rc == CT_FAILED) {
 			stat_inc(LB_STAT_CT_FULL);
+		}
 		return dnat4(skb, &p, be->addr, be->port, LB_STAT_DNAT_NEW);
 	}
 

@@ -22,19 +22,26 @@ log = logging.getLogger(__name__)
 
 
 class Source(Protocol):
+    @property
+    def complete(self) -> bool:
+        """False while part of the source cannot be read (its content is unknown)."""
+        ...
+
     def poll(self, table: ServiceTable) -> set[ServiceRef]: ...
 
 
 class Datapath(Protocol):
     mode: str
 
-    def reconcile(self, desired: dict[FrontendKey, Frontend]) -> list[str]: ...
+    def reconcile(
+        self, desired: dict[FrontendKey, Frontend], remove_stale: bool = True
+    ) -> list[str]: ...
 
     def apply(self, change: PlanDiff) -> list[str]: ...
 
-    def attach(self, ifnames: list[str]) -> list[str]: ...
+    def attach(self, links: list[tc.Link]) -> list[str]: ...
 
-    def forget_missing(self, present: list[str]) -> None: ...
+    def forget_missing(self, present: list[tc.Link]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -56,12 +63,21 @@ class Agent:
         self.planner = Planner()
         self.errors: list[str] = []
         self.synced = threading.Event()
+        self._missing_links: list[str] = []
+        self._sweep_pending = False
 
     def sync(self) -> None:
         """First sync: load everything, make the maps match, then attach."""
         refs = self.source.poll(self.table)
         self.planner.update(self.table, refs)
-        self._record(self.datapath.reconcile(self.planner.frontends()))
+        # Adopted frontends that the source no longer lists are stale, unless
+        # part of the source could not be read: then they may be in that part,
+        # and are kept until it reads again.
+        self._sweep_pending = not self.source.complete
+        if self._sweep_pending:
+            log.warning("part of the source is unreadable: keeping adopted frontends it may hold")
+        remove_stale = not self._sweep_pending
+        self._record(self.datapath.reconcile(self.planner.frontends(), remove_stale))
         self._attach()
         frontends = self.planner.frontends()
         log.info(
@@ -75,6 +91,10 @@ class Agent:
 
     def step(self) -> PlanDiff:
         refs = self.source.poll(self.table)
+        if self._sweep_pending and self.source.complete:
+            self._sweep_pending = False
+            log.info("the whole source reads again: removing stale frontends")
+            self._record(self.datapath.reconcile(self.planner.frontends()))
         change = self.planner.update(self.table, refs) if refs else PlanDiff()
         if change:
             started = time.monotonic()
@@ -107,10 +127,13 @@ class Agent:
 
     def _attach(self) -> None:
         if self.options.interfaces is not None:
-            wanted = self.options.interfaces
+            wanted, missing = tc.find_interfaces(self.options.interfaces)
+            if missing != self._missing_links:  # report each change once, not every scan
+                self._record(missing)
+                self._missing_links = missing
         else:
             wanted = tc.list_interfaces()
-            self.datapath.forget_missing(wanted)
+        self.datapath.forget_missing(wanted)
         self._record(self.datapath.attach(wanted))
 
     def _record(self, errors: list[str]) -> None:

@@ -171,7 +171,7 @@ def _cleanup(args: argparse.Namespace) -> int:
     from lbctl.datapath import tc
     from lbctl.datapath.maps import MAP_TYPES
 
-    detached = tc.detach(tc.list_interfaces())
+    detached = tc.detach(link.name for link in tc.all_links())
     removed = []
     for name in MAP_TYPES:
         pin = args.bpffs / name

@@ -77,6 +77,13 @@ class ManifestSource:
                 found[Path(entry.path)] = (st.st_ino, st.st_mtime_ns, st.st_size)
         return found
 
+    @property
+    def complete(self) -> bool:
+        """False while some file cannot be read at all: what it holds is unknown."""
+        return not any(
+            p.startswith("cannot parse the file") for msgs in self.errors.values() for p in msgs
+        )
+
     def poll(self, table: ServiceTable) -> set[ServiceRef]:
         """Apply what changed in the directory; return the services touched."""
         touched: set[ServiceRef] = set()
@@ -132,7 +139,10 @@ class ManifestSource:
                 objects[oid] = parser(doc)
             except Ignored as why:
                 log.info("%s: %s: ignored: %s", path, oid, why)
-            except InvalidObject as err:
+            except (InvalidObject, KeyError, TypeError, ValueError, AttributeError) as err:
+                # Any parser failure is the object's fault, never the agent's.
+                if not isinstance(err, InvalidObject):
+                    err = InvalidObject(f"malformed object ({type(err).__name__}: {err})")
                 old = previous.get(oid)
                 kept = "; keeping its previous version" if old is not None else ""
                 problems.append(f"{oid}: {err}{kept}")

@@ -159,11 +159,20 @@ def parse_service(obj: Mapping[str, Any]) -> Service:
         ),
         load_balancer_ips=lb_ips,
         session_affinity=str(spec.get("sessionAffinity") or "None"),
-        affinity_timeout_s=int(client_ip.get("timeoutSeconds") or 10800),
+        affinity_timeout_s=_timeout(client_ip.get("timeoutSeconds")),
         external_traffic_policy=str(spec.get("externalTrafficPolicy") or "Cluster"),
         internal_traffic_policy=str(spec.get("internalTrafficPolicy") or "Cluster"),
         annotations=tuple(sorted((str(k), str(v)) for k, v in annotations.items())),
     )
+
+
+def _timeout(value: Any) -> int:
+    field = "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
+    if value is None:
+        return 10800  # the API's default, 3 hours
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 86400:
+        raise InvalidObject(f"{field}: {value!r} is not a number of seconds in 1-86400")
+    return value
 
 
 def _condition(conditions: Mapping[str, Any], name: str, default: bool) -> bool:

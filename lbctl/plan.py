@@ -130,8 +130,9 @@ class Planner:
         out = PlanDiff()
         todo = sorted(set(refs))
         self._update(table, todo, out)
-        # A removed frontend may be the one a conflicting service was waiting for.
-        waiting = [ref for ref in self.conflicts if ref not in todo]
+        # A removed frontend may be the one a conflicting service was waiting
+        # for, including one planned in this very batch before it was freed.
+        waiting = sorted(self.conflicts)
         if out.removals and waiting:
             self._update(table, waiting, out)
         return out

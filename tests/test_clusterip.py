@@ -248,11 +248,23 @@ def test_new_interfaces_are_attached_and_cleanup_detaches(env: Env) -> None:
         return out
 
     assert filtered() == {"lxcclient", "lxcpod0", "lxcpod1", "lxcpod2"}
+
+    def wait_attached(name: str) -> None:
+        deadline = time.monotonic() + 5
+        while name not in filtered() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert name in filtered()
+
+    # a new pod's veth, and an L3 device the Ethernet parser must not be given
+    node.ip("tuntap", "add", "mode", "tun", "name", "tun0")
     node.ip("link", "add", "name", "lxcnew", "type", "veth", "peer", "name", "lxcnewp")
-    deadline = time.monotonic() + 5
-    while "lxcnew" not in filtered() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_attached("lxcnew")
     assert {"lxcnew", "lxcnewp"} <= filtered()
+    assert "tun0" not in filtered()
+    # the pod restarts: its veth is made again under the same name
+    node.ip("link", "del", "lxcnew")
+    node.ip("link", "add", "name", "lxcnew", "type", "veth", "peer", "name", "lxcnewp")
+    wait_attached("lxcnew")
     env.agent.stop()
     assert filtered() == set()
     assert not env.agent.pin_dir.exists()

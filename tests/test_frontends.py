@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from lbctl.datapath import layout
 from lbctl.datapath.bpf import BpfDatapath
 from lbctl.datapath.frontends import FrontendTable
@@ -210,3 +212,62 @@ def test_no_packet_sees_an_empty_or_removed_slot(clean_datapath: BpfDatapath) ->
         thread.join()
     assert not bad, bad[:5]
     assert cycles >= 300 and n >= 3000, f"race not exercised: {cycles} changes, {n} packets"
+
+
+def test_replacing_every_backend_never_passes_through_zero(clean_datapath: BpfDatapath) -> None:
+    table = clean_datapath.table
+    table.upsert(frontend(0, ["10.6.0.1"]))
+    counts: list[int] = []
+    write = table._write
+
+    def recording(bpf_map: Any, key: Any, value: Any) -> None:
+        if bpf_map is clean_datapath.maps.lb4_services:
+            counts.append(value.count)
+        write(bpf_map, key, value)
+
+    table._write = recording  # type: ignore[method-assign]
+    try:
+        table.upsert(frontend(0, ["10.6.0.2", "10.6.0.3"]))
+    finally:
+        del table._write
+    assert counts and 0 not in counts, counts
+    assert decoded(clean_datapath) == {"10.96.0.1:80": ["10.6.0.2", "10.6.0.3"]}
+
+
+def test_adoption_repairs_what_an_interrupted_update_left(clean_datapath: BpfDatapath) -> None:
+    table = clean_datapath.table
+    table.upsert(frontend(0, ["10.7.0.1", "10.7.0.2", "10.7.0.3"]))
+    m = clean_datapath.maps
+    ident = table.frontends[frontend(0, []).key].ident
+    # The agent died after copying slot 3 into slot 1 while removing 10.7.0.1:
+    # slots are [C, B, C], A's entry is still there, nothing names it.
+    slot3 = m.lb_slots.lookup(layout.new("struct lb_slot_key", frontend_id=ident, slot=3))
+    m.lb_slots.update(layout.new("struct lb_slot_key", frontend_id=ident, slot=1), slot3)
+    # ...and an orphan slot of a frontend that was never finished.
+    orphan = layout.new("struct lb_slot_key", frontend_id=999, slot=1)
+    m.lb_slots.update(orphan, slot3)
+
+    adopted = FrontendTable(m)
+    adopted.adopt()
+    clean_datapath.table = adopted
+    assert decoded(clean_datapath) == {"10.96.0.1:80": ["10.7.0.2", "10.7.0.3"]}
+    assert adopted.reconcile({fe.key: fe for fe in [frontend(0, ["10.7.0.2", "10.7.0.3"])]}) == []
+    assert adopted.map_ops > 0 and m.lb_slots.lookup(orphan) is None
+
+
+def test_too_many_backends_for_one_frontend_is_refused_whole(clean_datapath: BpfDatapath) -> None:
+    huge = frontend(0, [str(IP("10.8.0.0") + i) for i in range(1, 0x10001)])
+    errors = clean_datapath.table.apply([huge], [])
+    assert errors == ["Service ns/svc0 port http: 65536 backends; a frontend holds at most 65535"]
+    assert decoded(clean_datapath) == {}
+
+
+def test_pinned_maps_of_another_size_are_refused_with_the_fix(pin_dir: Path) -> None:
+    BpfDatapath(BpfSettings(pin_dir=pin_dir, max_slots=1024)).close()
+    from lbctl.datapath.frontends import DatapathError
+
+    with pytest.raises(DatapathError) as err:
+        BpfDatapath(BpfSettings(pin_dir=pin_dir, max_slots=4096))
+    message = str(err.value)
+    assert "map lb_slots is pinned under" in message and "with 1024 entries" in message
+    assert "--max-slots asks for 4096" in message and "lbctl cleanup --bpffs" in message

@@ -149,3 +149,29 @@ def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(SourceError, match=r"manifest directory .*nope"):
         ManifestSource(tmp_path / "nope").poll(ServiceTable())
+
+
+def test_malformed_nested_field_is_reported_and_the_rest_applied(
+    tmp_path: Path, source: ManifestSource
+) -> None:
+    table = ServiceTable()
+    # status.loadBalancer.ingress entries must be mappings; a string is malformed
+    bad = svc("web") + "status: {loadBalancer: {ingress: [{ip: 10.0.0.1}, [1, 2]]}}\n"
+    write(tmp_path / "a.yaml", bad + "---\n" + svc("api", "10.96.0.11"))
+    write(tmp_path / "b.yaml", svc("other", "10.96.0.12"))
+    source.poll(table)
+    assert ServiceRef("ns", "api") in table.services
+    assert ServiceRef("ns", "other") in table.services
+    assert source.errors[tmp_path / "a.yaml"][0].startswith("Service ns/web: ")
+
+
+def test_complete_is_false_while_a_file_cannot_be_parsed(
+    tmp_path: Path, source: ManifestSource
+) -> None:
+    table = ServiceTable()
+    write(tmp_path / "a.yaml", "kind: [oops\n")
+    source.poll(table)
+    assert not source.complete
+    write(tmp_path / "a.yaml", svc("web"))
+    source.poll(table)
+    assert source.complete

@@ -94,3 +94,17 @@ def test_conflicting_frontend_goes_to_the_first_and_moves_when_freed() -> None:
     moved = planner.update(table, {table.remove_service(a)})
     assert {fe.service for fe in moved.upserts} == {b}
     assert not planner.conflicts
+
+
+def test_address_moved_between_services_in_one_batch_is_kept() -> None:
+    table = ServiceTable()
+    planner = Planner()
+    old, new = ServiceRef("ns", "z-old"), ServiceRef("ns", "a-new")
+    planner.update(table, {table.set_service(svc("10.96.0.50", old))})
+    # One poll: the address leaves z-old and joins a-new (planned first: "a" < "z").
+    table.remove_service(old)
+    table.set_service(svc("10.96.0.50", new))
+    change = planner.update(table, {old, new})
+    assert {fe.service for fe in change.upserts} == {new}
+    assert {fe.service for fe in planner.frontends().values()} == {new}
+    assert not planner.conflicts

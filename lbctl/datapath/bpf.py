@@ -12,7 +12,7 @@ from typing import Any
 
 from lbctl.datapath import tc
 from lbctl.datapath.frontends import DatapathError, FrontendTable
-from lbctl.datapath.maps import Maps
+from lbctl.datapath.maps import SIZE_FLAGS, Maps
 from lbctl.datapath.settings import BpfSettings, bpf_program_text
 from lbctl.plan import Frontend, FrontendKey, PlanDiff
 
@@ -63,35 +63,66 @@ class BpfDatapath:
                 "mount the host's /lib/modules and /usr/src into the container)"
             ) from err
         self.maps = Maps.from_fds(lambda name: int(self._bpf[name.encode()].map_fd))
+        self._check_sizes()
         self.table = FrontendTable(self.maps)
         self.table.adopt()
-        self.interfaces: set[str] = set()
+        self.interfaces: dict[str, int] = {}  # name -> ifindex attached
+
+    def _check_sizes(self) -> None:
+        """Pinned maps keep the size they were created with; say so if it differs."""
+        s = self.settings
+        wanted = {
+            "lb4_services": s.max_services,
+            "lb_frontend_meta": s.max_services,
+            "lb_slots": s.max_slots,
+            "lb_members": s.max_slots,
+            "lb4_backends": s.max_backends,
+            "ct4": s.ct_size,
+        }
+        for name, size in wanted.items():
+            have = self.maps.all()[name].max_entries
+            if have != size:
+                self.maps.close()
+                self._bpf.cleanup()
+                raise DatapathError(
+                    f"map {name} is pinned under {s.pin_dir} with {have} entries but "
+                    f"{SIZE_FLAGS[name]} asks for {size}; a pinned map cannot be resized: "
+                    f"run `lbctl cleanup --bpffs {s.pin_dir}` first (established connections "
+                    "through the old maps are lost), or keep the old size"
+                )
 
     # -- hooks ------------------------------------------------------------------
 
-    def attach(self, ifnames: Iterable[str]) -> list[str]:
-        """Attach to the given interfaces; return the error of each failure."""
+    def attach(self, links: Iterable[tc.Link]) -> list[str]:
+        """Attach to the given interfaces; return the error of each failure.
+
+        An interface is known by name and index, so a veth deleted and made
+        again under the same name (a restarted pod) is attached again.
+        """
         errors = []
-        for ifname in ifnames:
-            if ifname in self.interfaces:
+        for link in links:
+            if self.interfaces.get(link.name) == link.index:
                 continue
             try:
-                tc.attach(ifname, self.prog_fd)
+                tc.attach(link, self.prog_fd)
             except tc.AttachError as err:
                 errors.append(str(err))
                 continue
-            self.interfaces.add(ifname)
-            log.info("attached tc ingress program to %s", ifname)
+            self.interfaces[link.name] = link.index
+            log.info("attached tc ingress program to %s", link.name)
         return errors
 
-    def forget_missing(self, present: Iterable[str]) -> None:
+    def forget_missing(self, present: Iterable[tc.Link]) -> None:
         """Interfaces that went away (a pod's veth) took their filter with them."""
-        self.interfaces &= set(present)
+        alive = {(link.name, link.index) for link in present}
+        self.interfaces = {n: i for n, i in self.interfaces.items() if (n, i) in alive}
 
     # -- maps -----------------------------------------------------------------------
 
-    def reconcile(self, desired: Mapping[FrontendKey, Frontend]) -> list[str]:
-        return self.table.reconcile(desired)
+    def reconcile(
+        self, desired: Mapping[FrontendKey, Frontend], remove_stale: bool = True
+    ) -> list[str]:
+        return self.table.reconcile(desired, remove_stale)
 
     def apply(self, change: PlanDiff) -> list[str]:
         return self.table.apply(change.upserts, change.removals)

@@ -60,6 +60,9 @@ def flags_backend(target: Target, flags: int) -> Backend:
     )
 
 
+MAX_BACKENDS_PER_FRONTEND = 0xFFFF  # lb_service.count is a __u16
+
+
 class DatapathError(Exception):
     """A frontend could not be programmed; the message names it and the fix."""
 
@@ -164,25 +167,53 @@ class FrontendTable:
                 if meta
                 else ServiceRef("", "")
             )
-            own = slots.get(svc.frontend_id, {})
-            chosen = [own.get(n) for n in range(1, svc.count + 1)]
+            raw = [slots.get(svc.frontend_id, {}).get(n) for n in range(1, svc.count + 1)]
+            clean = list(dict.fromkeys(targets[b] for b in raw if b in targets))
             fe = ProgrammedFrontend(
                 self._frontend_ids.take(svc.frontend_id),
                 ref,
                 layout.c_string(meta.port_name) if meta else "",
-                [targets[b] for b in chosen if b is not None and b in targets],
+                clean,
             )
             self.frontends[fkey] = fe
-            for target in fe.slots:
+            for target in clean:
                 self.backends[target].refs += 1
-                # Maps pinned by an older lbctl may lack memberships.
-                if m.lb_members.lookup(self._member_key(fe.ident, target)) is None:
-                    self._write_member(fe.ident, target)
+            if [targets.get(b) if b is not None else None for b in raw] != clean:
+                # A crash between two writes left a duplicate or a hole.
+                log.warning("frontend %s: repairing slots left by an interrupted update", fkey)
+                for n, target in enumerate(clean, start=1):
+                    self._write(m.lb_slots, self._slot_key(fe.ident, n), self._slot(target))
+                self._write_header(fkey, fe)
+        self._sweep(slots, metas)
         log.info(
             "adopted %d frontends and %d backends from pinned maps",
             len(self.frontends),
             len(self.backends),
         )
+
+    def _sweep(self, slots: dict[int, dict[int, int]], metas: Mapping[int, Any]) -> None:
+        """Delete what no live frontend uses: it can only be left by a crash."""
+        live = {fe.ident: fe for fe in self.frontends.values()}
+        for ident, own in slots.items():
+            fe = live.get(ident)
+            for n in own:
+                if fe is None or n > len(fe.slots):
+                    self._delete_slot(ident, n)
+        for ident in metas:
+            if ident not in live:
+                self._delete(self.maps.lb_frontend_meta, self._id_key(ident))
+        wanted = {(fe.ident, self.backends[t].ident) for fe in live.values() for t in fe.slots}
+        for key, _ in self.maps.lb_members.items():
+            if (key.frontend_id, key.backend_id) not in wanted:
+                self._delete(self.maps.lb_members, key)
+        for fe in live.values():
+            for target in fe.slots:
+                if self.maps.lb_members.lookup(self._member_key(fe.ident, target)) is None:
+                    self._write_member(fe.ident, target)
+        for target, be in list(self.backends.items()):
+            if be.refs <= 0:
+                del self.backends[target]
+                self._delete(self.maps.lb4_backends, self._id_key(be.ident))
 
     # -- changes --------------------------------------------------------------
 
@@ -192,18 +223,25 @@ class FrontendTable:
         for key in removals:
             try:
                 self.remove(key)
-            except OSError as err:
+            except Exception as err:  # one frontend's failure must not stop the others
                 errors.append(f"removing frontend {key}: {err}")
         for fe in upserts:
             try:
+                if len(fe.backends) > MAX_BACKENDS_PER_FRONTEND:
+                    raise DatapathError(
+                        f"{len(fe.backends)} backends; a frontend holds at most "
+                        f"{MAX_BACKENDS_PER_FRONTEND}"
+                    )
                 self.upsert(fe)
-            except (OSError, DatapathError) as err:
+            except Exception as err:  # reported, retried by the agent
                 errors.append(f"Service {fe.service} port {fe.port_name or fe.key.port}: {err}")
         return errors
 
-    def reconcile(self, desired: Mapping[FrontendKey, Frontend]) -> list[str]:
+    def reconcile(
+        self, desired: Mapping[FrontendKey, Frontend], remove_stale: bool = True
+    ) -> list[str]:
         """Make the maps hold exactly `desired`, touching only what differs."""
-        stale = [key for key in self.frontends if key not in desired]
+        stale = [key for key in self.frontends if key not in desired] if remove_stale else []
         changed = [fe for key, fe in desired.items() if not self.matches(fe)]
         return self.apply(changed, stale)
 
@@ -220,9 +258,6 @@ class FrontendTable:
         if have is None:
             self._create(fe)
             return
-        wanted = {b.target: b for b in fe.backends}
-        for target in [t for t in have.slots if t not in wanted]:
-            self._remove_slot(fe.key, have, target)
         if (have.service, have.port_name) != (fe.service, fe.port_name):
             self._write_meta(have.ident, fe.service, fe.port_name)
             have.service, have.port_name = fe.service, fe.port_name
@@ -231,19 +266,25 @@ class FrontendTable:
             for b in fe.backends:
                 self._hold_backend(b, undo)
             self._add_slots(fe.key, have, [b.target for b in fe.backends], undo)
-        except (OSError, DatapathError):
+        except Exception:
             undo.run()
             raise
         # The references taken above are now held by the slots (new ones) or
         # were taken twice (backends already in a slot): give back the extras.
         for b in fe.backends:
             self._release_backend(b.target)
+        # Remove only after adding, so replacing every backend never passes
+        # through a count of zero.
+        wanted = {b.target for b in fe.backends}
+        for target in [t for t in have.slots if t not in wanted]:
+            self._remove_slot(fe.key, have, target)
 
     def remove(self, key: FrontendKey) -> None:
-        have = self.frontends.pop(key, None)
+        have = self.frontends.get(key)
         if have is None:
             return
         self._delete(self.maps.lb4_services, self._service_key(key))
+        del self.frontends[key]  # only now: a failed delete is retried as stale
         for n in range(len(have.slots), 0, -1):
             self._delete_slot(have.ident, n)
         for target in have.slots:
@@ -272,7 +313,7 @@ class FrontendTable:
                 undo.push(functools.partial(self._delete_slot, ident, n))
             have.slots = [b.target for b in fe.backends]
             self._write_header(fe.key, have)  # the frontend becomes visible here
-        except (OSError, DatapathError):
+        except Exception:
             undo.run()
             raise
         self.frontends[fe.key] = have

@@ -7,6 +7,7 @@ process must itself be in the network namespace of the interfaces.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from collections.abc import Iterable
 
@@ -19,33 +20,62 @@ FILTER_PRIO = 0x1CB  # lbctl's place in the ingress filter chain
 PROGRAM_NAME = "lbctl_tc_ingress"
 
 
+ARPHRD_ETHER = 1
+IFF_LOOPBACK = 0x8
+
+
 class AttachError(Exception):
     """Attaching failed; the message names the interface and the cause."""
 
 
-def list_interfaces() -> list[str]:
-    """Every non-loopback interface of this network namespace."""
+@dataclasses.dataclass(frozen=True)
+class Link:
+    name: str
+    index: int
+    ethernet: bool
+
+
+def all_links() -> list[Link]:
     with IPRoute() as ipr:
-        links = ipr.get_links()
-    names = []
-    for link in links:
-        if link.get("flags", 0) & 0x8:  # IFF_LOOPBACK
-            continue
-        names.append(str(link.get_attr("IFLA_IFNAME")))
-    return sorted(names)
+        raw = ipr.get_links()
+    return [
+        Link(str(m.get_attr("IFLA_IFNAME")), int(m["index"]), m["ifi_type"] == ARPHRD_ETHER)
+        for m in raw
+        if not m.get("flags", 0) & IFF_LOOPBACK
+    ]
 
 
-def _index(ipr: IPRoute, ifname: str) -> int:
-    found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise AttachError(f"interface {ifname}: not found in this network namespace")
-    return int(found[0])
+def list_interfaces() -> list[Link]:
+    """Every non-loopback Ethernet interface of this network namespace.
+
+    The program parses Ethernet frames; L3 devices (IPIP, WireGuard) are
+    left out rather than misread.
+    """
+    return sorted((link for link in all_links() if link.ethernet), key=lambda x: x.name)
 
 
-def attach(ifname: str, prog_fd: int) -> None:
-    """Attach (or atomically replace) lbctl's program on ifname's ingress."""
+def find_interfaces(names: Iterable[str]) -> tuple[list[Link], list[str]]:
+    """The named interfaces, and an error for each that cannot carry the program."""
+    by_name = {link.name: link for link in all_links()}
+    found, errors = [], []
+    for name in names:
+        link = by_name.get(name)
+        if link is None:
+            errors.append(f"interface {name}: not found in this network namespace")
+        elif not link.ethernet:
+            errors.append(
+                f"interface {name}: not an Ethernet device; lbctl's tc program parses "
+                "Ethernet frames, leave it out of --interfaces"
+            )
+        else:
+            found.append(link)
+    return found, errors
+
+
+def attach(link: Link, prog_fd: int) -> None:
+    """Attach (or atomically replace) lbctl's program on the link's ingress."""
+    ifname, idx = link.name, link.index
     with IPRoute() as ipr:
-        idx = _index(ipr, ifname)
         try:
             ipr.tc("add", "clsact", idx)
         except NetlinkError as err:
