@@ -54,8 +54,8 @@ class BpfDatapath:
         check_bpffs(settings.pin_dir)
         settings.pin_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._bpf: Any = BPF(text=bpf_program_text(), cflags=settings.cflags())
-            self.prog_fd: int = self._bpf.load_func(tc.PROGRAM_NAME, BPF.SCHED_CLS).fd
+            self._bpf: Any = BPF(text=bpf_program_text().encode(), cflags=settings.cflags())
+            self.prog_fd: int = self._bpf.load_func(tc.PROGRAM_NAME.encode(), BPF.SCHED_CLS).fd
         except Exception as err:
             raise DatapathError(
                 f"compiling or loading the BPF program failed: {err}. bcc needs kernel "
