@@ -37,11 +37,12 @@
 #define LB_STAT_DNAT_NEW 1
 #define LB_STAT_DNAT_EST 2
 #define LB_STAT_RNAT 3
-#define LB_STAT_DROP_NO_BACKEND 4
+#define LB_STAT_DROP_NO_BACKEND 4 /* a later packet of a rejected flow */
 #define LB_STAT_PASS_FRAGMENT 5
 #define LB_STAT_REDIRECT 6
 #define LB_STAT_CT_FULL 7
-#define LB_STAT_MAX 8
+#define LB_STAT_REJECT 8
+#define LB_STAT_MAX 9
 
 /* lb4_services: (VIP, port, protocol, scope) -> service frontend. */
 struct lb4_key {

@@ -4,12 +4,14 @@
  *   1. an established flow (forward conntrack hit) is DNATed to its backend;
  *   2. a packet to a service frontend starts a flow: a backend is chosen,
  *      conntrack remembers it, and the packet is DNATed;
+ *      a service without backends rejects it (TCP reset, ICMP unreachable);
  *   3. a reply from a backend (reverse conntrack hit, confirmed by its
  *      forward twin) is reverse-NATed so the client sees the VIP;
  *   4. everything else passes untouched.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
+#include <uapi/linux/icmp.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/pkt_cls.h>
@@ -23,6 +25,7 @@
 #include "conntrack.h"
 #include "lb.h"
 #include "forward.h"
+#include "reject.h"
 
 static __always_inline int is_new_tcp(const struct pkt4 *p)
 {
@@ -128,6 +131,10 @@ int lbctl_tc_ingress(struct __sk_buff *skb)
 
 		be = lb4_select(svc, &backend_id);
 		if (!be) {
+			/* A new connection is refused at once; anything else of a
+			 * flow that has no backend any more is dropped. */
+			if (p.proto == IPPROTO_UDP || is_new_tcp(&p))
+				return reject4(skb, &p);
 			stat_inc(LB_STAT_DROP_NO_BACKEND);
 			return TC_ACT_SHOT;
 		}

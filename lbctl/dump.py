@@ -20,6 +20,7 @@ STAT_NAMES = {
     "LB_STAT_PASS_FRAGMENT": "passed_fragments",
     "LB_STAT_REDIRECT": "redirected",
     "LB_STAT_CT_FULL": "conntrack_full",
+    "LB_STAT_REJECT": "rejected_no_backend",
 }
 
 

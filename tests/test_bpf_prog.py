@@ -50,6 +50,7 @@ STAT_RNAT = layout.const("LB_STAT_RNAT")
 STAT_DROP_NO_BACKEND = layout.const("LB_STAT_DROP_NO_BACKEND")
 STAT_PASS_FRAGMENT = layout.const("LB_STAT_PASS_FRAGMENT")
 STAT_REDIRECT = layout.const("LB_STAT_REDIRECT")
+STAT_REJECT = layout.const("LB_STAT_REJECT")
 STAT_MAX = layout.const("LB_STAT_MAX")
 
 CT_DIR_FORWARD = layout.const("CT_DIR_FORWARD")
@@ -659,20 +660,42 @@ def test_ip_options_to_vip_are_dnated(clean_datapath: BpfDatapath, options: byte
 # ---------------------------------------------------------------------- 8: no backends
 
 
-def test_service_without_backends_drops_new_flows(clean_datapath: BpfDatapath) -> None:
+def test_service_without_backends_rejects_new_flows(clean_datapath: BpfDatapath) -> None:
+    """kube-proxy's REJECT: a TCP reset, an ICMP port unreachable, back where it came from."""
     dp = clean_datapath
     key = tcp_service(dp)
     dp.table.upsert(frontend(key, (), TCP_TARGET))
     ukey = udp_service(dp)
     dp.table.upsert(frontend(ukey, (), UDP_TARGET))
     before = stats(dp)
+
+    syn_in = packets.ipv4_tcp(CLIENT, VIP, 49000, TCP_PORT, "S", b"early data", seq=7000)
+    rst = libbpf.prog_test_run(dp.prog_fd, syn_in)
+    assert rst.retval == TC_ACT_REDIRECT  # out of the interface it came in on
+    out, sent = packets.parse(rst.data), packets.parse(syn_in)
+    assert (out.src, out.dst, out.sport, out.dport) == (VIP, CLIENT, TCP_PORT, 49000)
+    assert (out.src_mac, out.dst_mac) == (sent.dst_mac, sent.src_mac)
+    # no ACK on the SYN: RST|ACK acknowledging the SYN and its data (RFC 9293)
+    assert out.flags == "RA" and out.seq == 0 and out.ack == 7000 + 1 + len(b"early data")
+    assert out.payload == b"" and out.ip_csum_ok and out.l4_csum_ok is True
+
+    dgram = packets.ipv4_udp(CLIENT, VIP, 49002, UDP_PORT, b"query")
+    icmp = libbpf.prog_test_run(dp.prog_fd, dgram)
+    assert icmp.retval == TC_ACT_REDIRECT
+    out = packets.parse(icmp.data)
+    assert (out.src, out.dst, out.proto) == (VIP, CLIENT, packets.IPPROTO_ICMP)
+    assert (out.icmp_type, out.icmp_code) == (3, 3)
+    # it quotes the datagram's IP header and first 8 bytes, as RFC 792 asks
+    assert out.payload == dgram[14 : 14 + 28]
+    assert out.ip_csum_ok and out.l4_csum_ok is True
+
+    # a later segment of a flow, or a reset, is dropped, never answered
     for frame in (
-        packets.ipv4_tcp(CLIENT, VIP, 49000, TCP_PORT, "S"),
         packets.ipv4_tcp(CLIENT, VIP, 49001, TCP_PORT, "A"),
-        packets.ipv4_udp(CLIENT, VIP, 49002, UDP_PORT, b"x"),
+        packets.ipv4_tcp(CLIENT, VIP, 49001, TCP_PORT, "R"),
     ):
         assert run(dp, frame).retval == TC_ACT_SHOT
-    assert stat_delta(before, stats(dp)) == {STAT_DROP_NO_BACKEND: 3}
+    assert stat_delta(before, stats(dp)) == {STAT_REJECT: 2, STAT_DROP_NO_BACKEND: 2}
     assert ct_entries(dp) == []
     # Backends again: the service balances again.
     dp.table.upsert(frontend(key, BACKENDS, TCP_TARGET))

@@ -9,6 +9,7 @@ real nodes have.
 from __future__ import annotations
 
 import collections
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lbctl.datapath.maps import Maps
-from tests import k8s_yaml
+from tests import k8s_yaml, netlab
 from tests.agent_proc import AgentProcess, lbctl
 from tests.netlab import (
     Cluster,
@@ -268,3 +269,35 @@ def test_new_interfaces_are_attached_and_cleanup_detaches(env: Env) -> None:
     env.agent.stop()
     assert filtered() == set()
     assert not env.agent.pin_dir.exists()
+
+
+def test_service_without_endpoints_is_rejected_at_once(env: Env) -> None:
+    """A reset for TCP and an ICMP port unreachable for UDP, as kube-proxy rejects."""
+    k8s_yaml.write(
+        env.manifests / "empty.yaml",
+        k8s_yaml.service("empty", "10.96.0.20", PORTS),
+        k8s_yaml.endpoint_slice("empty", [], TARGET_PORTS),
+    )
+    deadline = time.monotonic() + 5
+    while len(env.agent.dump()["frontends"]) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client = env.cluster.client.ns
+
+    started = time.monotonic()
+    with client.open_socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        tcp.settimeout(5)
+        with pytest.raises(ConnectionRefusedError):
+            tcp.connect(("10.96.0.20", 80))
+    assert time.monotonic() - started < 1.0, "the connection hung instead of being reset"
+
+    unreachable_before = netlab.snmp_counters(client)["Icmp.InDestUnreachs"]
+    with client.open_socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.settimeout(5)
+        udp.connect(("10.96.0.20", 53))
+        udp.send(b"query")
+        with pytest.raises(ConnectionRefusedError):  # the ICMP error, reported on the socket
+            udp.recv(100)
+    assert netlab.snmp_counters(client)["Icmp.InDestUnreachs"] == unreachable_before + 1
+    assert env.agent.dump()["counters"]["rejected_no_backend"] == 2
+    # the service with endpoints is not affected
+    assert tcp_request(env.cluster.client, VIP, 80).pod.startswith("pod")
