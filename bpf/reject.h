@@ -58,6 +58,17 @@ static __always_inline int reject_swap_eth(struct __sk_buff *skb)
 	return bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0);
 }
 
+/* Cut the frame to the answer, write it after the swapped Ethernet header and
+ * send it back out of the interface the packet came in on. */
+static __always_inline int reject_send(struct __sk_buff *skb, const void *l3, __u32 len)
+{
+	if (bpf_skb_change_tail(skb, ETH_HLEN + len, 0))
+		return TC_ACT_SHOT;
+	if (reject_swap_eth(skb) || bpf_skb_store_bytes(skb, ETH_HLEN, l3, len, 0))
+		return TC_ACT_SHOT;
+	return bpf_redirect(skb->ifindex, 0);
+}
+
 /* RFC 9293 3.10.7.1: a reset for a segment that reached no listener. */
 static __always_inline int reject_tcp4(struct __sk_buff *skb, const struct pkt4 *p)
 {
@@ -97,11 +108,7 @@ static __always_inline int reject_tcp4(struct __sk_buff *skb, const struct pkt4 
 	out.th.check = csum_fold32(sum);
 	reject_ip4(&out.ip, p, IPPROTO_TCP, sizeof(out));
 
-	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(out), 0))
-		return TC_ACT_SHOT;
-	if (reject_swap_eth(skb) || bpf_skb_store_bytes(skb, ETH_HLEN, &out, sizeof(out), 0))
-		return TC_ACT_SHOT;
-	return bpf_redirect(skb->ifindex, 0);
+	return reject_send(skb, &out, sizeof(out));
 }
 
 /* RFC 792: destination unreachable (port), quoting the IP header and the
@@ -128,11 +135,7 @@ static __always_inline int reject_udp4(struct __sk_buff *skb, const struct pkt4 
 		sizeof(out.icmp) + sizeof(out.quoted_ip) + sizeof(out.quoted_udp), 0));
 	reject_ip4(&out.ip, p, IPPROTO_ICMP, sizeof(out));
 
-	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(out), 0))
-		return TC_ACT_SHOT;
-	if (reject_swap_eth(skb) || bpf_skb_store_bytes(skb, ETH_HLEN, &out, sizeof(out), 0))
-		return TC_ACT_SHOT;
-	return bpf_redirect(skb->ifindex, 0);
+	return reject_send(skb, &out, sizeof(out));
 }
 
 static __always_inline int reject4(struct __sk_buff *skb, const struct pkt4 *p)

@@ -91,10 +91,6 @@ class Agent:
 
     def step(self) -> PlanDiff:
         refs = self.source.poll(self.table)
-        if self._sweep_pending and self.source.complete:
-            self._sweep_pending = False
-            log.info("the whole source reads again: removing stale frontends")
-            self._record(self.datapath.reconcile(self.planner.frontends()))
         change = self.planner.update(self.table, refs) if refs else PlanDiff()
         if change:
             started = time.monotonic()
@@ -106,6 +102,10 @@ class Agent:
                 len(change.removals),
                 (time.monotonic() - started) * 1000,
             )
+        if self._sweep_pending and self.source.complete:
+            self._sweep_pending = False
+            log.info("the whole source reads again: removing stale frontends")
+            self._record(self.datapath.reconcile(self.planner.frontends()))
         return change
 
     def run(self, stop: threading.Event) -> None:
@@ -121,7 +121,9 @@ class Agent:
                 if self.errors and now >= next_retry:
                     next_retry = now + self.options.retry_interval_s
                     self.errors = []
-                    self._record(self.datapath.reconcile(self.planner.frontends()))
+                    desired = self.planner.frontends()
+                    remove_stale = not self._sweep_pending
+                    self._record(self.datapath.reconcile(desired, remove_stale))
             except Exception:  # one bad tick must not take the agent down
                 log.exception("agent loop error; continuing")
 
