@@ -4,7 +4,7 @@
 #   client pod (10.244.0.10) --veth-- node --veth-- pod0..pod2 (10.244.0.20-22)
 #
 # lbctl runs in the node namespace on the manifests in examples/, and the
-# client asks the ClusterIP 10.96.0.10:80 nine times. Everything the demo
+# client asks the ClusterIP 10.96.0.10:80 thirty times. Everything the demo
 # makes (namespaces, processes, pinned maps) is removed at the end, also on
 # failure or Ctrl-C.
 set -euo pipefail
@@ -73,10 +73,14 @@ for _ in $(seq 1 100); do
 done
 sed 's/^/   agent: /' "$WORK/agent.log"
 
-echo "== nine requests from the client pod to http://10.96.0.10/"
-for _ in $(seq 1 9); do
-  echo "   $(in_ns client curl -s --max-time 2 http://10.96.0.10/ || echo 'request failed')"
-done
+echo "== 30 requests from the client pod to http://10.96.0.10/ (random backend choice)"
+for _ in $(seq 1 30); do
+  in_ns client curl -s --max-time 2 http://10.96.0.10/ || echo "request failed"
+done > "$WORK/replies"
+head -n 5 "$WORK/replies" | sed 's/^/   /'
+echo "   ..."
+echo "== which pod answered, out of 30"
+sort "$WORK/replies" | uniq -c | sed 's/^ */   /'
 
 echo "== lbctl maps dump"
 "$LBCTL" maps dump --bpffs "$PIN" | sed 's/^/   /'
