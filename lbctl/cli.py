@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         "--interfaces",
         type=_interfaces,
         metavar="IF[,IF...]",
-        help="interfaces to attach to (default: every non-loopback interface of this "
+        help="interfaces to attach to (default: every non-loopback Ethernet interface of this "
         "network namespace, including ones that appear later)",
     )
     _bpffs_arg(run)
