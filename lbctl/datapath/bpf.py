@@ -12,7 +12,7 @@ from typing import Any
 
 from lbctl.datapath import tc
 from lbctl.datapath.frontends import DatapathError, FrontendTable
-from lbctl.datapath.maps import SIZE_FLAGS, Maps
+from lbctl.datapath.maps import MAP_SIZES, Maps
 from lbctl.datapath.settings import BpfSettings, bpf_program_text
 from lbctl.plan import Frontend, FrontendKey, PlanDiff
 
@@ -71,22 +71,16 @@ class BpfDatapath:
     def _check_sizes(self) -> None:
         """Pinned maps keep the size they were created with; say so if it differs."""
         s = self.settings
-        wanted = {
-            "lb4_services": s.max_services,
-            "lb_frontend_meta": s.max_services,
-            "lb_slots": s.max_slots,
-            "lb_members": s.max_slots,
-            "lb4_backends": s.max_backends,
-            "ct4": s.ct_size,
-        }
-        for name, size in wanted.items():
-            have = self.maps.all()[name].max_entries
+        maps = self.maps.all()
+        for name, (field, flag) in MAP_SIZES.items():
+            size = getattr(s, field)
+            have = maps[name].max_entries
             if have != size:
                 self.maps.close()
                 self._bpf.cleanup()
                 raise DatapathError(
                     f"map {name} is pinned under {s.pin_dir} with {have} entries but "
-                    f"{SIZE_FLAGS[name]} asks for {size}; a pinned map cannot be resized: "
+                    f"{flag} asks for {size}; a pinned map cannot be resized: "
                     f"run `lbctl cleanup --bpffs {s.pin_dir}` first (established connections "
                     "through the old maps are lost), or keep the old size"
                 )

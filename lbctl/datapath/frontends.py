@@ -202,14 +202,18 @@ class FrontendTable:
         for ident in metas:
             if ident not in live:
                 self._delete(self.maps.lb_frontend_meta, self._id_key(ident))
-        wanted = {(fe.ident, self.backends[t].ident) for fe in live.values() for t in fe.slots}
+        wanted = {(fe.ident, t) for fe in live.values() for t in fe.slots}
+        by_ids = {(ident, self.backends[t].ident): (ident, t) for ident, t in wanted}
+        present = set()
         for key, _ in self.maps.lb_members.items():
-            if (key.frontend_id, key.backend_id) not in wanted:
+            member = by_ids.get((key.frontend_id, key.backend_id))
+            if member is None:
                 self._delete(self.maps.lb_members, key)
-        for fe in live.values():
-            for target in fe.slots:
-                if self.maps.lb_members.lookup(self._member_key(fe.ident, target)) is None:
-                    self._write_member(fe.ident, target)
+            else:
+                present.add(member)
+        # Maps pinned by an older lbctl, or a crash mid-update, may lack some.
+        for ident, target in wanted - present:
+            self._write_member(ident, target)
         for target, be in list(self.backends.items()):
             if be.refs <= 0:
                 del self.backends[target]

@@ -23,15 +23,17 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_stats": ("__u32", "__u64"),
 }
 
-# The `lbctl run` flag that sizes each map, for "map full" errors.
-SIZE_FLAGS: dict[str, str] = {
-    "lb4_services": "--max-services",
-    "lb_frontend_meta": "--max-services",
-    "lb_slots": "--max-slots",
-    "lb_members": "--max-slots",
-    "lb4_backends": "--max-backends",
-    "ct4": "--conntrack-size",
+# What sizes each map: the BpfSettings field, and the `lbctl run` flag that
+# sets it (named in "map full" and "pinned with another size" errors).
+MAP_SIZES: dict[str, tuple[str, str]] = {
+    "lb4_services": ("max_services", "--max-services"),
+    "lb_frontend_meta": ("max_services", "--max-services"),
+    "lb_slots": ("max_slots", "--max-slots"),
+    "lb_members": ("max_slots", "--max-slots"),
+    "lb4_backends": ("max_backends", "--max-backends"),
+    "ct4": ("ct_size", "--conntrack-size"),
 }
+SIZE_FLAGS: dict[str, str] = {name: flag for name, (_, flag) in MAP_SIZES.items()}
 
 
 @dataclasses.dataclass
