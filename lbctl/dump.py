@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lbctl.datapath import layout
-from lbctl.datapath.frontends import flags_backend
+from lbctl.datapath.entries import flags_backend
 from lbctl.datapath.maps import Maps
 from lbctl.model import Protocol
 

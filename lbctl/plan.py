@@ -88,7 +88,11 @@ def _backends(
                     ep.addresses[0], ep_port.port, protocol, ep.ready, ep.serving, ep.terminating
                 )
                 found.setdefault((backend.address, backend.port), backend)
-    return tuple(sorted(found.values()))
+    return tuple(sorted(found.values(), key=_backend_order))
+
+
+def _backend_order(b: Backend) -> tuple[int, int, int]:
+    return (b.address.version, int(b.address), b.port)
 
 
 def plan_service(svc: Service, slices: Iterable[EndpointSlice]) -> dict[FrontendKey, Frontend]:

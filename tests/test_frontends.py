@@ -144,6 +144,52 @@ def test_full_map_costs_only_that_frontend(pin_dir: Path) -> None:
         dp.close()
 
 
+def test_first_sync_writes_in_batches_and_matches_one_by_one(clean_datapath: BpfDatapath) -> None:
+    """reconcile() creates new frontends with one batched write per map."""
+    want = {
+        fe.key: fe
+        for fe in [
+            frontend(i, [f"10.4.{i % 3}.{j}" for j in range(1, 1 + i % 4)]) for i in range(40)
+        ]
+    }
+    table = clean_datapath.table
+    calls: list[int] = []
+    real = type(clean_datapath.maps.lb_slots).update_batch
+
+    def counting(self: Any, keys: Any, values: Any, count: int) -> None:
+        calls.append(count)
+        real(self, keys, values, count)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(clean_datapath.maps.lb_slots), "update_batch", counting)
+        assert table.reconcile(want) == []
+    assert decoded(clean_datapath) == expected(want)
+    assert len(calls) == 5  # backends, metadata, members, slots, headers
+    # The mirror is what one-by-one writes would have made: nothing left to do.
+    before = table.map_ops
+    assert table.reconcile(want) == [] and table.map_ops == before
+    # ...and later single changes work on top of it.
+    table.upsert(frontend(1, ["10.4.1.1", "10.4.9.9"]))
+    want[frontend(1, []).key] = frontend(1, ["10.4.1.1", "10.4.9.9"])
+    assert decoded(clean_datapath) == expected(want)
+
+
+def test_full_map_in_a_batched_sync_rolls_back_and_names_the_frontend(pin_dir: Path) -> None:
+    dp = BpfDatapath(BpfSettings(pin_dir=pin_dir, max_services=4, max_slots=64))
+    try:
+        want = {fe.key: fe for fe in [frontend(i, ["10.3.0.1", "10.3.0.2"]) for i in range(6)]}
+        errors = dp.table.reconcile(want)
+        # The batch cannot fit six frontends: it is undone, then the one-by-one
+        # path programs the four that fit and names the two that do not.
+        assert len(errors) == 2
+        assert all("map lb_frontend_meta is full (4 entries)" in e for e in errors)
+        assert {e.split(" port ")[0] for e in errors} == {"Service ns/svc4", "Service ns/svc5"}
+        programmed = {k: fe for k, fe in want.items() if fe.service.name not in ("svc4", "svc5")}
+        assert decoded(dp) == expected(programmed)
+    finally:
+        dp.close()
+
+
 def test_restart_adopts_maps_and_touches_only_what_changed(clean_datapath: BpfDatapath) -> None:
     want = {fe.key: fe for fe in (frontend(i, ["10.4.0.1", "10.4.0.2"]) for i in range(20))}
     assert clean_datapath.table.reconcile(want) == []

@@ -18,14 +18,22 @@ costs that one frontend, never a half-written entry.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import ipaddress
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from lbctl.datapath import layout
+from lbctl.datapath import entries, layout
+from lbctl.datapath.entries import (
+    MAX_BACKENDS_PER_FRONTEND,
+    Batch,
+    IdPool,
+    ProgrammedBackend,
+    ProgrammedFrontend,
+    Target,
+    Undo,
+    backend_flags,
+)
 from lbctl.datapath.libbpf import MapError
 from lbctl.datapath.maps import Maps
 from lbctl.model import Protocol, ServiceRef
@@ -33,100 +41,9 @@ from lbctl.plan import Backend, Frontend, FrontendKey
 
 log = logging.getLogger(__name__)
 
-Target = tuple[Any, int, Protocol]  # (address, port, protocol)
-
-_F_READY = layout.const("LB_BACKEND_F_READY")
-_F_SERVING = layout.const("LB_BACKEND_F_SERVING")
-_F_TERMINATING = layout.const("LB_BACKEND_F_TERMINATING")
-
-
-def backend_flags(b: Backend) -> int:
-    return (
-        (_F_READY if b.ready else 0)
-        | (_F_SERVING if b.serving else 0)
-        | (_F_TERMINATING if b.terminating else 0)
-    )
-
-
-def flags_backend(target: Target, flags: int) -> Backend:
-    address, port, protocol = target
-    return Backend(
-        address,
-        port,
-        protocol,
-        ready=bool(flags & _F_READY),
-        serving=bool(flags & _F_SERVING),
-        terminating=bool(flags & _F_TERMINATING),
-    )
-
-
-MAX_BACKENDS_PER_FRONTEND = 0xFFFF  # lb_service.count is a __u16
-
 
 class DatapathError(Exception):
     """A frontend could not be programmed; the message names it and the fix."""
-
-
-class IdPool:
-    """Integer ids from 1, handed out in increasing order.
-
-    An id is not reused until the 32-bit space wraps, so a conntrack entry
-    that names a removed frontend or backend can never match a new one.
-    """
-
-    LIMIT = 0xFFFFFFFF
-
-    def __init__(self) -> None:
-        self._next = 1
-        self._used: set[int] = set()
-
-    def take(self, wanted: int | None = None) -> int:
-        if wanted is not None:
-            self._used.add(wanted)
-            self._next = max(self._next, wanted + 1)
-            return wanted
-        while self._next in self._used or self._next > self.LIMIT:
-            self._next = 1 if self._next > self.LIMIT else self._next + 1
-        ident = self._next
-        self._next += 1
-        self._used.add(ident)
-        return ident
-
-    def release(self, ident: int) -> None:
-        self._used.discard(ident)
-
-
-@dataclasses.dataclass
-class ProgrammedBackend:
-    ident: int
-    flags: int
-    refs: int = 0
-
-
-@dataclasses.dataclass
-class ProgrammedFrontend:
-    ident: int
-    service: ServiceRef
-    port_name: str
-    slots: list[Target]  # slots[0] is slot 1
-
-
-class _Undo:
-    """Actions that revert the writes made so far, run in reverse order."""
-
-    def __init__(self) -> None:
-        self._steps: list[Callable[[], None]] = []
-
-    def push(self, step: Callable[[], None]) -> None:
-        self._steps.append(step)
-
-    def run(self) -> None:
-        for step in reversed(self._steps):
-            try:
-                step()
-            except OSError as err:  # keep undoing the rest
-                log.error("could not undo a partial map write: %s", err)
-        self._steps.clear()
 
 
 class FrontendTable:
@@ -148,7 +65,7 @@ class FrontendTable:
         targets: dict[int, Target] = {}
         for key, be in m.lb4_backends.items():
             target = (
-                _ipv4(be.addr),
+                entries.ipv4(be.addr),
                 layout.port_num(be.port),
                 Protocol(be.proto),
             )
@@ -160,7 +77,9 @@ class FrontendTable:
             slots.setdefault(key.frontend_id, {})[key.slot] = slot.backend_id
         metas = {int(k[0]): v for k, v in m.lb_frontend_meta.items()}
         for key, svc in m.lb4_services.items():
-            fkey = FrontendKey(_ipv4(key.addr), layout.port_num(key.port), Protocol(key.proto))
+            fkey = FrontendKey(
+                entries.ipv4(key.addr), layout.port_num(key.port), Protocol(key.proto)
+            )
             meta = metas.get(svc.frontend_id)
             ref = (
                 ServiceRef(layout.c_string(meta.namespace), layout.c_string(meta.name))
@@ -182,7 +101,7 @@ class FrontendTable:
                 # A crash between two writes left a duplicate or a hole.
                 log.warning("frontend %s: repairing slots left by an interrupted update", fkey)
                 for n, target in enumerate(clean, start=1):
-                    self._write(m.lb_slots, self._slot_key(fe.ident, n), self._slot(target))
+                    self._write_slot(fe.ident, n, target)
                 self._write_header(fkey, fe)
         self._sweep(slots, metas)
         log.info(
@@ -201,7 +120,7 @@ class FrontendTable:
                     self._delete_slot(ident, n)
         for ident in metas:
             if ident not in live:
-                self._delete(self.maps.lb_frontend_meta, self._id_key(ident))
+                self._delete(self.maps.lb_frontend_meta, entries.id_key(ident))
         wanted = {(fe.ident, t) for fe in live.values() for t in fe.slots}
         by_ids = {(ident, self.backends[t].ident): (ident, t) for ident, t in wanted}
         present = set()
@@ -217,7 +136,7 @@ class FrontendTable:
         for target, be in list(self.backends.items()):
             if be.refs <= 0:
                 del self.backends[target]
-                self._delete(self.maps.lb4_backends, self._id_key(be.ident))
+                self._delete(self.maps.lb4_backends, entries.id_key(be.ident))
 
     # -- changes --------------------------------------------------------------
 
@@ -246,8 +165,81 @@ class FrontendTable:
     ) -> list[str]:
         """Make the maps hold exactly `desired`, touching only what differs."""
         stale = [key for key in self.frontends if key not in desired] if remove_stale else []
-        changed = [fe for key, fe in desired.items() if not self.matches(fe)]
-        return self.apply(changed, stale)
+        errors = self.apply([], stale)
+        new = [fe for key, fe in desired.items() if key not in self.frontends]
+        errors += self.create_many(new)
+        created = {fe.key for fe in new}
+        changed = [fe for key, fe in desired.items() if key not in created and not self.matches(fe)]
+        return errors + self.apply(changed, [])
+
+    def create_many(self, fes: list[Frontend]) -> list[str]:
+        """Create new frontends with one batched write per map (a first sync).
+
+        The order of the one-by-one path holds map by map: backends, metadata,
+        members and slots are all written before the headers that make the
+        frontends visible.  When a batch fails (a full map), everything the
+        batches wrote is deleted again and the frontends go one by one, which
+        programs what fits and names each frontend that does not.
+        """
+        simple: list[tuple[Frontend, list[tuple[Target, ProgrammedBackend]]]] = []
+        rest: list[Frontend] = []
+        fresh: dict[Target, ProgrammedBackend] = {}
+        for fe in fes:
+            if fe.key in self.frontends or len(fe.backends) > MAX_BACKENDS_PER_FRONTEND:
+                rest.append(fe)
+                continue
+            wanted = [(b.target, backend_flags(b)) for b in fe.backends]
+            known = [self.backends.get(t) or fresh.get(t) for t, _ in wanted]
+            if any(be and be.flags != f for be, (_, f) in zip(known, wanted, strict=True)):
+                rest.append(fe)  # a shared backend changes its flags: the careful path
+                continue
+            uses = []
+            for be, (target, flags) in zip(known, wanted, strict=True):
+                if be is None:
+                    be = fresh[target] = ProgrammedBackend(self._backend_ids.take(), flags)
+                uses.append((target, be))
+            simple.append((fe, uses))
+        if not simple:
+            return self.apply(rest, [])
+        m = self.maps
+        idents = [self._frontend_ids.take() for _ in simple]
+        slots = sum(len(uses) for _, uses in simple)
+        batches = [
+            Batch(m.lb4_backends, len(fresh)),
+            Batch(m.lb_frontend_meta, len(simple)),
+            Batch(m.lb_members, slots),
+            Batch(m.lb_slots, slots),
+            Batch(m.lb4_services, len(simple)),
+        ]
+        backends, metas, members, slot_batch, headers = batches
+        for target, be in fresh.items():
+            backends.add_backend(be.ident, target, be.flags)
+        for (fe, uses), ident in zip(simple, idents, strict=True):
+            metas.add_meta(ident, fe.service, fe.port_name)
+            for n, (_, be) in enumerate(uses, start=1):
+                members.add_member(ident, be.ident)
+                slot_batch.add_slot(ident, n, be.ident)
+            headers.add_header(fe.key, ident, len(uses))
+        try:
+            for batch in batches:
+                batch.write()
+        except MapError as err:
+            for batch in reversed(batches):
+                batch.unwrite()
+            for ident in idents:
+                self._frontend_ids.release(ident)
+            for be in fresh.values():
+                self._backend_ids.release(be.ident)
+            log.warning("batched write failed (%s); programming frontends one by one", err)
+            return self.apply(fes, [])
+        self.map_ops += sum(batch.count for batch in batches)
+        self.backends.update(fresh)
+        for (fe, uses), ident in zip(simple, idents, strict=True):
+            targets = [target for target, _ in uses]
+            self.frontends[fe.key] = ProgrammedFrontend(ident, fe.service, fe.port_name, targets)
+            for _, be in uses:
+                be.refs += 1
+        return self.apply(rest, [])
 
     def matches(self, fe: Frontend) -> bool:
         have = self.frontends.get(fe.key)
@@ -265,7 +257,7 @@ class FrontendTable:
         if (have.service, have.port_name) != (fe.service, fe.port_name):
             self._write_meta(have.ident, fe.service, fe.port_name)
             have.service, have.port_name = fe.service, fe.port_name
-        undo = _Undo()
+        undo = Undo()
         try:
             for b in fe.backends:
                 self._hold_backend(b, undo)
@@ -287,13 +279,13 @@ class FrontendTable:
         have = self.frontends.get(key)
         if have is None:
             return
-        self._delete(self.maps.lb4_services, self._service_key(key))
+        self._delete(self.maps.lb4_services, entries.service_key(key))
         del self.frontends[key]  # only now: a failed delete is retried as stale
         for n in range(len(have.slots), 0, -1):
             self._delete_slot(have.ident, n)
         for target in have.slots:
             self._delete_member(have.ident, target)
-        self._delete(self.maps.lb_frontend_meta, self._id_key(have.ident))
+        self._delete(self.maps.lb_frontend_meta, entries.id_key(have.ident))
         for target in have.slots:
             self._release_backend(target)
         self._frontend_ids.release(have.ident)
@@ -303,17 +295,17 @@ class FrontendTable:
     def _create(self, fe: Frontend) -> None:
         ident = self._frontend_ids.take()
         have = ProgrammedFrontend(ident, fe.service, fe.port_name, [])
-        undo = _Undo()
+        undo = Undo()
         undo.push(lambda: self._frontend_ids.release(ident))
         try:
             self._write_meta(ident, fe.service, fe.port_name)
-            undo.push(lambda: self._delete(self.maps.lb_frontend_meta, self._id_key(ident)))
+            undo.push(lambda: self._delete(self.maps.lb_frontend_meta, entries.id_key(ident)))
             for b in fe.backends:
                 self._hold_backend(b, undo)
             for n, b in enumerate(fe.backends, start=1):
                 self._write_member(ident, b.target)
                 undo.push(functools.partial(self._delete_member, ident, b.target))
-                self._write(self.maps.lb_slots, self._slot_key(ident, n), self._slot(b.target))
+                self._write_slot(ident, n, b.target)
                 undo.push(functools.partial(self._delete_slot, ident, n))
             have.slots = [b.target for b in fe.backends]
             self._write_header(fe.key, have)  # the frontend becomes visible here
@@ -323,7 +315,7 @@ class FrontendTable:
         self.frontends[fe.key] = have
 
     def _add_slots(
-        self, key: FrontendKey, have: ProgrammedFrontend, targets: list[Target], undo: _Undo
+        self, key: FrontendKey, have: ProgrammedFrontend, targets: list[Target], undo: Undo
     ) -> None:
         new = [t for t in targets if t not in have.slots]
         if not new:
@@ -332,7 +324,7 @@ class FrontendTable:
         for n, target in enumerate(new, start=base + 1):
             self._write_member(have.ident, target)
             undo.push(functools.partial(self._delete_member, have.ident, target))
-            self._write(self.maps.lb_slots, self._slot_key(have.ident, n), self._slot(target))
+            self._write_slot(have.ident, n, target)
             undo.push(functools.partial(self._delete_slot, have.ident, n))
         have.slots.extend(new)
         try:
@@ -348,7 +340,7 @@ class FrontendTable:
         last = len(have.slots)
         if hole != last:
             moved = have.slots[last - 1]
-            self._write(self.maps.lb_slots, self._slot_key(have.ident, hole), self._slot(moved))
+            self._write_slot(have.ident, hole, moved)
             have.slots[hole - 1] = moved
         have.slots.pop()
         self._write_header(key, have)
@@ -356,7 +348,7 @@ class FrontendTable:
         self._delete_member(have.ident, target)
         self._release_backend(target)
 
-    def _hold_backend(self, b: Backend, undo: _Undo) -> None:
+    def _hold_backend(self, b: Backend, undo: Undo) -> None:
         """Make sure the backend entry exists with the right flags; take a ref."""
         flags = backend_flags(b)
         have = self.backends.get(b.target)
@@ -389,7 +381,7 @@ class FrontendTable:
         have.refs -= 1
         if have.refs <= 0:
             del self.backends[target]
-            self._delete(self.maps.lb4_backends, self._id_key(have.ident))
+            self._delete(self.maps.lb4_backends, entries.id_key(have.ident))
             self._backend_ids.release(have.ident)
 
     # -- map entries ------------------------------------------------------------
@@ -403,69 +395,28 @@ class FrontendTable:
         bpf_map.delete(key)
 
     def _write_member(self, ident: int, target: Target) -> None:
-        key = self._member_key(ident, target)
-        self._write(self.maps.lb_members, key, layout.new("struct lb_member"))
+        key = entries.member_key(ident, self.backends[target].ident)
+        self._write(self.maps.lb_members, key, entries.member())
 
     def _delete_member(self, ident: int, target: Target) -> None:
-        self._delete(self.maps.lb_members, self._member_key(ident, target))
-
-    def _member_key(self, ident: int, target: Target) -> Any:
-        backend = self.backends[target].ident
-        return layout.new("struct lb_member_key", frontend_id=ident, backend_id=backend)
+        key = entries.member_key(ident, self.backends[target].ident)
+        self._delete(self.maps.lb_members, key)
 
     def _delete_slot(self, ident: int, slot: int) -> None:
-        self._delete(self.maps.lb_slots, self._slot_key(ident, slot))
+        self._delete(self.maps.lb_slots, entries.slot_key(ident, slot))
+
+    def _write_slot(self, ident: int, n: int, target: Target) -> None:
+        value = entries.slot(self.backends[target].ident)
+        self._write(self.maps.lb_slots, entries.slot_key(ident, n), value)
 
     def _write_header(self, key: FrontendKey, have: ProgrammedFrontend) -> None:
-        value = layout.new(
-            "struct lb_service",
-            frontend_id=have.ident,
-            count=len(have.slots),
-            flags=layout.const("LB_SVC_F_CLUSTER_IP"),
-        )
-        self._write(self.maps.lb4_services, self._service_key(key), value)
+        value = entries.header(have.ident, len(have.slots))
+        self._write(self.maps.lb4_services, entries.service_key(key), value)
 
     def _write_meta(self, ident: int, ref: ServiceRef, port_name: str) -> None:
-        value = layout.new("struct lb_frontend_meta")
-        value.namespace = ref.namespace.encode()[:63]
-        value.name = ref.name.encode()[:63]
-        value.port_name = port_name.encode()[:15]
-        self._write(self.maps.lb_frontend_meta, self._id_key(ident), value)
+        value = entries.meta(ref, port_name)
+        self._write(self.maps.lb_frontend_meta, entries.id_key(ident), value)
 
     def _write_backend(self, target: Target, have: ProgrammedBackend) -> None:
-        address, port, protocol = target
-        value = layout.new(
-            "struct lb4_backend",
-            addr=layout.ip4(address),
-            port=layout.port(port),
-            proto=protocol.number,
-            flags=have.flags,
-        )
-        self._write(self.maps.lb4_backends, self._id_key(have.ident), value)
-
-    def _slot(self, target: Target) -> Any:
-        return layout.new("struct lb_slot", backend_id=self.backends[target].ident)
-
-    @staticmethod
-    def _service_key(key: FrontendKey) -> Any:
-        return layout.new(
-            "struct lb4_key",
-            addr=layout.ip4(str(key.address)),
-            port=layout.port(key.port),
-            proto=key.protocol.number,
-        )
-
-    @staticmethod
-    def _slot_key(ident: int, slot: int) -> Any:
-        return layout.new("struct lb_slot_key", frontend_id=ident, slot=slot)
-
-    @staticmethod
-    def _id_key(ident: int) -> Any:
-        return layout.ffi.new("__u32 *", ident)
-
-
-def _ipv4(value: int) -> ipaddress.IPv4Address:
-    return ipaddress.IPv4Address(layout.ip4_str(value))
-
-
-__all__ = ["DatapathError", "FrontendTable", "MapError", "backend_flags", "flags_backend"]
+        value = entries.backend(target, have.flags)
+        self._write(self.maps.lb4_backends, entries.id_key(have.ident), value)

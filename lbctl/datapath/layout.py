@@ -64,7 +64,9 @@ def sizeof(ctype: str) -> int:
 
 def ip4(addr: ipaddress.IPv4Address | str) -> int:
     """An IPv4 address as the __be32 field value that holds it."""
-    return int.from_bytes(ipaddress.IPv4Address(addr).packed, sys.byteorder)
+    if not isinstance(addr, ipaddress.IPv4Address):
+        addr = ipaddress.IPv4Address(addr)
+    return int.from_bytes(addr.packed, sys.byteorder)
 
 
 def ip4_str(value: int) -> str:

@@ -47,6 +47,13 @@ int bpf_obj_pin(int fd, const char *pathname);
 int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags);
 int bpf_map_lookup_elem(int fd, const void *key, void *value);
 int bpf_map_delete_elem(int fd, const void *key);
+struct bpf_map_batch_opts {
+    size_t sz;
+    uint64_t elem_flags;
+    uint64_t flags;
+};
+int bpf_map_update_batch(int fd, const void *keys, const void *values, uint32_t *count,
+                         const struct bpf_map_batch_opts *opts);
 int bpf_map_get_next_key(int fd, const void *key, void *next_key);
 int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len);
 int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
@@ -67,6 +74,8 @@ PERCPU_TYPES = {5, 6, 10}
 
 class MapError(OSError):
     """A map operation failed; the message names the map and the cause."""
+
+    done = 0  # of a batch: how many entries were written before the failure
 
     def __str__(self) -> str:
         return str(self.strerror)
@@ -175,13 +184,43 @@ class BpfMap:
 
     def update(self, key: Any, value: Any, flags: int = BPF_ANY) -> None:
         rc = _lib.bpf_map_update_elem(self.fd, key, value, flags)
+        if rc < 0:
+            self._raise(rc, "update")
+
+    def update_batch(self, keys: Any, values: Any, count: int) -> None:
+        """Write `count` entries from two cffi arrays in one system call.
+
+        On failure the MapError's `done` says how many entries were written
+        (the first ones).  Kernels without batch operations get one call per
+        entry instead, with the same outcome.
+        """
+        if count == 0:
+            return
+        done = ffi.new("uint32_t *", count)
+        rc = _lib.bpf_map_update_batch(self.fd, keys, values, done, ffi.NULL)
+        if rc in (-errno.EINVAL, -errno.EOPNOTSUPP, -524) and done[0] == 0:  # 524: ENOTSUPP
+            for i in range(count):
+                try:
+                    self.update(keys + i, values + i)
+                except MapError as err:
+                    err.done = i
+                    raise
+            return
+        if rc < 0:
+            try:
+                self._raise(rc, "batch update")
+            except MapError as err:
+                err.done = int(done[0])
+                raise
+
+    def _raise(self, rc: int, what: str) -> None:
         if rc == -errno.E2BIG:
             fix = f"`lbctl run {self._size_flag} N`" if self._size_flag else "a larger map"
             raise MapError(
                 errno.E2BIG,
                 f"map {self.name} is full ({self.max_entries} entries); raise it with {fix}",
             )
-        _check(rc, f"update of map {self.name}")
+        _check(rc, f"{what} of map {self.name}")
 
     def delete(self, key: Any) -> bool:
         rc = _lib.bpf_map_delete_elem(self.fd, key)
