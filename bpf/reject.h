@@ -64,7 +64,7 @@ static __always_inline int reject_send(struct __sk_buff *skb, const void *l3, __
 {
 	if (bpf_skb_change_tail(skb, ETH_HLEN + len, 0))
 		return TC_ACT_SHOT;
-	if (reject_swap_eth(skb) || bpf_skb_store_bytes(skb, ETH_HLEN, l3, len, 0))
+	if (reject_swap_eth(skb) || bpf_skb_store_bytes(skb, ETH_HLEN, (void *)l3, len, 0))
 		return TC_ACT_SHOT;
 	return bpf_redirect(skb->ifindex, 0);
 }

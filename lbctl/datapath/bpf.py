@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 from lbctl.datapath import tc
+from lbctl.datapath.compiler import Compilation, CompileError
 from lbctl.datapath.frontends import DatapathError, FrontendTable
 from lbctl.datapath.maps import MAP_SIZES, Maps
-from lbctl.datapath.settings import BpfSettings, bpf_program_text
+from lbctl.datapath.settings import BpfSettings
 from lbctl.plan import Frontend, FrontendKey, PlanDiff
 
 log = logging.getLogger(__name__)
@@ -47,26 +48,41 @@ class BpfDatapath:
 
     mode = "ebpf"
 
-    def __init__(self, settings: BpfSettings) -> None:
-        from bcc import BPF  # imported late: the CLI's read-only commands do not need it
-
+    def __init__(self, settings: BpfSettings, wait: bool = True) -> None:
+        """Start compiling; with `wait` False, `load()` finishes the job later."""
         self.settings = settings
         check_bpffs(settings.pin_dir)
         settings.pin_dir.mkdir(parents=True, exist_ok=True)
+        self._compilation: Compilation | None = Compilation(settings)
+        self.prog_fd = -1
+        self.interfaces: dict[str, int] = {}  # name -> ifindex attached
+        if wait:
+            self.load()
+
+    def load(self) -> None:
+        """Wait for the compiler; open the maps and adopt what they hold."""
+        if self._compilation is None:
+            return
+        compilation, self._compilation = self._compilation, None
         try:
-            self._bpf: Any = BPF(text=bpf_program_text().encode(), cflags=settings.cflags())
-            self.prog_fd: int = self._bpf.load_func(tc.PROGRAM_NAME.encode(), BPF.SCHED_CLS).fd
-        except Exception as err:
+            loaded = compilation.result()
+        except CompileError as err:
             raise DatapathError(
-                f"compiling or loading the BPF program failed: {err}. bcc needs kernel "
+                f"compiling or loading the BPF program failed: {err}\nbcc needs kernel "
                 f"headers at /lib/modules/{os.uname().release}/build (run `make deps`, or "
                 "mount the host's /lib/modules and /usr/src into the container)"
             ) from err
-        self.maps = Maps.from_fds(lambda name: int(self._bpf[name.encode()].map_fd))
-        self._check_sizes()
+        if loaded.log:
+            log.debug("the BPF compiler said: %s", loaded.log)
+        self.prog_fd = loaded.prog_fd
+        self.maps = Maps.from_fds(loaded.map_fds.__getitem__, owns_fds=True)
+        try:
+            self._check_sizes()
+        except DatapathError:
+            self.close()
+            raise
         self.table = FrontendTable(self.maps)
         self.table.adopt()
-        self.interfaces: dict[str, int] = {}  # name -> ifindex attached
 
     def _check_sizes(self) -> None:
         """Pinned maps keep the size they were created with; say so if it differs."""
@@ -76,8 +92,6 @@ class BpfDatapath:
             size = getattr(s, field)
             have = maps[name].max_entries
             if have != size:
-                self.maps.close()
-                self._bpf.cleanup()
                 raise DatapathError(
                     f"map {name} is pinned under {s.pin_dir} with {have} entries but "
                     f"{flag} asks for {size}; a pinned map cannot be resized: "
@@ -123,5 +137,12 @@ class BpfDatapath:
 
     def close(self) -> None:
         """Release this process's handles; programs and pins stay in place."""
-        self.maps.close()
-        self._bpf.cleanup()
+        if self._compilation is not None:  # never loaded: take and drop its result
+            with contextlib.suppress(CompileError):
+                self._compilation.result().close()
+            self._compilation = None
+        if hasattr(self, "maps"):
+            self.maps.close()
+        if self.prog_fd >= 0:
+            os.close(self.prog_fd)
+            self.prog_fd = -1

@@ -47,12 +47,12 @@ class Maps:
     lb_stats: BpfMap
 
     @classmethod
-    def from_fds(cls, fd_of: Callable[[str], int]) -> Maps:
-        """Maps whose descriptors belong to someone else (bcc)."""
+    def from_fds(cls, fd_of: Callable[[str], int], owns_fds: bool = False) -> Maps:
+        """Maps from open descriptors; `owns_fds`: closing the maps closes them."""
         return cls(
             **{
                 name: BpfMap(
-                    fd_of(name), name, key, value, owns_fd=False, size_flag=SIZE_FLAGS.get(name)
+                    fd_of(name), name, key, value, owns_fd=owns_fds, size_flag=SIZE_FLAGS.get(name)
                 )
                 for name, (key, value) in MAP_TYPES.items()
             }

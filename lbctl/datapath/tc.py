@@ -14,11 +14,11 @@ from collections.abc import Iterable
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from lbctl.datapath.compiler import PROGRAM as PROGRAM_NAME
+
 INGRESS_PARENT = "ffff:fff2"
 INGRESS_PARENT_ID = 0xFFFFFFF2
 FILTER_PRIO = 0x1CB  # lbctl's place in the ingress filter chain
-PROGRAM_NAME = "lbctl_tc_ingress"
-
 
 ARPHRD_ETHER = 1
 IFF_LOOPBACK = 0x8
