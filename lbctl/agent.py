@@ -8,10 +8,15 @@ that failed to program (a full map) are retried on a slower tick.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import ctypes
 import dataclasses
+import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from lbctl.datapath import tc
@@ -27,11 +32,32 @@ class Source(Protocol):
         """False while part of the source cannot be read (its content is unknown)."""
         ...
 
+    @property
+    def arrived(self) -> float | None:
+        """When (time.monotonic) the oldest change the last poll applied reached lbctl."""
+        ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the whole source has been read once; False on timeout."""
+        ...
+
+    def wait(self, timeout: float) -> None:
+        """Return when there may be changes to poll, at the latest after `timeout`."""
+        ...
+
     def poll(self, table: ServiceTable) -> set[ServiceRef]: ...
 
 
 class Datapath(Protocol):
     mode: str
+
+    def load(self) -> None:
+        """Finish what the constructor started (compiling); a no-op when done."""
+        ...
 
     def reconcile(
         self, desired: dict[FrontendKey, Frontend], remove_stale: bool = True
@@ -49,9 +75,11 @@ class Datapath(Protocol):
 @dataclasses.dataclass
 class AgentOptions:
     interfaces: list[str] | None = None  # None: every non-loopback interface
-    poll_interval_s: float = 0.2
+    poll_interval_s: float = 0.2  # the longest wait for the source between two ticks
     link_scan_interval_s: float = 1.0
     retry_interval_s: float = 5.0
+    sync_period_s: float = 30.0  # a full reconcile of the maps with the plan
+    ready_timeout_s: float = 60.0  # how long the first sync waits for the whole source
 
 
 class Agent:
@@ -65,11 +93,45 @@ class Agent:
         self.synced = threading.Event()
         self._missing_links: list[str] = []
         self._sweep_pending = False
+        self.sync_seconds: float | None = None  # how long the first sync took
+        # Seconds from a change reaching lbctl to the maps holding it, newest last.
+        self.latencies: collections.deque[float] = collections.deque(maxlen=100_000)
+        self.observers: list[Callable[[float], None]] = []  # called with each latency
+        self.last_tick = time.monotonic()  # the loop's heartbeat, for health checks
 
     def sync(self) -> None:
         """First sync: load everything, make the maps match, then attach."""
+        started = time.monotonic()
+        if not self.source.wait_ready(self.options.ready_timeout_s):
+            log.warning(
+                "the source was not read whole within %.0f s; programming what is known",
+                self.options.ready_timeout_s,
+            )
+        # Hundreds of thousands of objects are made here and all live on:
+        # the cyclic collector would scan them over and over for nothing.
+        gc.disable()
+        try:
+            self._first_sync()
+        finally:
+            gc.freeze()  # what the first sync built is never scanned again
+            gc.enable()
+            _release_free_memory()
+        self.sync_seconds = time.monotonic() - started
+        frontends = self.planner.frontends()
+        log.info(
+            "synced: %d services, %d frontends, %d backends in %.2f s; %d errors",
+            len(self.planner.plans),
+            len(frontends),
+            sum(len(fe.backends) for fe in frontends.values()),
+            self.sync_seconds,
+            len(self.errors),
+        )
+        self.synced.set()
+
+    def _first_sync(self) -> None:
         refs = self.source.poll(self.table)
         self.planner.update(self.table, refs)
+        self.datapath.load()  # the compiler ran meanwhile
         # Adopted frontends that the source no longer lists are stale, unless
         # part of the source could not be read: then they may be in that part,
         # and are kept until it reads again.
@@ -79,15 +141,6 @@ class Agent:
         remove_stale = not self._sweep_pending
         self._record(self.datapath.reconcile(self.planner.frontends(), remove_stale))
         self._attach()
-        frontends = self.planner.frontends()
-        log.info(
-            "synced: %d services, %d frontends, %d backends; %d errors",
-            len(self.planner.plans),
-            len(frontends),
-            sum(len(fe.backends) for fe in frontends.values()),
-            len(self.errors),
-        )
-        self.synced.set()
 
     def step(self) -> PlanDiff:
         refs = self.source.poll(self.table)
@@ -95,12 +148,22 @@ class Agent:
         if change:
             started = time.monotonic()
             errors = self.datapath.apply(change)
+            done = time.monotonic()
             self._record(errors)
+            arrived = self.source.arrived
+            latency = done - arrived if arrived is not None else None
+            if latency is not None:
+                self.latencies.append(latency)
+                for observe in self.observers:
+                    observe(latency)
             log.info(
-                "applied %d frontend updates and %d removals in %.1f ms",
+                "applied %d frontend updates and %d removals in %.2f ms%s",
                 len(change.upserts),
                 len(change.removals),
-                (time.monotonic() - started) * 1000,
+                (done - started) * 1000,
+                f", {latency * 1000:.2f} ms after the change arrived"
+                if latency is not None
+                else "",
             )
         if self._sweep_pending and self.source.complete:
             self._sweep_pending = False
@@ -109,17 +172,32 @@ class Agent:
         return change
 
     def run(self, stop: threading.Event) -> None:
-        self.sync()
-        next_links = next_retry = time.monotonic()
-        while not stop.wait(self.options.poll_interval_s):
+        self.source.start()
+        try:
+            self.sync()
+            self._loop(stop)
+        finally:
+            self.source.stop()
+
+    def _loop(self, stop: threading.Event) -> None:
+        opts = self.options
+        now = time.monotonic()
+        next_links = next_retry = now
+        next_resync = now + opts.sync_period_s
+        while not stop.is_set():
+            self.source.wait(opts.poll_interval_s)
+            if stop.is_set():
+                return
+            self.last_tick = time.monotonic()
             try:
                 self.step()
                 now = time.monotonic()
                 if now >= next_links:
-                    next_links = now + self.options.link_scan_interval_s
+                    next_links = now + opts.link_scan_interval_s
                     self._attach()
-                if self.errors and now >= next_retry:
-                    next_retry = now + self.options.retry_interval_s
+                if (self.errors and now >= next_retry) or now >= next_resync:
+                    next_retry = now + opts.retry_interval_s
+                    next_resync = now + opts.sync_period_s
                     self.errors = []
                     desired = self.planner.frontends()
                     remove_stale = not self._sweep_pending
@@ -142,3 +220,9 @@ class Agent:
         for message in errors:
             log.error("%s", message)
         self.errors += errors
+
+
+def _release_free_memory() -> None:
+    """Hand the heap the first sync freed (LIST bodies, the compiler's) back to the OS."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: reused, not returned
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,22 @@ class ManifestSource:
         self._owner: dict[ObjectId, Path] = {}
         self._shadowed: dict[ObjectId, set[Path]] = {}  # duplicates waiting for the id
         self.errors: dict[Path, list[str]] = {}
+        self.arrived: float | None = None
+        self._stopped = threading.Event()
+
+    # -- the Source interface: a directory is read whole on every poll --------------
+
+    def start(self) -> None:
+        self._stopped.clear()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return True
+
+    def wait(self, timeout: float) -> None:
+        self._stopped.wait(timeout)
 
     # -- scanning ---------------------------------------------------------------
 
@@ -87,6 +105,7 @@ class ManifestSource:
     def poll(self, table: ServiceTable) -> set[ServiceRef]:
         """Apply what changed in the directory; return the services touched."""
         touched: set[ServiceRef] = set()
+        self.arrived = time.monotonic()
         current = self._scan()
         for path in sorted(set(self._files) - set(current)):
             log.info("%s: removed", path)

@@ -92,6 +92,15 @@ class EndpointSlice:
         return (self.namespace, self.name)
 
 
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """The node lbctl runs on, as the API describes it."""
+
+    name: str
+    zone: str | None = None
+    addresses: tuple[IPAddress, ...] = ()  # InternalIP and ExternalIP, in the API's order
+
+
 class ServiceTable:
     """Services and EndpointSlices as the sources last reported them.
 
@@ -103,6 +112,7 @@ class ServiceTable:
         self.services: dict[ServiceRef, Service] = {}
         self.slices: dict[tuple[str, str], EndpointSlice] = {}
         self._slices_by_service: dict[ServiceRef, dict[tuple[str, str], EndpointSlice]] = {}
+        self.node: Node | None = None
 
     def set_service(self, svc: Service) -> ServiceRef:
         self.services[svc.ref] = svc

@@ -18,6 +18,7 @@ from lbctl.model import (
     EndpointPort,
     EndpointSlice,
     IPAddress,
+    Node,
     Protocol,
     Service,
     ServicePort,
@@ -252,3 +253,19 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSlice:
         ports=tuple(ports),
         endpoints=tuple(endpoints),
     )
+
+
+def parse_node(obj: Mapping[str, Any]) -> Node:
+    meta = _mapping(obj.get("metadata"), "metadata")
+    name = meta.get("name")
+    if not name:
+        raise InvalidObject("metadata.name: missing")
+    labels = _mapping(meta.get("labels"), "metadata.labels")
+    status = _mapping(obj.get("status"), "status")
+    addresses = []
+    for i, raw in enumerate(_list(status.get("addresses"), "status.addresses")):
+        raw = _mapping(raw, f"status.addresses[{i}]")
+        if raw.get("type") in ("InternalIP", "ExternalIP"):
+            addresses.append(_ip(raw.get("address"), f"status.addresses[{i}].address"))
+    zone = labels.get(ZONE_LABEL)
+    return Node(str(name), str(zone) if zone else None, tuple(addresses))

@@ -1,0 +1,229 @@
+"""List-and-watch of one Kubernetes resource, as client-go's reflector does it.
+
+A `Reflector` LISTs the resource (in pages), hands the whole state to its
+sink, then WATCHes from the list's resourceVersion with bookmarks on, handing
+each event over as it arrives.  When the watch ends it resumes from the last
+resourceVersion it saw; when the server says that version is gone (410) it
+LISTs again and the sink diffs the new state against the old.  Errors back
+off exponentially with jitter; while the API cannot be reached nothing is
+handed over, so the datapath keeps what it has.
+
+The official `kubernetes` client makes the calls (configuration, auth, TLS),
+with `_preload_content=False`: lbctl reads the JSON itself, because building
+the client's model objects for 10,000 Services would take seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+ListFunc = Callable[..., Any]  # a kubernetes client list_* method
+
+
+class Sink(Protocol):
+    def replace(self, kind: str, items: list[Mapping[str, Any]], arrived: float) -> None:
+        """The resource's complete state, from a LIST."""
+
+    def event(self, kind: str, type_: str, obj: Mapping[str, Any], arrived: float) -> None:
+        """One ADDED, MODIFIED or DELETED event from a WATCH."""
+
+    def trouble(self, kind: str, message: str | None) -> None:
+        """The resource cannot be followed (message), or can again (None)."""
+
+
+class Gone(Exception):
+    """The resourceVersion asked for is too old (HTTP 410): LIST again."""
+
+
+class WatchError(Exception):
+    """The server sent an ERROR event other than 410."""
+
+
+class Backoff:
+    """Exponential delays with full jitter, reset after a success."""
+
+    def __init__(self, initial_s: float = 0.8, maximum_s: float = 30.0) -> None:
+        self.initial_s = initial_s
+        self.maximum_s = maximum_s
+        self._failures = 0
+
+    def next(self) -> float:
+        ceiling = min(self.maximum_s, self.initial_s * 2.0 ** min(self._failures, 32))
+        self._failures += 1
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def reset(self) -> None:
+        self._failures = 0
+
+
+class Reflector:
+    def __init__(
+        self,
+        kind: str,
+        list_func: ListFunc,
+        sink: Sink,
+        *,
+        page_size: int = 1000,
+        watch_timeout_s: int = 300,
+        backoff: Backoff | None = None,
+        **selectors: str,
+    ) -> None:
+        self.kind = kind
+        self.list_func = list_func
+        self.sink = sink
+        self.page_size = page_size
+        self.watch_timeout_s = watch_timeout_s
+        self.backoff = backoff or Backoff()
+        self.selectors = selectors  # e.g. field_selector="metadata.name=node-a"
+        self.resource_version: str | None = None
+        self.lists = 0  # how many complete LISTs, for tests and logs
+        self._failing = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"reflector-{kind}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the loop -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.resource_version is None:
+                    self._list()
+                self._watch()
+            except Gone as why:
+                log.info("%s: %s; listing again", self.kind, why)
+                self.resource_version = None
+            except Exception as err:  # anything the API or the network throws
+                delay = self.backoff.next()
+                message = f"{self.kind}: {_describe(err)}; retrying in {delay:.1f} s"
+                log.warning("%s", message)
+                self.sink.trouble(self.kind, message)
+                self._failing = True
+                self._stop.wait(delay)
+
+    def _connected(self) -> None:
+        self.backoff.reset()
+        if self._failing:
+            log.info("%s: following the API again", self.kind)
+            self.sink.trouble(self.kind, None)
+            self._failing = False
+
+    def _list(self) -> None:
+        items: list[Mapping[str, Any]] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": self.page_size, **self.selectors}
+            if token:
+                kwargs["_continue"] = token
+            try:
+                page = self._call(kwargs, timeout=60)
+            except Exception as err:
+                if _status(err) == 410:  # the continue token expired: start over
+                    raise Gone("the list's continue token expired") from err
+                raise
+            body = json.loads(page.data)
+            items.extend(body.get("items") or ())
+            meta = body.get("metadata") or {}
+            token = meta.get("continue")
+            if not token:
+                break
+        self.sink.replace(self.kind, items, time.monotonic())
+        self.resource_version = str(meta.get("resourceVersion") or "")
+        self._connected()
+        self.lists += 1
+        log.info(
+            "%s: listed %d at resourceVersion %s", self.kind, len(items), self.resource_version
+        )
+
+    def _watch(self) -> None:
+        kwargs: dict[str, Any] = {
+            "watch": True,
+            "resource_version": self.resource_version,
+            "allow_watch_bookmarks": True,
+            "timeout_seconds": self.watch_timeout_s,
+            **self.selectors,
+        }
+        try:
+            resp = self._call(kwargs, timeout=self.watch_timeout_s + 30)
+        except Exception as err:
+            if _status(err) == 410:
+                raise Gone(f"resourceVersion {self.resource_version} is too old") from err
+            raise
+        self._connected()
+        try:
+            for line in _lines(resp):
+                if self._stop.is_set():
+                    return
+                self._handle(json.loads(line), time.monotonic())
+        finally:
+            resp.release_conn()
+
+    def _handle(self, event: Mapping[str, Any], arrived: float) -> None:
+        type_ = event.get("type")
+        obj = event.get("object") or {}
+        if type_ == "ERROR":
+            if obj.get("code") == 410:
+                raise Gone(obj.get("message") or "resourceVersion too old")
+            raise WatchError(f"watch error {obj.get('code')}: {obj.get('message')}")
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        if type_ in ("ADDED", "MODIFIED", "DELETED"):
+            self.sink.event(self.kind, type_, obj, arrived)
+        elif type_ != "BOOKMARK":
+            log.warning("%s: unknown watch event type %r ignored", self.kind, type_)
+            return
+        if version:
+            self.resource_version = str(version)
+
+    def _call(self, kwargs: dict[str, Any], timeout: float) -> Any:
+        return self.list_func(**kwargs, _preload_content=False, _request_timeout=(10, timeout))
+
+
+def _lines(resp: Any) -> Iterator[bytes]:
+    """The newline-separated events of a chunked watch response, as they come."""
+    pending = b""
+    for chunk in resp.stream(amt=None, decode_content=True):
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            if line.strip():
+                yield line
+    if pending.strip():
+        yield pending
+
+
+def _status(err: Exception) -> int | None:
+    status = getattr(err, "status", None)
+    return status if isinstance(status, int) else None
+
+
+def _describe(err: Exception) -> str:
+    status = _status(err)
+    if status is not None:
+        reason = getattr(err, "reason", "") or ""
+        return f"the API answered {status} {reason}".rstrip()
+    import urllib3
+
+    if isinstance(err, urllib3.exceptions.HTTPError | OSError):
+        reason = getattr(err, "reason", None)  # urllib3 wraps the cause
+        cause = reason if isinstance(reason, Exception) else err
+        return f"cannot reach the API server ({type(cause).__name__}: {_short(cause)})"
+    return f"{type(err).__name__}: {_short(err)}"
+
+
+def _short(err: Exception) -> str:
+    return " ".join(str(err).split())[:200]

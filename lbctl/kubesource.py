@@ -1,0 +1,253 @@
+"""KubeSource: Services, EndpointSlices and this node from the Kubernetes API.
+
+Three reflectors (lbctl/informer.py) follow the API; each hands over LISTs
+and watch events from its own thread.  They are parsed there into the model
+and queued, one pending change per object (a later event for the same object
+replaces an earlier one), and the agent's `poll` applies the queue to its
+ServiceTable.  A re-LIST (after a 410, or an outage) is diffed by
+resourceVersion against what was handed over before: unchanged objects are
+not touched, vanished ones are removed.
+
+Bad objects never stop the others: an invalid one is reported and its last
+valid version kept; Services another proxy owns
+(service.kubernetes.io/service-proxy-name), headless and ExternalName ones
+are left alone, as kube-proxy does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from lbctl.informer import Backoff, Reflector
+from lbctl.model import EndpointSlice, Node, Service, ServiceRef, ServiceTable
+from lbctl.objects import (
+    Ignored,
+    InvalidObject,
+    meta_ref,
+    parse_endpoint_slice,
+    parse_node,
+    parse_service,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE, SLICE, NODE = "Service", "EndpointSlice", "Node"
+Key = tuple[str, str]
+Parsed = Service | EndpointSlice | Node | None  # None: the object is gone (or ignored)
+
+_PARSERS: dict[str, Callable[[Mapping[str, Any]], Parsed]] = {
+    SERVICE: parse_service,
+    SLICE: parse_endpoint_slice,
+    NODE: parse_node,
+}
+
+
+def api_client(kubeconfig: Path | None, in_cluster: bool) -> Any:
+    """A kubernetes ApiClient from a kubeconfig file or the pod's service account."""
+    from kubernetes import client
+    from kubernetes import config as kube_config
+
+    conf = client.Configuration()
+    load_incluster: Any = kube_config.load_incluster_config  # the client has no type hints
+    load_kubeconfig: Any = kube_config.load_kube_config
+    try:
+        if in_cluster:
+            load_incluster(client_configuration=conf)
+        else:
+            load_kubeconfig(config_file=str(kubeconfig), client_configuration=conf)
+    except (kube_config.ConfigException, OSError, ValueError) as err:
+        where = "in-cluster configuration" if in_cluster else f"kubeconfig {kubeconfig}"
+        fix = (
+            "run lbctl in a pod with a service account, or use --kubeconfig"
+            if in_cluster
+            else "check the file, its current context and the files it names"
+        )
+        raise RuntimeError(f"{where}: {' '.join(str(err).split())}; {fix}") from err
+    conf.retries = False  # the reflectors retry, with backoff, and say why
+    return client.ApiClient(conf)
+
+
+@dataclasses.dataclass
+class _Change:
+    kind: str
+    key: Key
+    obj: Parsed
+    arrived: float
+
+
+class KubeSource:
+    def __init__(
+        self,
+        api_client: Any,
+        node_name: str,
+        *,
+        page_size: int = 1000,
+        watch_timeout_s: int = 300,
+        backoff: Callable[[], Backoff] = Backoff,
+    ) -> None:
+        from kubernetes import client  # imported late: manifest mode does not need it
+
+        core = client.CoreV1Api(api_client)
+        discovery = client.DiscoveryV1Api(api_client)
+        self.node_name = node_name
+        options: dict[str, Any] = {"page_size": page_size, "watch_timeout_s": watch_timeout_s}
+        self.reflectors = {
+            SERVICE: Reflector(
+                SERVICE,
+                core.list_service_for_all_namespaces,
+                self,
+                backoff=backoff(),
+                **options,
+            ),
+            SLICE: Reflector(
+                SLICE,
+                discovery.list_endpoint_slice_for_all_namespaces,
+                self,
+                backoff=backoff(),
+                **options,
+            ),
+            NODE: Reflector(
+                NODE,
+                core.list_node,
+                self,
+                backoff=backoff(),
+                field_selector=f"metadata.name={node_name}",
+                **options,
+            ),
+        }
+        self.arrived: float | None = None  # when the oldest change of the last poll came
+        self.problems: dict[tuple[str, Key], str] = {}  # invalid objects, by kind and name
+        self.trouble_by_kind: dict[str, str] = {}  # resources that cannot be followed now
+        self._versions: dict[str, dict[Key, str]] = {kind: {} for kind in _PARSERS}
+        self._pending: dict[tuple[str, Key], _Change] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._listed: set[str] = set()
+        self._ready = threading.Event()
+        self._started = False
+
+    # -- the Source interface (agent side) ------------------------------------------
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            for reflector in self.reflectors.values():
+                reflector.start()
+
+    def stop(self) -> None:
+        for reflector in self.reflectors.values():
+            reflector.stop()
+
+    @property
+    def complete(self) -> bool:
+        """True once Services and EndpointSlices have each been listed whole."""
+        return self._ready.is_set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def wait(self, timeout: float) -> None:
+        """Return when changes are queued, or after `timeout` seconds."""
+        self._wake.wait(timeout)
+
+    def poll(self, table: ServiceTable) -> set[ServiceRef]:
+        """Apply the queued changes to the table; return the services touched."""
+        with self._lock:
+            self._wake.clear()
+            changes, self._pending = self._pending, {}
+        touched: set[ServiceRef] = set()
+        self.arrived = min((c.arrived for c in changes.values()), default=None)
+        for change in changes.values():
+            obj = change.obj
+            if change.kind == SERVICE:
+                if isinstance(obj, Service):
+                    touched.add(table.set_service(obj))
+                else:
+                    touched.add(table.remove_service(ServiceRef(*change.key)))
+            elif change.kind == SLICE:
+                if isinstance(obj, EndpointSlice):
+                    touched |= table.set_slice(obj)
+                else:
+                    touched |= table.remove_slice(change.key)
+            else:
+                table.node = obj if isinstance(obj, Node) else None
+        return touched
+
+    # -- the Sink interface (reflector side, one thread per kind) -----------------
+
+    def replace(self, kind: str, items: list[Mapping[str, Any]], arrived: float) -> None:
+        old = self._versions[kind]
+        new: dict[Key, str] = {}
+        changes = []
+        for obj in items:
+            key = meta_ref(obj)
+            version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+            new[key] = version
+            if old.get(key) != version or not version:
+                changes.append(self._parse(kind, key, obj, arrived))
+        gone = [_Change(kind, key, None, arrived) for key in old if key not in new]
+        self._versions[kind] = new
+        if kind == NODE and all(name != self.node_name for _, name in new):
+            log.warning("Node %s is not in the API; running without its zone", self.node_name)
+        self._queue([c for c in changes if c is not None] + gone)
+        self._listed.add(kind)
+        if {SERVICE, SLICE} <= self._listed:
+            self._ready.set()
+
+    def event(self, kind: str, type_: str, obj: Mapping[str, Any], arrived: float) -> None:
+        key = meta_ref(obj)
+        versions = self._versions[kind]
+        if type_ == "DELETED":
+            versions.pop(key, None)
+            self.problems.pop((kind, key), None)
+            self._queue([_Change(kind, key, None, arrived)])
+            return
+        versions[key] = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+        change = self._parse(kind, key, obj, arrived)
+        if change is not None:
+            self._queue([change])
+
+    def trouble(self, kind: str, message: str | None) -> None:
+        if message is None:
+            self.trouble_by_kind.pop(kind, None)
+        else:
+            self.trouble_by_kind[kind] = message
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _parse(self, kind: str, key: Key, obj: Mapping[str, Any], arrived: float) -> _Change | None:
+        """The change an object makes; None when it is invalid (its old version stays)."""
+        name = f"{kind} {key[0]}/{key[1]}" if kind != NODE else f"Node {key[1]}"
+        try:
+            parsed = _PARSERS[kind](obj)
+        except Ignored as why:
+            log.debug("%s: ignored: %s", name, why)
+            parsed = None
+        except (InvalidObject, KeyError, TypeError, ValueError, AttributeError) as err:
+            # Any parser failure is the object's fault, never the agent's.
+            if not isinstance(err, InvalidObject):
+                err = InvalidObject(f"malformed object ({type(err).__name__}: {err})")
+            message = f"{name}: {err}; keeping its previous version, if any"
+            if self.problems.get((kind, key)) != message:
+                log.error("%s", message)
+            self.problems[(kind, key)] = message
+            return None
+        self.problems.pop((kind, key), None)
+        return _Change(kind, key, parsed, arrived)
+
+    def _queue(self, changes: list[_Change]) -> None:
+        if not changes:
+            return
+        with self._lock:
+            for change in changes:
+                slot = (change.kind, change.key)
+                earlier = self._pending.get(slot)
+                if earlier is not None:  # coalesce, keeping when the first one came
+                    change.arrived = min(change.arrived, earlier.arrived)
+                self._pending[slot] = change
+        self._wake.set()

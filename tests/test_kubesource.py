@@ -1,0 +1,329 @@
+"""The informer against an API server: changes, cut watches, 410 Gone, outages.
+
+tests/apiserver.py stands in for kube-apiserver (none can be installed on
+this machine); the real `kubernetes` client talks to it over HTTP inside a
+test network namespace, and the agent programs the session's real BPF maps.
+Every check compares the maps with the API's own state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from lbctl.agent import Agent, AgentOptions
+from lbctl.datapath.bpf import BpfDatapath
+from lbctl.informer import Backoff
+from lbctl.kubesource import KubeSource
+from tests import k8s_yaml
+from tests.apiserver import FakeApiServer
+from tests.netlab import Netns
+from tests.test_frontends import decoded
+
+pytestmark = pytest.mark.netns
+
+PORTS = [("http", "TCP", 80)]
+TARGET = [("http", "TCP", 8080)]
+
+
+@pytest.fixture
+def api() -> Iterator[tuple[FakeApiServer, Netns]]:
+    ns = Netns.create("api")
+    try:
+        sock = ns.open_socket()
+        sock.bind(("127.0.0.1", 0))
+        server = FakeApiServer(sock, bookmark_interval=0.2).start()
+        ns.on_delete(server.stop)
+        yield server, ns
+    finally:
+        ns.delete()
+
+
+def make_source(server: FakeApiServer, ns: Netns, **options: Any) -> KubeSource:
+    """A started KubeSource whose reflector threads live in the namespace."""
+    from kubernetes import client
+
+    conf = client.Configuration()
+    conf.host = server.url
+    conf.retries = False  # as lbctl.kubesource.api_client sets it
+    with ns.entered():  # threads started here inherit the namespace
+        source = KubeSource(
+            client.ApiClient(conf),
+            "node-a",
+            watch_timeout_s=options.pop("watch_timeout_s", 30),
+            backoff=lambda: Backoff(0.05, 0.3),
+            **options,
+        )
+        source.start()
+    return source
+
+
+@pytest.fixture
+def agent(api: tuple[FakeApiServer, Netns], clean_datapath: BpfDatapath) -> Iterator[Agent]:
+    source = make_source(*api)
+    agent = Agent(source, clean_datapath, AgentOptions(interfaces=[]))
+    try:
+        yield agent
+    finally:
+        source.stop()
+
+
+def svc(i: int, **spec: Any) -> dict[str, Any]:
+    return k8s_yaml.service(f"s{i}", f"10.96.0.{i}", PORTS, **spec)
+
+
+def eps(i: int, addresses: list[str], suffix: str = "1", **kw: Any) -> dict[str, Any]:
+    return k8s_yaml.endpoint_slice(f"s{i}", addresses, TARGET, suffix=suffix, **kw)
+
+
+def api_state(server: FakeApiServer) -> dict[str, list[str]]:
+    """What the maps must hold, worked out from the API's objects directly."""
+    out: dict[str, list[str]] = {}
+    slices = server.list_objects("endpointslices")
+    for s in server.list_objects("services"):
+        labels = s["metadata"].get("labels") or {}
+        if "service.kubernetes.io/service-proxy-name" in labels:
+            continue
+        if s["spec"].get("clusterIP") in (None, "None"):  # headless or ExternalName
+            continue
+        name = s["metadata"]["name"]
+        ready = {
+            ep["addresses"][0]
+            for sl in slices
+            if sl["metadata"]["labels"]["kubernetes.io/service-name"] == name
+            for ep in sl["endpoints"]
+            if ep.get("conditions", {}).get("ready", True)
+        }
+        out[f"{s['spec']['clusterIP']}:80"] = sorted(ready)
+    return out
+
+
+def converge(agent: Agent, want: Callable[[], dict[str, list[str]]], timeout: float = 10) -> None:
+    """Run the agent's loop body until the maps hold `want()`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        agent.source.wait(0.05)
+        agent.step()
+        got, expected = decoded(agent.datapath), want()  # type: ignore[arg-type]
+        if got == expected:
+            return
+        assert time.monotonic() < deadline, f"maps {got} never became {expected}"
+
+
+def synced(agent: Agent, server: FakeApiServer) -> None:
+    agent.sync()
+    converge(agent, lambda: api_state(server))
+
+
+def test_add_update_delete_reach_the_maps(agent: Agent, api: tuple[FakeApiServer, Netns]) -> None:
+    server, _ = api
+    server.apply(svc(1))
+    server.apply(eps(1, ["10.1.0.1", "10.1.0.2"]))
+    synced(agent, server)
+    assert decoded(agent.datapath) == {"10.96.0.1:80": ["10.1.0.1", "10.1.0.2"]}  # type: ignore[arg-type]
+
+    server.apply(svc(2))
+    server.apply(eps(2, ["10.1.0.3"]))
+    server.apply(eps(1, ["10.1.0.1", "10.1.0.4"]))  # one endpoint replaced
+    converge(agent, lambda: api_state(server))
+    assert api_state(server)["10.96.0.1:80"] == ["10.1.0.1", "10.1.0.4"]
+
+    server.delete("endpointslices", "test", "s1-1")  # no endpoints left: rejected, not gone
+    converge(agent, lambda: api_state(server))
+    assert decoded(agent.datapath)["10.96.0.1:80"] == []  # type: ignore[arg-type]
+
+    server.delete("services", "test", "s2")
+    converge(agent, lambda: api_state(server))
+    assert "10.96.0.2:80" not in decoded(agent.datapath)  # type: ignore[arg-type]
+
+
+def test_slices_merge_dedupe_and_keep_conditions(
+    agent: Agent, api: tuple[FakeApiServer, Netns]
+) -> None:
+    server, _ = api
+    server.apply(svc(1))
+    server.apply(eps(1, ["10.1.0.1", "10.1.0.2"], suffix="a"))
+    server.apply(eps(1, ["10.1.0.2", "10.1.0.3"], suffix="b"))  # 10.1.0.2 in both
+    server.apply(eps(1, ["10.1.0.9"], suffix="c", ready=False))  # not ready: not used
+    synced(agent, server)
+    assert decoded(agent.datapath) == {  # type: ignore[arg-type]
+        "10.96.0.1:80": ["10.1.0.1", "10.1.0.2", "10.1.0.3"]
+    }
+    table = agent.table
+    conditions = [
+        ep.ready for sl in table.slices_of(table.services[_ref(1)].ref) for ep in sl.endpoints
+    ]
+    assert sorted(conditions) == [False, True, True, True, True]
+    server.delete("endpointslices", "test", "s1-a")  # 10.1.0.2 stays through slice b
+    converge(agent, lambda: {"10.96.0.1:80": ["10.1.0.2", "10.1.0.3"]})
+
+
+def test_services_kube_proxy_leaves_alone_are_left_alone(
+    agent: Agent, api: tuple[FakeApiServer, Netns]
+) -> None:
+    server, _ = api
+    owned = svc(1)
+    owned["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": "other"}
+    server.apply(owned)
+    server.apply(svc(2, clusterIP="None"))  # headless
+    external = svc(3, type="ExternalName", externalName="example.org")
+    del external["spec"]["clusterIP"]
+    server.apply(external)
+    server.apply(svc(4))
+    for i in (1, 2, 3, 4):
+        server.apply(eps(i, ["10.1.0.1"]))
+    synced(agent, server)
+    assert decoded(agent.datapath) == {"10.96.0.4:80": ["10.1.0.1"]}  # type: ignore[arg-type]
+    # A service that gains the label is handed over: lbctl drops it.
+    labelled = svc(4)
+    labelled["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": "other"}
+    server.apply(labelled)
+    converge(agent, lambda: {})
+
+
+def test_an_invalid_object_keeps_its_last_version_and_the_others_go_on(
+    agent: Agent, api: tuple[FakeApiServer, Netns]
+) -> None:
+    server, _ = api
+    server.apply(svc(1))
+    server.apply(eps(1, ["10.1.0.1"]))
+    synced(agent, server)
+    broken = svc(1)
+    broken["spec"]["ports"][0]["port"] = 70000
+    server.apply(broken)
+    server.apply(svc(2))
+    server.apply(eps(2, ["10.1.0.2"]))
+    converge(agent, lambda: {"10.96.0.1:80": ["10.1.0.1"], "10.96.0.2:80": ["10.1.0.2"]})
+    source = agent.source
+    assert isinstance(source, KubeSource)
+    [problem] = source.problems.values()
+    assert "Service test/s1" in problem and "spec.ports[0].port" in problem
+
+
+def test_a_watch_cut_mid_stream_resumes_without_listing_again(
+    agent: Agent, api: tuple[FakeApiServer, Netns]
+) -> None:
+    server, _ = api
+    for i in range(1, 4):
+        server.apply(svc(i))
+        server.apply(eps(i, [f"10.1.0.{i}"]))
+    synced(agent, server)
+    lists_before = _lists(agent)
+    for round_ in range(3):
+        server.cut_watches()
+        server.apply(eps(1, [f"10.1.1.{round_}"]))
+        server.delete("services", "test", f"s{round_ + 2}") if round_ < 2 else None
+        converge(agent, lambda: api_state(server))
+    assert _lists(agent) == lists_before, "a cut watch must resume, not re-list"
+
+
+def test_410_gone_lists_again_and_changes_only_what_differs(
+    agent: Agent, api: tuple[FakeApiServer, Netns]
+) -> None:
+    server, _ = api
+    for i in range(1, 6):
+        server.apply(svc(i))
+        server.apply(eps(i, [f"10.1.0.{i}"]))
+    synced(agent, server)
+    table = agent.datapath.table  # type: ignore[attr-defined]
+    kept = {key: fe.ident for key, fe in table.frontends.items()}
+    lists_before = _lists(agent)
+
+    server.set_down(True)  # the watch breaks and cannot resume...
+    server.delete("services", "test", "s1")
+    server.apply(eps(2, ["10.1.0.2", "10.1.0.22"]))
+    server.apply(svc(6))
+    server.apply(eps(6, ["10.1.0.6"]))
+    server.compact()  # ...and by the time it can, its resourceVersion is gone
+    server.set_down(False)
+    converge(agent, lambda: api_state(server))
+
+    assert _lists(agent) > lists_before, "a 410 must be answered with a new LIST"
+    # Services that did not change kept their frontends: nothing valid was
+    # removed and added again (a new frontend would have a new id).
+    for key, ident in kept.items():
+        if str(key.address) in ("10.96.0.3", "10.96.0.4", "10.96.0.5", "10.96.0.2"):
+            assert table.frontends[key].ident == ident
+
+
+def test_no_change_during_an_outage_then_converge_to_the_api(
+    agent: Agent, api: tuple[FakeApiServer, Netns]
+) -> None:
+    server, _ = api
+    for i in range(1, 4):
+        server.apply(svc(i))
+        server.apply(eps(i, [f"10.1.0.{i}"]))
+    synced(agent, server)
+    before = decoded(agent.datapath)  # type: ignore[arg-type]
+    ops = agent.datapath.table.map_ops  # type: ignore[attr-defined]
+
+    server.set_down(True)
+    server.delete("services", "test", "s1")
+    server.apply(eps(2, ["10.1.0.20", "10.1.0.21"]))
+    server.apply(svc(4))
+    server.apply(eps(4, ["10.1.0.4"]))
+    source = agent.source
+    assert isinstance(source, KubeSource)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:  # the reflectors retry and fail meanwhile
+        agent.source.wait(0.05)
+        agent.step()
+    assert decoded(agent.datapath) == before  # type: ignore[arg-type]
+    assert agent.datapath.table.map_ops == ops  # type: ignore[attr-defined]
+    assert source.trouble_by_kind, "the outage is reported"
+
+    server.set_down(False)
+    converge(agent, lambda: api_state(server))
+    deadline = time.monotonic() + 5
+    while source.trouble_by_kind and time.monotonic() < deadline:
+        time.sleep(0.05)  # the Node reflector may still be backing off
+    assert not source.trouble_by_kind
+
+
+def test_api_errors_are_retried_with_backoff(
+    api: tuple[FakeApiServer, Netns], clean_datapath: BpfDatapath
+) -> None:
+    server, ns = api
+    server.apply(svc(1))
+    server.apply(eps(1, ["10.1.0.1"]))
+    server.fail_next(6, code=500)  # the first LISTs fail
+    source = make_source(server, ns)
+    try:
+        agent = Agent(source, clean_datapath, AgentOptions(interfaces=[]))
+        synced(agent, server)
+        assert decoded(clean_datapath) == {"10.96.0.1:80": ["10.1.0.1"]}
+        failed = [r for r in server.requests if "watch" not in r.query]
+        assert len(failed) >= 7, "every failed LIST was tried again"
+    finally:
+        source.stop()
+
+
+def test_watch_events_reach_the_maps_in_milliseconds(
+    agent: Agent, api: tuple[FakeApiServer, Netns]
+) -> None:
+    """Latency is measured from an event's arrival to the maps (a fact, not a benchmark)."""
+    server, _ = api
+    server.apply(svc(1))
+    server.apply(eps(1, ["10.1.0.1"]))
+    synced(agent, server)
+    agent.latencies.clear()
+    for n in range(2, 22):
+        server.apply(eps(1, [f"10.1.0.{n}"]))
+        converge(agent, lambda n=n: {"10.96.0.1:80": [f"10.1.0.{n}"]})  # type: ignore[misc]
+    assert len(agent.latencies) >= 20
+    assert all(0 <= lat < 1.0 for lat in agent.latencies)
+
+
+def _lists(agent: Agent) -> int:
+    source = agent.source
+    assert isinstance(source, KubeSource)
+    return sum(r.lists for r in source.reflectors.values())
+
+
+def _ref(i: int) -> Any:
+    from lbctl.model import ServiceRef
+
+    return ServiceRef("test", f"s{i}")
