@@ -12,6 +12,8 @@ setup(
     data_files=[("share/lbctl/bpf", sorted(glob("bpf/*.[ch]")))],
     install_requires=[
         "cffi>=1.15",
+        "kubernetes>=28",
+        "prometheus-client>=0.17",
         "pyroute2>=0.7",
         "PyYAML>=6",
     ],

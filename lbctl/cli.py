@@ -7,16 +7,24 @@ Exit codes: 0 success, 1 the command failed (the reason is on stderr),
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from lbctl import __version__
 from lbctl.datapath.settings import DEFAULT_PIN_DIR, BpfSettings
+
+if TYPE_CHECKING:
+    from lbctl.agent import Source
+    from lbctl.config import Config
 
 log = logging.getLogger("lbctl")
 
@@ -40,18 +48,36 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run the agent: program the datapath and keep it in sync",
-        description="Compile and attach the BPF datapath, program it from the source, "
-        "and apply every change until stopped. On exit the datapath stays in place "
-        "(pinned maps, attached programs) so traffic keeps flowing and a restart adopts "
-        "it; `lbctl cleanup` removes it.",
+        description="Compile and attach the BPF datapath, program it from the source "
+        "(the Kubernetes API or a manifest directory), and apply every change until "
+        "stopped. On exit the datapath stays in place (pinned maps, attached programs) so "
+        "traffic keeps flowing and a restart adopts it; `lbctl cleanup` removes it. "
+        "Settings come from --config FILE (see examples/lbctl-config.yaml); a flag "
+        "overrides the file.",
     )
-    run.add_argument(
+    run.add_argument("--config", type=Path, metavar="FILE", help="configuration file (YAML)")
+    source = run.add_argument_group("source of Services (exactly one)")
+    source.add_argument(
+        "--kubeconfig", type=Path, metavar="FILE", help="follow the API server of this kubeconfig"
+    )
+    source.add_argument(
+        "--in-cluster",
+        action="store_const",
+        const=True,
+        help="follow the API server with the pod's service account",
+    )
+    source.add_argument(
         "--manifests",
         type=Path,
         metavar="DIR",
-        required=True,
-        help="directory of Service and EndpointSlice YAML to serve and watch",
+        help="serve and watch a directory of Service and EndpointSlice YAML instead",
     )
+    run.add_argument(
+        "--hostname-override",
+        metavar="NAME",
+        help="this node's name in the API (default: $NODE_NAME, else the host name)",
+    )
+    run.add_argument("--mode", choices=["ebpf", "ipvs", "auto"], help="datapath (default ebpf)")
     run.add_argument(
         "--interfaces",
         type=_interfaces,
@@ -59,7 +85,19 @@ def _parser() -> argparse.ArgumentParser:
         help="interfaces to attach to (default: every non-loopback Ethernet interface of this "
         "network namespace, including ones that appear later)",
     )
-    _bpffs_arg(run)
+    run.add_argument(
+        "--bpffs",
+        type=Path,
+        metavar="DIR",
+        help=f"directory on bpffs for lbctl's pinned maps (default {DEFAULT_PIN_DIR})",
+    )
+    for flag, what, default in (
+        ("--metrics-bind-address", "Prometheus metrics", "0.0.0.0:10249"),
+        ("--healthz-bind-address", "health checks", "0.0.0.0:10256"),
+    ):
+        run.add_argument(
+            flag, metavar="HOST:PORT", help=f'serve {what} here (default {default}; "" disables)'
+        )
     defaults = BpfSettings()
     for flag, field, what in (
         ("--max-services", "max_services", "service frontends"),
@@ -71,7 +109,6 @@ def _parser() -> argparse.ArgumentParser:
             flag,
             type=int,
             dest=field,
-            default=getattr(defaults, field),
             metavar="N",
             help=f"capacity for {what} (default {getattr(defaults, field)})",
         )
@@ -120,23 +157,59 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lbctl.agent import Agent, AgentOptions
+    from lbctl import config
     from lbctl.datapath.bpf import BpfDatapath
-    from lbctl.manifests import ManifestSource
 
-    if not args.manifests.is_dir():
-        raise FileNotFoundError(f"--manifests {args.manifests}: not a directory")
-    settings = BpfSettings(
-        pin_dir=args.bpffs,
-        max_services=args.max_services,
-        max_backends=args.max_backends,
-        max_slots=args.max_slots,
-        ct_size=args.ct_size,
+    cfg = config.load(args.config) if args.config else config.Config()
+    cfg = config.with_overrides(
+        cfg,
+        **{
+            field: getattr(args, field)
+            for field in (
+                "kubeconfig",
+                "in_cluster",
+                "manifests",
+                "hostname_override",
+                "mode",
+                "interfaces",
+                "bpffs",
+                "metrics_bind_address",
+                "healthz_bind_address",
+                "max_services",
+                "max_backends",
+                "max_slots",
+                "ct_size",
+            )
+        },
     )
-    datapath = BpfDatapath(settings)
-    agent = Agent(
-        ManifestSource(args.manifests), datapath, AgentOptions(interfaces=args.interfaces)
+    config.validate(cfg, f"{args.config} and the flags" if args.config else "the flags")
+    # bcc compiles in a child process from now on, while the source is read.
+    datapath = BpfDatapath(cfg.bpf_settings(), wait=False)
+    try:
+        source = _source(cfg)
+    except Exception:
+        datapath.close()
+        raise
+    # The first sync builds hundreds of thousands of objects that all live on;
+    # the cyclic collector would rescan them again and again (3x slower at 10,000
+    # Services). Agent.sync freezes them when it is done and turns it back on.
+    gc.disable()
+    source.start()
+
+    from lbctl.agent import Agent, AgentOptions
+    from lbctl.serve import Observability
+
+    options = AgentOptions(
+        interfaces=list(cfg.interfaces) if cfg.interfaces is not None else None,
+        sync_period_s=cfg.sync_period_s,
     )
+    agent = Agent(source, datapath, options)
+    observe = Observability(agent)
+    for problem in observe.start(
+        config.parse_bind_address(cfg.metrics_bind_address),
+        config.parse_bind_address(cfg.healthz_bind_address),
+    ):
+        log.error("%s", problem)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -148,8 +221,23 @@ def _run(args: argparse.Namespace) -> int:
     try:
         agent.run(stop)
     finally:
+        observe.stop()
         datapath.close()
     return 0
+
+
+def _source(cfg: Config) -> Source:
+    if cfg.manifests is not None:
+        from lbctl.manifests import ManifestSource
+
+        if not cfg.manifests.is_dir():
+            raise FileNotFoundError(f"manifests {cfg.manifests}: not a directory")
+        return ManifestSource(cfg.manifests)
+    from lbctl.kubesource import KubeSource, api_client
+
+    node = str(cfg.hostname_override or os.environ.get("NODE_NAME") or socket.gethostname())
+    log.info("following the API server as node %s", node.lower())
+    return KubeSource(api_client(cfg.kubeconfig, cfg.in_cluster), node.lower())
 
 
 def _dump(args: argparse.Namespace) -> int:

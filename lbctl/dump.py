@@ -31,6 +31,15 @@ def _state(flags: int) -> str:
     return "ready" if b.ready else ("serving" if b.serving else "not-ready")
 
 
+def read_counters(maps: Maps) -> dict[str, int]:
+    """The per-CPU verdict counters of lb_stats, summed: LB_STAT_MAX lookups."""
+    out = {}
+    for const_name, label in STAT_NAMES.items():
+        per_cpu = maps.lb_stats.lookup(layout.ffi.new("__u32 *", layout.const(const_name)))
+        out[label] = sum(per_cpu) if per_cpu is not None else 0
+    return out
+
+
 def read(pin_dir: Path) -> dict[str, Any]:
     """Everything the datapath's maps hold, as plain data."""
     maps = Maps.open_pinned(pin_dir)
@@ -71,11 +80,7 @@ def read(pin_dir: Path) -> dict[str, Any]:
                 }
             )
         frontends.sort(key=lambda f: (f["service"], f["port_name"], f["address"], f["port"]))
-        stats_values = maps.lb_stats
-        stats = {}
-        for const_name, label in STAT_NAMES.items():
-            per_cpu = stats_values.lookup(layout.ffi.new("__u32 *", layout.const(const_name)))
-            stats[label] = sum(per_cpu) if per_cpu is not None else 0
+        stats = read_counters(maps)
         fill = {
             name: {"entries": len(m), "capacity": m.max_entries}
             for name, m in maps.all().items()
