@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: deps demo test lint unit clean
+.PHONY: deps demo test lint unit clean bench bench-control-plane
 
 deps:
 	@bash scripts/install-deps.sh
@@ -18,6 +18,12 @@ lint: deps
 
 test: lint
 	$(PY) -m pytest -q tests
+
+bench: bench-control-plane
+
+# Figures for the README; see the docstring of bench/control_plane.py.
+bench-control-plane: deps
+	$(PY) bench/control_plane.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

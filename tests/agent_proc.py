@@ -29,7 +29,11 @@ def lbctl(
 
 
 class AgentProcess:
-    def __init__(self, node: Netns, manifests: Path, pin_dir: Path, log: Path, *extra: str):
+    """`lbctl run` in the node's namespace; `manifests` None: the source is in `extra`."""
+
+    def __init__(
+        self, node: Netns, manifests: Path | None, pin_dir: Path, log: Path, *extra: str
+    ) -> None:
         self.node = node
         self.manifests = manifests
         self.pin_dir = pin_dir
@@ -38,7 +42,9 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> AgentProcess:
-        args = ["run", "--manifests", str(self.manifests), "--bpffs", str(self.pin_dir)]
+        args = ["run", "--bpffs", str(self.pin_dir)]
+        if self.manifests is not None:
+            args += ["--manifests", str(self.manifests)]
         with self.log.open("ab") as sink:
             self.proc = subprocess.Popen(
                 ["nsenter", f"--net={self.node.path}", LBCTL, *args, *self.extra],
@@ -65,6 +71,13 @@ class AgentProcess:
         out = lbctl("maps", "dump", "-o", "json", "--bpffs", str(self.pin_dir))
         data: dict[str, Any] = json.loads(out.stdout)
         return data
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would: nothing is cleaned up."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.proc = None
 
     def stop(self) -> None:
         """Stop the agent we started (by its PID), then remove its datapath."""

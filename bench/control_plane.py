@@ -1,0 +1,275 @@
+"""Control-plane benchmark: `make bench-control-plane`.
+
+For 100, 1,000 and 10,000 Services of 10 endpoints each, served by the test
+API server (tests/apiserver.py; no kube-apiserver can be installed here):
+
+- start: from launching `lbctl run --kubeconfig` to the agent's "synced"
+  log line (all maps programmed), and the agent's own sync time (LIST,
+  parse, plan and write, without Python start-up and the BPF compile);
+- the agent's RSS after the sync;
+- latency from an EndpointSlice change arriving on the watch to the maps
+  updated, as the agent logs it, p50 and p99 over CHANGES changes;
+- as the reference, in the same run: `iptables-restore` of the equivalent
+  kube-proxy-shaped nat table (KUBE-SERVICES / KUBE-SVC-* / KUBE-SEP-*
+  chains, generated here from kube-proxy's documented rule layout), full
+  load and one endpoint change (kube-proxy rewrites the service's chains).
+
+Everything runs inside network namespaces this script creates and deletes.
+The machine is shared and noisy: read the figures as ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import ipaddress
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.apiserver import FakeApiServer
+from tests.netlab import Netns
+
+LBCTL = str(Path(sys.executable).parent / "lbctl")
+ENDPOINTS = 10
+APPLIED = re.compile(r"applied .* ([0-9.]+) ms after the change arrived")
+SYNCED = re.compile(r"synced: .* in ([0-9.]+) s")
+
+
+def service(i: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": f"svc{i}", "namespace": "bench"},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": str(ipaddress.IPv4Address(0x0A600000 + i)),
+            "ports": [{"name": "http", "protocol": "TCP", "port": 80}],
+        },
+    }
+
+
+def endpoint(i: int, j: int, generation: int = 0) -> str:
+    """Endpoint j of service i; generation n > 0 gives a fresh address for change n."""
+    if generation:
+        return str(ipaddress.IPv4Address(0x0C000000 + generation))
+    return str(ipaddress.IPv4Address(0x0B000000 + i * ENDPOINTS + j))
+
+
+def endpoint_slice(i: int, generation: int = 0) -> dict[str, Any]:
+    changed = {ENDPOINTS - 1: generation}  # a change replaces the last endpoint
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"svc{i}-abcde",
+            "namespace": "bench",
+            "labels": {"kubernetes.io/service-name": f"svc{i}"},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+        "endpoints": [
+            {
+                "addresses": [endpoint(i, j, changed.get(j, 0))],
+                "conditions": {"ready": True, "serving": True, "terminating": False},
+                "nodeName": f"node{j}",
+            }
+            for j in range(ENDPOINTS)
+        ],
+    }
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def wait_for(log: Path, pattern: re.Pattern[str], count: int, timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = pattern.findall(log.read_text())
+        if len(found) >= count:
+            return list(found)
+        time.sleep(0.002)
+    raise TimeoutError(f"{pattern.pattern!r} seen fewer than {count} times:\n{log.read_text()}")
+
+
+def bench_lbctl(services: int, changes: int, work: Path) -> dict[str, float]:
+    ns = Netns.create("bench")
+    pins = Path(f"/sys/fs/bpf/lbctl-bench-{os.getpid()}")
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        sock = ns.open_socket()
+        sock.bind(("127.0.0.1", 0))
+        server = FakeApiServer(sock, bookmark_interval=5.0).start()
+        ns.on_delete(server.stop)
+        with server.batch():
+            for i in range(services):
+                server.create(service(i))
+                server.create(endpoint_slice(i))
+        kubeconfig = server.write_kubeconfig(work / "kubeconfig")
+        log = work / f"agent-{services}.log"
+        size = max(1024, services * 2)
+        args = [
+            "nsenter", f"--net={ns.path}", LBCTL, "run", "--kubeconfig", str(kubeconfig),
+            "--hostname-override", "bench-node", "--bpffs", str(pins),
+            "--metrics-bind-address", "", "--healthz-bind-address", "",
+            "--max-services", str(size), "--max-backends", str(size * ENDPOINTS),
+            "--max-slots", str(size * ENDPOINTS),
+        ]  # fmt: skip
+        with log.open("wb") as sink:
+            started = time.monotonic()
+            proc = subprocess.Popen(args, stdout=sink, stderr=sink, stdin=subprocess.DEVNULL)
+        [agent_sync] = wait_for(log, SYNCED, 1, 120)
+        start_s = time.monotonic() - started
+        rss, peak = rss_mb(proc.pid)
+        for n in range(changes):
+            server.apply(endpoint_slice((n * 7919) % services, generation=n + 1))
+            wait_for(log, APPLIED, n + 1, 10)
+        latencies = sorted(float(ms) for ms in APPLIED.findall(log.read_text()))
+        return {
+            "start_s": start_s,
+            "sync_s": float(agent_sync),
+            "rss_mb": rss,
+            "peak_mb": peak,
+            "p50_ms": statistics.median(latencies),
+            "p99_ms": latencies[int(len(latencies) * 0.99) - 1],
+        }
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=20)
+            subprocess.run(
+                ["nsenter", f"--net={ns.path}", LBCTL, "cleanup", "--bpffs", str(pins)],
+                capture_output=True,
+                check=False,
+            )
+        ns.delete()
+
+
+# -- the kube-proxy reference ----------------------------------------------------------
+
+
+def _chain(prefix: str, text: str) -> str:
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16].upper()
+    return f"{prefix}-{digest}"
+
+
+def kube_proxy_rules(services: int, generation: int = 0, only: int | None = None) -> str:
+    """A nat table shaped as kube-proxy's iptables mode writes it (one TCP port each)."""
+    chains: list[str] = []
+    rules: list[str] = []
+    todo = range(services) if only is None else [only]
+    for i in todo:
+        vip = str(ipaddress.IPv4Address(0x0A600000 + i))
+        name = f"bench/svc{i}:http"
+        svc_chain = _chain("KUBE-SVC", name)
+        chains.append(svc_chain)
+        rules.append(
+            f'-A KUBE-SERVICES -d {vip}/32 -p tcp -m comment --comment "{name} cluster IP" '
+            f"-m tcp --dport 80 -j {svc_chain}"
+        )
+        rules.append(
+            f'-A {svc_chain} ! -s 10.244.0.0/16 -d {vip}/32 -p tcp -m comment --comment "{name} '
+            f'cluster IP" -m tcp --dport 80 -j KUBE-MARK-MASQ'
+        )
+        for j in range(ENDPOINTS):
+            ep = endpoint(i, j, generation if j == ENDPOINTS - 1 else 0)
+            sep = _chain("KUBE-SEP", f"{name}{ep}")
+            chains.append(sep)
+            left = ENDPOINTS - j
+            jump = f"-m statistic --mode random --probability {1 / left:.11f} " if left > 1 else ""
+            rules.append(
+                f'-A {svc_chain} -m comment --comment "{name} -> {ep}:8080" {jump}-j {sep}'
+            )
+            rules.append(f'-A {sep} -s {ep}/32 -m comment --comment "{name}" -j KUBE-MARK-MASQ')
+            rules.append(
+                f'-A {sep} -p tcp -m comment --comment "{name}" -m tcp -j DNAT '
+                f"--to-destination {ep}:8080"
+            )
+    head = ["*nat"]
+    if only is None:
+        head += [
+            ":KUBE-SERVICES - [0:0]",
+            ":KUBE-MARK-MASQ - [0:0]",
+            "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
+        ]
+    return "\n".join([*head, *(f":{c} - [0:0]" for c in chains), *rules, "COMMIT", ""])
+
+
+def restore(ns: Netns, rules: str) -> float:
+    started = time.monotonic()
+    subprocess.run(
+        ["ip", "netns", "exec", ns.name, "iptables-restore", "--noflush"],
+        input=rules,
+        text=True,
+        check=True,
+    )
+    return time.monotonic() - started
+
+
+def bench_iptables(services: int) -> dict[str, float]:
+    ns = Netns.create("iptref")
+    try:
+        full = kube_proxy_rules(services)
+        full_s = restore(ns, full)
+        # One endpoint change: kube-proxy flushes and rewrites the service's chains
+        # (its SEP chains keep their names except the changed endpoint's).
+        change = kube_proxy_rules(services, generation=1, only=services // 2)
+        change = change.replace("-A KUBE-SERVICES", "#", 1)  # the service's jump stays
+        change = "\n".join(line for line in change.splitlines() if not line.startswith("#"))
+        change_s = restore(ns, change + "\n")
+        return {"full_s": full_s, "change_ms": change_s * 1000, "rules": full.count("\n-A")}
+    finally:
+        ns.delete()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="100,1000,10000")
+    parser.add_argument("--changes", type=int, default=200)
+    parser.add_argument("--skip-reference", action="store_true", help="no iptables-restore")
+    args = parser.parse_args()
+    work = Path("/tmp") / f"lbctl-bench-{os.getpid()}"
+    work.mkdir(exist_ok=True)
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    print(f"machine: {os.cpu_count()} CPUs ({cpu}), kernel {platform.release()}, Python "
+          f"{platform.python_version()}")  # fmt: skip
+    print(f"{ENDPOINTS} endpoints per service; latency over {args.changes} EndpointSlice changes")
+    header = (
+        f"{'services':>8} {'start s':>8} {'sync s':>7} {'RSS MB':>7} {'peak MB':>8} "
+        f"{'p50 ms':>7} {'p99 ms':>7} | {'iptables-restore full s':>23} {'one change ms':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    for size in (int(s) for s in args.sizes.split(",")):
+        lb = bench_lbctl(size, args.changes, work)
+        ref = bench_iptables(size) if not args.skip_reference else {"full_s": 0, "change_ms": 0}
+        print(
+            f"{size:>8} {lb['start_s']:>8.2f} {lb['sync_s']:>7.2f} {lb['rss_mb']:>7.0f} "
+            f"{lb['peak_mb']:>8.0f} {lb['p50_ms']:>7.2f} {lb['p99_ms']:>7.2f} | "
+            f"{ref['full_s']:>23.2f} {ref['change_ms']:>13.1f}",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
