@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import ipaddress
+import math
 import os
 import platform
 import re
@@ -207,14 +208,22 @@ def kube_proxy_rules(services: int, generation: int = 0, only: int | None = None
     return "\n".join([*head, *(f":{c} - [0:0]" for c in chains), *rules, "COMMIT", ""])
 
 
+REFERENCE_TIMEOUT_S = 1200.0
+
+
 def restore(ns: Netns, rules: str) -> float:
+    """Seconds iptables-restore takes; infinity when it exceeds REFERENCE_TIMEOUT_S."""
     started = time.monotonic()
-    subprocess.run(
-        ["ip", "netns", "exec", ns.name, "iptables-restore", "--noflush"],
-        input=rules,
-        text=True,
-        check=True,
-    )
+    try:
+        subprocess.run(
+            ["ip", "netns", "exec", ns.name, "iptables-restore", "--noflush"],
+            input=rules,
+            text=True,
+            check=True,
+            timeout=REFERENCE_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return math.inf
     return time.monotonic() - started
 
 
@@ -253,6 +262,8 @@ def main() -> int:
     print(f"machine: {os.cpu_count()} CPUs ({cpu}), kernel {platform.release()}, Python "
           f"{platform.python_version()}")  # fmt: skip
     print(f"{ENDPOINTS} endpoints per service; latency over {args.changes} EndpointSlice changes")
+    version = subprocess.run(["iptables", "--version"], capture_output=True, text=True)
+    print(f"reference: {version.stdout.strip()}")
     header = (
         f"{'services':>8} {'start s':>8} {'sync s':>7} {'RSS MB':>7} {'peak MB':>8} "
         f"{'p50 ms':>7} {'p99 ms':>7} | {'iptables-restore full s':>23} {'one change ms':>13}"

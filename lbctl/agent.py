@@ -99,10 +99,16 @@ class Agent:
         self.observers: list[Callable[[float], None]] = []  # called with each latency
         self.last_tick = time.monotonic()  # the loop's heartbeat, for health checks
 
-    def sync(self) -> None:
+    def sync(self, stop: threading.Event | None = None) -> None:
         """First sync: load everything, make the maps match, then attach."""
         started = time.monotonic()
-        if not self.source.wait_ready(self.options.ready_timeout_s):
+        deadline = started + self.options.ready_timeout_s
+        ready = False
+        while not ready and time.monotonic() < deadline and not (stop and stop.is_set()):
+            ready = self.source.wait_ready(min(0.2, max(deadline - time.monotonic(), 0)))
+        if stop is not None and stop.is_set():
+            return
+        if not ready:
             log.warning(
                 "the source was not read whole within %.0f s; programming what is known",
                 self.options.ready_timeout_s,
@@ -174,7 +180,7 @@ class Agent:
     def run(self, stop: threading.Event) -> None:
         self.source.start()
         try:
-            self.sync()
+            self.sync(stop)
             self._loop(stop)
         finally:
             self.source.stop()

@@ -183,13 +183,9 @@ def _run(args: argparse.Namespace) -> int:
         },
     )
     config.validate(cfg, f"{args.config} and the flags" if args.config else "the flags")
+    source = _source(cfg)  # not started yet: a bad kubeconfig stops us here
     # bcc compiles in a child process from now on, while the source is read.
     datapath = BpfDatapath(cfg.bpf_settings(), wait=False)
-    try:
-        source = _source(cfg)
-    except Exception:
-        datapath.close()
-        raise
     # The first sync builds hundreds of thousands of objects that all live on;
     # the cyclic collector would rescan them again and again (3x slower at 10,000
     # Services). Agent.sync freezes them when it is done and turns it back on.

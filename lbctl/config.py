@@ -25,6 +25,9 @@ _BPF = BpfSettings()
 _MAX_SIZE = 2**32 - 1  # BPF max_entries is a u32
 
 
+_SOURCES = ("manifests", "kubeconfig", "in_cluster")
+
+
 class ConfigError(ValueError):
     """The configuration is unreadable or invalid; the message says where and how to fix it."""
 
@@ -177,16 +180,21 @@ def parse(data: object, source: str) -> Config:
 
 
 def with_overrides(config: Config, **overrides: Any) -> Config:
-    """`config` with each override that is not None (a flag that was given) applied."""
+    """`config` with each override that is not None (a flag that was given) applied.
+
+    A source given as a flag replaces the file's source, whichever it was.
+    """
     given: dict[str, Any] = {
         k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()
     }
+    if any(given.get(k) for k in _SOURCES):
+        config = dataclasses.replace(config, manifests=None, kubeconfig=None, in_cluster=False)
     return dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
 
 
 def validate(config: Config, source: str = "the command line") -> None:
     """Check a merged configuration (file + flags); `source` names where it came from."""
-    _check_values(config, source)
+    _check_values(config, source, merged=True)
     sources = {
         "manifests (--manifests)": config.manifests is not None,
         "clientConnection.kubeconfig (--kubeconfig)": config.kubeconfig is not None,
@@ -251,11 +259,13 @@ def _convert(value: object, kind: str, path: str, source: str) -> object:
     return value if value or kind != "str" else None  # "" means unset, but disables an address
 
 
-def _check_values(config: Config, source: str) -> None:
+def _check_values(config: Config, source: str, merged: bool = False) -> None:
+    """Each value on its own; `merged`: also what only the final settings can say."""
+
     def fail(field: str, problem: str) -> ConfigError:
         return ConfigError(f"{source}: {_PATH_OF[field]}: {problem}")
 
-    if config.mode in ("ipvs", "auto"):
+    if merged and config.mode in ("ipvs", "auto"):  # a flag may still say ebpf
         raise fail(
             "mode",
             f"{config.mode!r} needs the IPVS fallback, which is not available in this "

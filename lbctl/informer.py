@@ -53,15 +53,15 @@ class Backoff:
     def __init__(self, initial_s: float = 0.8, maximum_s: float = 30.0) -> None:
         self.initial_s = initial_s
         self.maximum_s = maximum_s
-        self._failures = 0
+        self.failures = 0
 
     def next(self) -> float:
-        ceiling = min(self.maximum_s, self.initial_s * 2.0 ** min(self._failures, 32))
-        self._failures += 1
+        ceiling = min(self.maximum_s, self.initial_s * 2.0 ** min(self.failures, 32))
+        self.failures += 1
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     def reset(self) -> None:
-        self._failures = 0
+        self.failures = 0
 
 
 class Reflector:
@@ -73,6 +73,7 @@ class Reflector:
         *,
         page_size: int = 1000,
         watch_timeout_s: int = 300,
+        idle_timeout_s: float = 120.0,
         backoff: Backoff | None = None,
         **selectors: str,
     ) -> None:
@@ -81,19 +82,33 @@ class Reflector:
         self.sink = sink
         self.page_size = page_size
         self.watch_timeout_s = watch_timeout_s
+        # A watch that brings nothing, not even a bookmark (the server sends one
+        # about every minute), for this long is dead: a peer gone without a reset.
+        self.idle_timeout_s = idle_timeout_s
         self.backoff = backoff or Backoff()
         self.selectors = selectors  # e.g. field_selector="metadata.name=node-a"
         self.resource_version: str | None = None
         self.lists = 0  # how many complete LISTs, for tests and logs
         self._failing = False
+        self._gone_in_a_row = 0
+        self._response: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"reflector-{kind}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self) -> None:
+        """Ask the thread to end and break its read of an open watch."""
         self._stop.set()
+        response = self._response
+        if response is not None:
+            try:
+                response.shutdown()  # the blocked read returns at once
+            except Exception as err:  # already closed, or an older urllib3
+                log.debug("%s: closing the watch: %s", self.kind, err)
+
+    def join(self, timeout: float = 5.0) -> None:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -108,6 +123,9 @@ class Reflector:
             except Gone as why:
                 log.info("%s: %s; listing again", self.kind, why)
                 self.resource_version = None
+                self._gone_in_a_row += 1
+                if self._gone_in_a_row > 1:  # lists that go stale at once: slow down
+                    self._stop.wait(self.backoff.next())
             except Exception as err:  # anything the API or the network throws
                 delay = self.backoff.next()
                 message = f"{self.kind}: {_describe(err)}; retrying in {delay:.1f} s"
@@ -117,6 +135,7 @@ class Reflector:
                 self._stop.wait(delay)
 
     def _connected(self) -> None:
+        """The API answered with data: errors are over."""
         self.backoff.reset()
         if self._failing:
             log.info("%s: following the API again", self.kind)
@@ -159,18 +178,24 @@ class Reflector:
             **self.selectors,
         }
         try:
-            resp = self._call(kwargs, timeout=self.watch_timeout_s + 30)
+            resp = self._call(kwargs, timeout=self.idle_timeout_s)
         except Exception as err:
             if _status(err) == 410:
                 raise Gone(f"resourceVersion {self.resource_version} is too old") from err
             raise
-        self._connected()
+        self._response = resp
         try:
+            if self._stop.is_set():  # stop() came before the response was known
+                return
             for line in _lines(resp):
                 if self._stop.is_set():
                     return
                 self._handle(json.loads(line), time.monotonic())
+                self._gone_in_a_row = 0
+                if self._failing or self.backoff.failures:
+                    self._connected()
         finally:
+            self._response = None
             resp.release_conn()
 
     def _handle(self, event: Mapping[str, Any], arrived: float) -> None:

@@ -88,6 +88,7 @@ class KubeSource:
         *,
         page_size: int = 1000,
         watch_timeout_s: int = 300,
+        idle_timeout_s: float = 120.0,
         backoff: Callable[[], Backoff] = Backoff,
     ) -> None:
         from kubernetes import client  # imported late: manifest mode does not need it
@@ -95,7 +96,11 @@ class KubeSource:
         core = client.CoreV1Api(api_client)
         discovery = client.DiscoveryV1Api(api_client)
         self.node_name = node_name
-        options: dict[str, Any] = {"page_size": page_size, "watch_timeout_s": watch_timeout_s}
+        options: dict[str, Any] = {
+            "page_size": page_size,
+            "watch_timeout_s": watch_timeout_s,
+            "idle_timeout_s": idle_timeout_s,
+        }
         self.reflectors = {
             SERVICE: Reflector(
                 SERVICE,
@@ -142,6 +147,8 @@ class KubeSource:
     def stop(self) -> None:
         for reflector in self.reflectors.values():
             reflector.stop()
+        for reflector in self.reflectors.values():
+            reflector.join()
 
     @property
     def complete(self) -> bool:
@@ -159,7 +166,14 @@ class KubeSource:
         """Apply the queued changes to the table; return the services touched."""
         with self._lock:
             self._wake.clear()
-            changes, self._pending = self._pending, {}
+            if self._ready.is_set():
+                changes, self._pending = self._pending, {}
+            else:
+                # Services without their EndpointSlices would look endpoint-less and
+                # empty adopted frontends: hold both until each has been listed once.
+                changes = {k: c for k, c in self._pending.items() if c.kind == NODE}
+                for k in changes:
+                    del self._pending[k]
         touched: set[ServiceRef] = set()
         self.arrived = min((c.arrived for c in changes.values()), default=None)
         for change in changes.values():
@@ -191,6 +205,8 @@ class KubeSource:
             if old.get(key) != version or not version:
                 changes.append(self._parse(kind, key, obj, arrived))
         gone = [_Change(kind, key, None, arrived) for key in old if key not in new]
+        for change in gone:
+            self.problems.pop((kind, change.key), None)
         self._versions[kind] = new
         if kind == NODE and all(name != self.node_name for _, name in new):
             log.warning("Node %s is not in the API; running without its zone", self.node_name)

@@ -45,7 +45,7 @@ HELP = {  # every metric lbctl exports; a name ending in _total is a counter
     "lbctl_frontend_errors": "Frontends that fail to program (e.g. a full map); retried.",
     "lbctl_last_tick_age_seconds": "Seconds since the agent loop last ticked.",
     "lbctl_invalid_objects": "Invalid source objects or manifest files (last valid kept).",
-    "lbctl_source_up": "1 while the resource is followed from the API server, else 0.",
+    "lbctl_source_up": "1 once the resource is listed and while it is followed, else 0.",
     "lbctl_source_lists_total": "Complete LISTs of the resource (re-LISTs follow outages).",
     "lbctl_map_capacity": "Entries the BPF map can hold.",
     "lbctl_map_entries": "Entries of the BPF map in use (from lbctl's mirror of the maps).",
@@ -97,14 +97,17 @@ class _AgentCollector:
         if isinstance(source, KubeSource):
             yield _metric("lbctl_invalid_objects", len(source.problems))
             trouble, reflectors = dict(source.trouble_by_kind), dict(source.reflectors)
-            up = {kind: 0.0 if kind in trouble else 1.0 for kind in reflectors}
+            up = {
+                kind: 1.0 if r.lists and kind not in trouble else 0.0
+                for kind, r in reflectors.items()
+            }
             yield _metric("lbctl_source_up", up, "resource")
             lists = {kind: float(r.lists) for kind, r in reflectors.items()}
             yield _metric("lbctl_source_lists_total", lists, "resource")
         elif isinstance(source, ManifestSource):
             found = sum(len(errors) for errors in list(source.errors.values()))
             yield _metric("lbctl_invalid_objects", found)
-        if isinstance(dp, BpfDatapath):
+        if isinstance(dp, BpfDatapath) and dp.loaded:
             yield from self._maps(dp)
 
     def _maps(self, dp: BpfDatapath) -> Iterator[Metric]:

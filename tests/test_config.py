@@ -127,8 +127,6 @@ def test_null_and_empty_values_mean_unset_but_empty_address_disables(tmp_path: P
         ("healthzBindAddress: '::1:80'\n", "healthzBindAddress", ["brackets"]),
         ("healthzBindAddress: '1.2.3.4:70000'\n", "healthzBindAddress", ["65535"]),
         ("healthzBindAddress: 'node:80'\n", "healthzBindAddress", ["not an IP address"]),
-        ("mode: ipvs\n", "mode", ["IPVS fallback", "not available", "mode: ebpf"]),
-        ("mode: auto\n", "mode", ["IPVS fallback", "not available"]),
         ("mode: iptables\n", "mode", ["unknown mode", "mode: ebpf"]),
         ("hostnameOverride: 42\n", "hostnameOverride", ["expected a string"]),
     ],
@@ -330,3 +328,50 @@ def test_example_file_is_valid_and_shows_the_defaults() -> None:
     text = example.read_text()
     for key in config._FIELDS:
         assert f"{key.rsplit('.', 1)[-1]}:" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--manifests", "{tmp}", "--kubeconfig", "{tmp}/kc"], "more than one source is set"),
+        ([], "no source is set; set exactly one source"),
+        (["--config", "{tmp}/missing.yaml"], "missing.yaml: config file not found"),
+        (["--kubeconfig", "{tmp}/nothing"], "kubeconfig {tmp}/nothing: "),
+        (["--manifests", "{tmp}", "--max-slots", "0"], "capacity.maxSlots: 0 is out of range"),
+        (["--manifests", "{tmp}", "--mode", "ipvs"], "mode: 'ipvs' needs the IPVS fallback"),
+    ],
+)
+def test_lbctl_run_refuses_a_bad_configuration_with_the_fix(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    """The real CLI: exit 1, one line naming the setting; nothing is compiled or pinned."""
+    import subprocess
+    import sys
+
+    lbctl = str(Path(sys.executable).parent / "lbctl")
+    pins = Path("/sys/fs/bpf") / f"lbctl-test-cli-{tmp_path.name}"
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    run = subprocess.run(
+        [lbctl, "run", "--bpffs", str(pins), *argv], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 1, run.stderr
+    assert expected.replace("{tmp}", str(tmp_path)) in run.stderr
+    assert not pins.exists()
+
+
+def test_flags_replace_the_files_source_and_mode(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        f"apiVersion: {config.API_VERSION}\nkind: {config.KIND}\nmode: ipvs\n"
+        "clientConnection:\n  inCluster: true\n"
+    )
+    cfg = config.load(path)  # ipvs is refused only if nothing overrides it
+    merged = config.with_overrides(cfg, kubeconfig=Path("/etc/kubeconfig"), mode="ebpf")
+    config.validate(merged)
+    assert (merged.kubeconfig, merged.in_cluster, merged.mode) == (
+        Path("/etc/kubeconfig"),
+        False,
+        "ebpf",
+    )
+    with pytest.raises(config.ConfigError, match="mode: 'ipvs' needs the IPVS fallback"):
+        config.validate(cfg)

@@ -8,6 +8,7 @@ Every check compares the maps with the API's own state.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -43,21 +44,23 @@ def api() -> Iterator[tuple[FakeApiServer, Netns]]:
 
 
 def make_source(server: FakeApiServer, ns: Netns, **options: Any) -> KubeSource:
-    """A started KubeSource whose reflector threads live in the namespace."""
+    """A KubeSource whose reflector threads (started unless started=False) live in the namespace."""
     from kubernetes import client
 
     conf = client.Configuration()
     conf.host = server.url
     conf.retries = False  # as lbctl.kubesource.api_client sets it
-    with ns.entered():  # threads started here inherit the namespace
-        source = KubeSource(
-            client.ApiClient(conf),
-            "node-a",
-            watch_timeout_s=options.pop("watch_timeout_s", 30),
-            backoff=lambda: Backoff(0.05, 0.3),
-            **options,
-        )
-        source.start()
+    started = options.pop("started", True)
+    source = KubeSource(
+        client.ApiClient(conf),
+        "node-a",
+        watch_timeout_s=options.pop("watch_timeout_s", 30),
+        backoff=lambda: Backoff(0.05, 0.3),
+        **options,
+    )
+    if started:
+        with ns.entered():  # threads started here inherit the namespace
+            source.start()
     return source
 
 
@@ -77,6 +80,13 @@ def svc(i: int, **spec: Any) -> dict[str, Any]:
 
 def eps(i: int, addresses: list[str], suffix: str = "1", **kw: Any) -> dict[str, Any]:
     return k8s_yaml.endpoint_slice(f"s{i}", addresses, TARGET, suffix=suffix, **kw)
+
+
+def seed(server: FakeApiServer, count: int) -> None:
+    """Services s1..sCOUNT, each with one endpoint 10.1.0.i."""
+    for i in range(1, count + 1):
+        server.apply(svc(i))
+        server.apply(eps(i, [f"10.1.0.{i}"]))
 
 
 def api_state(server: FakeApiServer) -> dict[str, list[str]]:
@@ -207,15 +217,14 @@ def test_a_watch_cut_mid_stream_resumes_without_listing_again(
     agent: Agent, api: tuple[FakeApiServer, Netns]
 ) -> None:
     server, _ = api
-    for i in range(1, 4):
-        server.apply(svc(i))
-        server.apply(eps(i, [f"10.1.0.{i}"]))
+    seed(server, 3)
     synced(agent, server)
     lists_before = _lists(agent)
     for round_ in range(3):
         server.cut_watches()
         server.apply(eps(1, [f"10.1.1.{round_}"]))
-        server.delete("services", "test", f"s{round_ + 2}") if round_ < 2 else None
+        if round_ < 2:
+            server.delete("services", "test", f"s{round_ + 2}")
         converge(agent, lambda: api_state(server))
     assert _lists(agent) == lists_before, "a cut watch must resume, not re-list"
 
@@ -224,9 +233,7 @@ def test_410_gone_lists_again_and_changes_only_what_differs(
     agent: Agent, api: tuple[FakeApiServer, Netns]
 ) -> None:
     server, _ = api
-    for i in range(1, 6):
-        server.apply(svc(i))
-        server.apply(eps(i, [f"10.1.0.{i}"]))
+    seed(server, 5)
     synced(agent, server)
     table = agent.datapath.table  # type: ignore[attr-defined]
     kept = {key: fe.ident for key, fe in table.frontends.items()}
@@ -253,9 +260,7 @@ def test_no_change_during_an_outage_then_converge_to_the_api(
     agent: Agent, api: tuple[FakeApiServer, Netns]
 ) -> None:
     server, _ = api
-    for i in range(1, 4):
-        server.apply(svc(i))
-        server.apply(eps(i, [f"10.1.0.{i}"]))
+    seed(server, 3)
     synced(agent, server)
     before = decoded(agent.datapath)  # type: ignore[arg-type]
     ops = agent.datapath.table.map_ops  # type: ignore[attr-defined]
@@ -327,3 +332,102 @@ def _ref(i: int) -> Any:
     from lbctl.model import ServiceRef
 
     return ServiceRef("test", f"s{i}")
+
+
+def test_a_restart_that_cannot_list_endpointslices_keeps_the_adopted_backends(
+    api: tuple[FakeApiServer, Netns], clean_datapath: BpfDatapath
+) -> None:
+    """Services without their slices would look endpoint-less: nothing is applied
+    until both are listed, and the adopted frontends keep serving meanwhile."""
+    server, ns = api
+    server.apply(svc(1))
+    server.apply(eps(1, ["10.1.0.1", "10.1.0.2"]))
+    first = make_source(server, ns)
+    try:
+        synced(Agent(first, clean_datapath, AgentOptions(interfaces=[])), server)
+    finally:
+        first.stop()
+    before = decoded(clean_datapath)
+
+    blocked = threading.Event()
+    blocked.set()
+    second = make_source(server, ns, started=False)
+    reflector = second.reflectors["EndpointSlice"]
+    real_list = reflector.list_func
+
+    def slices(**kwargs: Any) -> Any:
+        if blocked.is_set():  # as an RBAC gap or an overloaded server would
+            raise OSError("EndpointSlice list refused for this test")
+        return real_list(**kwargs)
+
+    reflector.list_func = slices
+    with ns.entered():
+        second.start()
+    try:
+        agent = Agent(second, clean_datapath, AgentOptions(interfaces=[], ready_timeout_s=1))
+        agent.sync()
+        server.delete("services", "test", "s1")
+        server.apply(svc(2))
+        server.apply(eps(2, ["10.1.0.3"]))
+        for _ in range(10):
+            agent.source.wait(0.05)
+            agent.step()
+        assert decoded(clean_datapath) == before
+        blocked.clear()  # the slices can be listed again: now everything converges
+        converge(agent, lambda: api_state(server))
+        assert decoded(clean_datapath) == {"10.96.0.2:80": ["10.1.0.3"]}
+    finally:
+        second.stop()
+
+
+def test_a_silently_dead_watch_is_noticed_and_replaced(
+    agent: Agent, api: tuple[FakeApiServer, Netns], clean_datapath: BpfDatapath
+) -> None:
+    """Packets to the API server vanish (no reset): the idle timeout notices it."""
+    server, ns = api
+    agent.source.stop()
+    source = make_source(server, ns, idle_timeout_s=1.0)
+    agent.source = source
+    try:
+        seed(server, 2)
+        synced(agent, server)
+        rule = f"add rule inet lbtest in tcp dport {server.port} drop"
+        ns.run("nft", "add table inet lbtest")
+        ns.run("nft", "add chain inet lbtest in { type filter hook input priority 0 ; }")
+        ns.run("nft", rule)
+        try:
+            deadline = time.monotonic() + 10
+            while not source.trouble_by_kind and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert source.trouble_by_kind, "a watch that went silent was never noticed"
+            server.apply(eps(1, ["10.1.0.11"]))
+        finally:
+            ns.run("nft", "delete table inet lbtest")
+        converge(agent, lambda: api_state(server))
+    finally:
+        source.stop()
+
+
+def test_stop_ends_every_reflector_even_mid_watch(api: tuple[FakeApiServer, Netns]) -> None:
+    server, ns = api
+    seed(server, 1)
+    source = make_source(server, ns)
+    assert source.wait_ready(10)
+    server.wait_until(lambda: server.open_watches() == 3)
+    source.stop()
+    threads = [r._thread for r in source.reflectors.values()]
+    assert not any(t.is_alive() for t in threads), "a reflector outlived stop()"
+
+
+def test_objects_gone_from_a_relist_take_their_problems_along(
+    api: tuple[FakeApiServer, Netns],
+) -> None:
+    server, ns = api
+    source = make_source(server, ns, started=False)  # fed by hand, no traffic
+    broken = svc(1)
+    broken["metadata"]["resourceVersion"] = "7"
+    broken["spec"]["ports"][0]["port"] = 0
+    source.replace("Service", [broken], time.monotonic())
+    assert list(source.problems) == [("Service", ("test", "s1"))]
+    source.replace("Service", [], time.monotonic())
+    assert source.problems == {}

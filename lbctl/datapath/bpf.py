@@ -59,6 +59,10 @@ class BpfDatapath:
         if wait:
             self.load()
 
+    @property
+    def loaded(self) -> bool:
+        return self._compilation is None and self.prog_fd >= 0
+
     def load(self) -> None:
         """Wait for the compiler; open the maps and adopt what they hold."""
         if self._compilation is None:

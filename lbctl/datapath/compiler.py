@@ -10,12 +10,15 @@ also runs while the agent is busy listing the API, on another CPU.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from lbctl.datapath.maps import MAP_TYPES
@@ -23,6 +26,8 @@ from lbctl.datapath.settings import BpfSettings
 
 PROGRAM = "lbctl_tc_ingress"
 _NAMES = ["program", *MAP_TYPES]
+_MAX_LOG = 8000  # the end of what the compiler printed is what explains a failure
+PR_SET_PDEATHSIG = 1
 
 
 class CompileError(Exception):
@@ -48,6 +53,8 @@ class Compilation:
         self._sock = ours
         request = dataclasses.asdict(settings)
         request["pin_dir"] = str(settings.pin_dir)
+        # A file, not a pipe: a compiler that prints much would block on a full pipe.
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by result())
         try:
             self._proc = subprocess.Popen(
                 [
@@ -59,7 +66,7 @@ class Compilation:
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+                stderr=self._stderr,
                 pass_fds=[theirs.fileno()],
             )
         finally:
@@ -75,11 +82,13 @@ class Compilation:
         finally:
             self._sock.close()
         try:
-            _, stderr = self._proc.communicate(timeout=timeout)
+            self._proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self._proc.kill()
-            _, stderr = self._proc.communicate()
-        printed = stderr.decode(errors="replace").strip()
+            self._proc.wait()
+        self._stderr.seek(0)
+        printed = self._stderr.read().decode(errors="replace").strip()[-_MAX_LOG:]
+        self._stderr.close()
         if message != b"ok" or len(fds) != len(_NAMES):
             for fd in fds:
                 os.close(fd)
@@ -91,6 +100,9 @@ class Compilation:
 
 
 def _child(sock_fd: int, request: str) -> int:
+    # Die with the agent: an orphan must not pin maps for a restarted one.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     sock = socket.socket(fileno=sock_fd)
     try:
         from bcc import BPF

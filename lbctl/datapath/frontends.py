@@ -272,8 +272,11 @@ class FrontendTable:
         # Remove only after adding, so replacing every backend never passes
         # through a count of zero.
         wanted = {b.target for b in fe.backends}
-        for target in [t for t in have.slots if t not in wanted]:
-            self._remove_slot(fe.key, have, target)
+        leaving = [t for t in have.slots if t not in wanted]
+        if leaving:
+            slot_of = {t: n for n, t in enumerate(have.slots, start=1)}
+            for target in leaving:
+                self._remove_slot(fe.key, have, target, slot_of)
 
     def remove(self, key: FrontendKey) -> None:
         have = self.frontends.get(key)
@@ -317,7 +320,8 @@ class FrontendTable:
     def _add_slots(
         self, key: FrontendKey, have: ProgrammedFrontend, targets: list[Target], undo: Undo
     ) -> None:
-        new = [t for t in targets if t not in have.slots]
+        present = set(have.slots)
+        new = [t for t in targets if t not in present]
         if not new:
             return
         base = len(have.slots)
@@ -335,13 +339,21 @@ class FrontendTable:
         for target in new:
             self.backends[target].refs += 1
 
-    def _remove_slot(self, key: FrontendKey, have: ProgrammedFrontend, target: Target) -> None:
-        hole = have.slots.index(target) + 1
+    def _remove_slot(
+        self,
+        key: FrontendKey,
+        have: ProgrammedFrontend,
+        target: Target,
+        slot_of: dict[Target, int],
+    ) -> None:
+        """Fill the target's slot with the last one; `slot_of` follows the move."""
+        hole = slot_of.pop(target)
         last = len(have.slots)
         if hole != last:
             moved = have.slots[last - 1]
             self._write_slot(have.ident, hole, moved)
             have.slots[hole - 1] = moved
+            slot_of[moved] = hole
         have.slots.pop()
         self._write_header(key, have)
         self._delete_slot(have.ident, last)

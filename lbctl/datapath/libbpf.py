@@ -198,6 +198,8 @@ class BpfMap:
             return
         done = ffi.new("uint32_t *", count)
         rc = _lib.bpf_map_update_batch(self.fd, keys, values, done, ffi.NULL)
+        if rc < 0 and done[0] == count:
+            done[0] = 0  # refused before the kernel touched the count: nothing written
         if rc in (-errno.EINVAL, -errno.EOPNOTSUPP, -524) and done[0] == 0:  # 524: ENOTSUPP
             for i in range(count):
                 try:
