@@ -198,8 +198,7 @@ def test_an_invalid_object_keeps_its_last_version_and_the_others_go_on(
     agent: Agent, api: tuple[FakeApiServer, Netns]
 ) -> None:
     server, _ = api
-    server.apply(svc(1))
-    server.apply(eps(1, ["10.1.0.1"]))
+    seed(server, 1)
     synced(agent, server)
     broken = svc(1)
     broken["spec"]["ports"][0]["port"] = 70000
@@ -306,20 +305,22 @@ def test_api_errors_are_retried_with_backoff(
         source.stop()
 
 
-def test_watch_events_reach_the_maps_in_milliseconds(
+def test_each_applied_change_records_its_latency_from_the_watch(
     agent: Agent, api: tuple[FakeApiServer, Netns]
 ) -> None:
-    """Latency is measured from an event's arrival to the maps (a fact, not a benchmark)."""
+    """The latency the agent reports (for metrics and the benchmark) is real:
+    never more than the time the test itself saw from the API write to the maps."""
     server, _ = api
-    server.apply(svc(1))
-    server.apply(eps(1, ["10.1.0.1"]))
+    seed(server, 1)
     synced(agent, server)
     agent.latencies.clear()
     for n in range(2, 22):
+        written = time.monotonic()
         server.apply(eps(1, [f"10.1.0.{n}"]))
         converge(agent, lambda n=n: {"10.96.0.1:80": [f"10.1.0.{n}"]})  # type: ignore[misc]
-    assert len(agent.latencies) >= 20
-    assert all(0 <= lat < 1.0 for lat in agent.latencies)
+        seen = time.monotonic() - written
+        assert 0 <= agent.latencies[-1] <= seen
+    assert len(agent.latencies) == 20  # one batch per change, each recorded
 
 
 def _lists(agent: Agent) -> int:
