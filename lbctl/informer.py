@@ -218,17 +218,14 @@ class Reflector:
         return self.list_func(**kwargs, _preload_content=False, _request_timeout=(10, timeout))
 
 
-def _lines(resp: Any) -> Iterator[bytes]:
+def _lines(resp: Any) -> Iterator[str]:
     """The newline-separated events of a chunked watch response, as they come."""
-    pending = b""
-    for chunk in resp.stream(amt=None, decode_content=True):
-        pending += chunk
-        *complete, pending = pending.split(b"\n")
-        for line in complete:
-            if line.strip():
-                yield line
-    if pending.strip():
-        yield pending
+    from kubernetes.watch import watch  # the client's own splitter, as its Watch uses
+
+    split: Any = watch.iter_resp_lines  # the client has no type hints
+    for line in split(resp):
+        if line.strip():
+            yield line
 
 
 def _status(err: Exception) -> int | None:

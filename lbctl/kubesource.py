@@ -29,6 +29,7 @@ from lbctl.objects import (
     Ignored,
     InvalidObject,
     meta_ref,
+    parse_checked,
     parse_endpoint_slice,
     parse_node,
     parse_service,
@@ -96,34 +97,23 @@ class KubeSource:
         core = client.CoreV1Api(api_client)
         discovery = client.DiscoveryV1Api(api_client)
         self.node_name = node_name
-        options: dict[str, Any] = {
-            "page_size": page_size,
-            "watch_timeout_s": watch_timeout_s,
-            "idle_timeout_s": idle_timeout_s,
+        lists: dict[str, tuple[Any, dict[str, str]]] = {
+            SERVICE: (core.list_service_for_all_namespaces, {}),
+            SLICE: (discovery.list_endpoint_slice_for_all_namespaces, {}),
+            NODE: (core.list_node, {"field_selector": f"metadata.name={node_name}"}),
         }
         self.reflectors = {
-            SERVICE: Reflector(
-                SERVICE,
-                core.list_service_for_all_namespaces,
+            kind: Reflector(
+                kind,
+                list_func,
                 self,
+                page_size=page_size,
+                watch_timeout_s=watch_timeout_s,
+                idle_timeout_s=idle_timeout_s,
                 backoff=backoff(),
-                **options,
-            ),
-            SLICE: Reflector(
-                SLICE,
-                discovery.list_endpoint_slice_for_all_namespaces,
-                self,
-                backoff=backoff(),
-                **options,
-            ),
-            NODE: Reflector(
-                NODE,
-                core.list_node,
-                self,
-                backoff=backoff(),
-                field_selector=f"metadata.name={node_name}",
-                **options,
-            ),
+                **selectors,
+            )
+            for kind, (list_func, selectors) in lists.items()
         }
         self.arrived: float | None = None  # when the oldest change of the last poll came
         self.problems: dict[tuple[str, Key], str] = {}  # invalid objects, by kind and name
@@ -240,14 +230,11 @@ class KubeSource:
         """The change an object makes; None when it is invalid (its old version stays)."""
         name = f"{kind} {key[0]}/{key[1]}" if kind != NODE else f"Node {key[1]}"
         try:
-            parsed = _PARSERS[kind](obj)
+            parsed = parse_checked(_PARSERS[kind], obj)
         except Ignored as why:
             log.debug("%s: ignored: %s", name, why)
             parsed = None
-        except (InvalidObject, KeyError, TypeError, ValueError, AttributeError) as err:
-            # Any parser failure is the object's fault, never the agent's.
-            if not isinstance(err, InvalidObject):
-                err = InvalidObject(f"malformed object ({type(err).__name__}: {err})")
+        except InvalidObject as err:
             message = f"{name}: {err}; keeping its previous version, if any"
             if self.problems.get((kind, key)) != message:
                 log.error("%s", message)

@@ -25,7 +25,14 @@ from typing import Any
 import yaml
 
 from lbctl.model import EndpointSlice, Service, ServiceRef, ServiceTable
-from lbctl.objects import Ignored, InvalidObject, meta_ref, parse_endpoint_slice, parse_service
+from lbctl.objects import (
+    Ignored,
+    InvalidObject,
+    meta_ref,
+    parse_checked,
+    parse_endpoint_slice,
+    parse_service,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +162,10 @@ class ManifestSource:
                 log.debug("%s: document %s: %s %s is not used by lbctl", path, index, api, kind)
                 continue
             try:
-                objects[oid] = parser(doc)
+                objects[oid] = parse_checked(parser, doc)
             except Ignored as why:
                 log.info("%s: %s: ignored: %s", path, oid, why)
-            except (InvalidObject, KeyError, TypeError, ValueError, AttributeError) as err:
-                # Any parser failure is the object's fault, never the agent's.
-                if not isinstance(err, InvalidObject):
-                    err = InvalidObject(f"malformed object ({type(err).__name__}: {err})")
+            except InvalidObject as err:
                 old = previous.get(oid)
                 kept = "; keeping its previous version" if old is not None else ""
                 problems.append(f"{oid}: {err}{kept}")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from lbctl.model import (
     Endpoint,
@@ -81,6 +81,22 @@ def _protocol(value: Any, field: str) -> Protocol:
         raise InvalidObject(
             f"{field}: unknown protocol {name!r} (expected TCP, UDP or SCTP)"
         ) from None
+
+
+T = TypeVar("T")
+
+
+def parse_checked(parser: Callable[[Mapping[str, Any]], T], obj: Mapping[str, Any]) -> T:
+    """Run a parser; any failure of it is the object's fault, never the agent's.
+
+    Raises Ignored as it comes, and every other parser error as InvalidObject.
+    """
+    try:
+        return parser(obj)
+    except (Ignored, InvalidObject):
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise InvalidObject(f"malformed object ({type(err).__name__}: {err})") from err
 
 
 def meta_ref(obj: Mapping[str, Any]) -> tuple[str, str]:

@@ -117,16 +117,27 @@ class Undo:
 
 
 def service_key(key: FrontendKey) -> Any:
-    return layout.new(
-        "struct lb4_key",
-        addr=layout.ip4(key.address),  # type: ignore[arg-type]
-        port=layout.port(key.port),
-        proto=key.protocol.number,
-    )
+    value = layout.new("struct lb4_key")
+    _fill_service_key(value, key)
+    return value
+
+
+def _fill_service_key(value: Any, key: FrontendKey) -> None:
+    value.addr = layout.ip4(key.address)  # type: ignore[arg-type]
+    value.port = layout.port(key.port)
+    value.proto = key.protocol.number
 
 
 def header(ident: int, count: int) -> Any:
-    return layout.new("struct lb_service", frontend_id=ident, count=count, flags=_SVC_F_CLUSTER_IP)
+    value = layout.new("struct lb_service")
+    _fill_header(value, ident, count)
+    return value
+
+
+def _fill_header(value: Any, ident: int, count: int) -> None:
+    value.frontend_id = ident
+    value.count = count
+    value.flags = _SVC_F_CLUSTER_IP
 
 
 def slot_key(ident: int, slot: int) -> Any:
@@ -221,14 +232,8 @@ class Batch:
 
     def add_header(self, fkey: FrontendKey, ident: int, count: int) -> None:
         i = self._next()
-        key = self.keys[i]
-        key.addr = layout.ip4(fkey.address)  # type: ignore[arg-type]
-        key.port = layout.port(fkey.port)
-        key.proto = fkey.protocol.number
-        value = self.values[i]
-        value.frontend_id = ident
-        value.count = count
-        value.flags = _SVC_F_CLUSTER_IP
+        _fill_service_key(self.keys[i], fkey)
+        _fill_header(self.values[i], ident, count)
 
     def write(self) -> None:
         try:
