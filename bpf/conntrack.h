@@ -44,14 +44,15 @@ static __always_inline void ct4_forward_key(struct ct4_key *k, const struct pkt4
 /* Record a new flow client -> vip:vport balanced to backend be, as fresh
  * entries (a reused tuple starts with clean flags).  With BPF_NOEXIST the
  * forward insert fails when another CPU recorded the same new flow first;
- * the caller then follows that entry instead. */
+ * the caller then follows that entry instead.  A masqueraded flow (snat_addr
+ * set) has its reverse entry in nat4, made by nat4_bind. */
 #define CT_CREATED 0
 #define CT_LOST_RACE 1
 #define CT_FAILED -1
 
 static __always_inline int ct4_create(const struct pkt4 *p, const struct lb4_backend *be,
 				      __u32 backend_id, __u32 frontend_id, __u64 now,
-				      int exclusive)
+				      int exclusive, __be32 snat_addr, __be16 snat_port)
 {
 	struct ct4_key k = {};
 	struct ct4_entry e = {};
@@ -66,8 +67,12 @@ static __always_inline int ct4_create(const struct pkt4 *p, const struct lb4_bac
 	ct4_forward_key(&k, p);
 	e.nat_addr = be->addr;
 	e.nat_port = be->port;
+	e.snat_addr = snat_addr;
+	e.snat_port = snat_port;
 	if (exclusive ? ct4.insert(&k, &e) : ct4.update(&k, &e))
 		return exclusive ? CT_LOST_RACE : CT_FAILED;
+	if (snat_addr)
+		return CT_CREATED;
 
 	k.saddr = be->addr;
 	k.daddr = p->saddr;
@@ -76,6 +81,8 @@ static __always_inline int ct4_create(const struct pkt4 *p, const struct lb4_bac
 	k.dir = CT_DIR_REVERSE;
 	e.nat_addr = p->daddr;
 	e.nat_port = p->dport;
+	e.snat_addr = 0;
+	e.snat_port = 0;
 	if (ct4.update(&k, &e))
 		return CT_FAILED;
 	return CT_CREATED;

@@ -2,14 +2,14 @@
 #ifndef LBCTL_LB_H
 #define LBCTL_LB_H
 
-static __always_inline struct lb_service *lb4_lookup(const struct pkt4 *p)
+static __always_inline struct lb_service *lb4_lookup(const struct pkt4 *p, __u8 scope)
 {
 	struct lb4_key k = {};
 
 	k.addr = p->daddr;
 	k.port = p->dport;
 	k.proto = p->proto;
-	k.scope = LB_SCOPE_ALL;
+	k.scope = scope;
 	return lb4_services.lookup(&k);
 }
 

@@ -14,10 +14,21 @@
 #define LBCTL_H
 
 /* Frontend scope: which traffic a frontend entry serves. */
-#define LB_SCOPE_ALL 0
+#define LB_SCOPE_ALL 0      /* everyone (the only scope of most frontends) */
+#define LB_SCOPE_EXTERNAL 1 /* clients from outside the cluster, when the
+			     * LB_SCOPE_ALL entry has LB_SVC_F_LOCAL */
 
 /* lb_service.flags */
-#define LB_SVC_F_CLUSTER_IP 1
+#define LB_SVC_F_CLUSTER_IP 1    /* a ClusterIP: clients from outside the
+				  * cluster CIDRs are masqueraded */
+#define LB_SVC_F_EXTERNAL 2      /* NodePort, LoadBalancer IP or externalIP:
+				  * masqueraded unless LB_SVC_F_LOCAL applies */
+#define LB_SVC_F_LOCAL 4         /* externalTrafficPolicy Local: outside clients
+				  * use the LB_SCOPE_EXTERNAL entry, unmasqueraded */
+#define LB_SVC_F_SOURCE_RANGES 8 /* loadBalancerSourceRanges: only sources in
+				  * lb4_source_ranges get in */
+#define LB_SVC_F_DROP_EMPTY 16   /* no backend here but some elsewhere: drop
+				  * new flows silently instead of rejecting */
 
 /* lb_backend.flags: the endpoint conditions of EndpointSlice v1. */
 #define LB_BACKEND_F_READY 1
@@ -42,7 +53,47 @@
 #define LB_STAT_REDIRECT 6
 #define LB_STAT_CT_FULL 7
 #define LB_STAT_REJECT 8
-#define LB_STAT_MAX 9
+#define LB_STAT_DROP_SOURCE_RANGE 9 /* not in loadBalancerSourceRanges */
+#define LB_STAT_DROP_NO_LOCAL 10    /* LB_SVC_F_DROP_EMPTY: no backend on this node */
+#define LB_STAT_SNAT_NEW 11         /* a new flow got a NAT port */
+#define LB_STAT_NAT_EXHAUSTED 12    /* no free NAT port: the new flow was dropped */
+#define LB_STAT_SNAT_REVERSE 13     /* a reply of a masqueraded flow */
+#define LB_STAT_MAX 14
+
+/* lb4_config.flags */
+#define LB_CFG_F_MASQ_ALL 1   /* masquerade every balanced flow */
+#define LB_CFG_F_DETECTOR 2   /* lb4_cluster_cidrs tells pods from outside clients;
+			       * without it every tc client counts as outside */
+
+/* lb4_config: one entry (index 0) of settings that change at run time. */
+struct lb4_config {
+	__be32 snat_addr;     /* the node address masqueraded flows leave with;
+			       * 0: masquerading is off */
+	__u16 nat_port_min;   /* NAT source ports, host byte order, inclusive */
+	__u16 nat_port_max;
+	__u32 flags;          /* LB_CFG_F_* */
+	__u32 pad;
+	__u64 netns_cookie;   /* the node's network namespace: the socket hooks
+			       * translate only there */
+};
+
+/* lb4_cluster_cidrs (LPM trie): the cluster's pod CIDRs. */
+struct lb4_cidr_key {
+	__u32 prefixlen;
+	__be32 addr;
+};
+
+/* lb4_source_ranges (LPM trie): (frontend, source prefix) allowed in.
+ * prefixlen = 64 + the source prefix length: the frontend part always
+ * matches whole. */
+struct lb4_range_key {
+	__u32 prefixlen;
+	__be32 vip;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+	__be32 saddr;
+};
 
 /* lb4_services: (VIP, port, protocol, scope) -> service frontend. */
 struct lb4_key {
@@ -94,11 +145,14 @@ struct lb_frontend_meta {
 	char namespace[64];
 	char name[64];
 	char port_name[16];
+	char kind[16]; /* ClusterIP, NodePort, LoadBalancer, ExternalIP */
 };
 
 /* ct4: the connection table.  A balanced flow has two entries:
  *   forward: (client, VIP, client port, VIP port)     -> backend
  *   reverse: (backend, client, backend port, client port) -> VIP
+ * A masqueraded flow has its reverse entry in nat4 instead, keyed by the
+ * translated tuple: (backend, node address, backend port, NAT port).
  */
 struct ct4_key {
 	__be32 saddr;
@@ -119,6 +173,38 @@ struct ct4_entry {
 	__u8 pad;
 	__u32 backend_id;
 	__u32 frontend_id;
+	__be32 snat_addr;   /* forward: the source the flow leaves with (0: none) */
+	__be16 snat_port;
+	__u16 pad2;
+};
+
+/* nat4: the NAT table, one entry per masqueraded flow.  Its key is the
+ * reply's tuple (backend, node address, backend port, NAT port, proto,
+ * CT_DIR_REVERSE), so a NAT port is in use for one backend at a time; the
+ * value leads back to the client and to the flow's forward entry, which
+ * alone decides whether the binding is alive. */
+struct nat4_entry {
+	__u64 created_ns;
+	__be32 client_addr;
+	__be32 vip;
+	__be16 client_port;
+	__be16 vport;
+	__u32 pad;
+};
+
+/* sock4_rev: what a host socket asked for, so its peer reads as the service.
+ * Written by the connect/sendmsg hooks, read by getpeername/recvmsg. */
+struct sock4_rev_key {
+	__u64 cookie;   /* bpf_get_socket_cookie() */
+	__be32 addr;    /* the backend the socket was sent to */
+	__be16 port;
+	__u16 pad;
+};
+
+struct sock4_rev {
+	__be32 vip;
+	__be16 vport;
+	__u16 pad;
 };
 
 #endif /* LBCTL_H */

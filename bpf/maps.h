@@ -21,6 +21,16 @@ BPF_TABLE_PINNED("lru_hash", struct ct4_key, struct ct4_entry, ct4,
 		 LBCTL_CT_SIZE, LBCTL_PIN(ct4));
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_stats, LB_STAT_MAX,
 		 LBCTL_PIN(lb_stats));
+BPF_TABLE_PINNED("lru_hash", struct ct4_key, struct nat4_entry, nat4,
+		 LBCTL_NAT_SIZE, LBCTL_PIN(nat4));
+BPF_TABLE_PINNED("array", __u32, struct lb4_config, lb4_config, 1,
+		 LBCTL_PIN(lb4_config));
+BPF_TABLE_PINNED7("lpm_trie", struct lb4_cidr_key, __u32, lb4_cluster_cidrs,
+		  LBCTL_MAX_CLUSTER_CIDRS, LBCTL_PIN(lb4_cluster_cidrs), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED7("lpm_trie", struct lb4_range_key, __u32, lb4_source_ranges,
+		  LBCTL_MAX_SOURCE_RANGES, LBCTL_PIN(lb4_source_ranges), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct sock4_rev_key, struct sock4_rev, sock4_rev,
+		 LBCTL_SOCK_REV_SIZE, LBCTL_PIN(sock4_rev));
 
 static __always_inline void stat_inc(__u32 idx)
 {
@@ -28,6 +38,13 @@ static __always_inline void stat_inc(__u32 idx)
 
 	if (v)
 		*v += 1;
+}
+
+static __always_inline struct lb4_config *lb4_settings(void)
+{
+	__u32 zero = 0;
+
+	return lb4_config.lookup(&zero);
 }
 
 #endif /* LBCTL_MAPS_H */

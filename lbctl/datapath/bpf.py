@@ -55,6 +55,8 @@ class BpfDatapath:
         settings.pin_dir.mkdir(parents=True, exist_ok=True)
         self._compilation: Compilation | None = Compilation(settings)
         self.prog_fd = -1
+        self.prog_fds: dict[str, int] = {}  # every program that loaded, by name
+        self.failed_programs: dict[str, str] = {}  # optional programs that did not, and why
         self.interfaces: dict[str, int] = {}  # name -> ifindex attached
         if wait:
             self.load()
@@ -78,7 +80,11 @@ class BpfDatapath:
             ) from err
         if loaded.log:
             log.debug("the BPF compiler said: %s", loaded.log)
+        self.prog_fds = loaded.prog_fds
         self.prog_fd = loaded.prog_fd
+        self.failed_programs = loaded.failed
+        for name, why in loaded.failed.items():
+            log.error("BPF program %s did not load, its feature is off: %s", name, why)
         self.maps = Maps.from_fds(loaded.map_fds.__getitem__, owns_fds=True)
         try:
             self._check_sizes()
@@ -147,6 +153,7 @@ class BpfDatapath:
             self._compilation = None
         if hasattr(self, "maps"):
             self.maps.close()
-        if self.prog_fd >= 0:
-            os.close(self.prog_fd)
-            self.prog_fd = -1
+        for fd in self.prog_fds.values():
+            os.close(fd)
+        self.prog_fds = {}
+        self.prog_fd = -1

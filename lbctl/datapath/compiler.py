@@ -1,4 +1,4 @@
-"""Compile and load the BPF program in a short-lived child process.
+"""Compile and load the BPF programs in a short-lived child process.
 
 bcc embeds clang and LLVM: compiling in the agent would leave it ~140 MB
 bigger for the rest of its life.  The child (`python -m
@@ -20,12 +20,35 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from lbctl.datapath.maps import MAP_TYPES
 from lbctl.datapath.settings import BpfSettings
 
 PROGRAM = "lbctl_tc_ingress"
-_NAMES = ["program", *MAP_TYPES]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramSpec:
+    name: str
+    prog_type: int  # BPF_PROG_TYPE_*
+    attach_type: int = -1  # expected attach type, for the types that need one
+    required: bool = False  # without it the datapath cannot run at all
+
+
+# BPF_PROG_TYPE_* and BPF_* attach types of the kernel's uapi.
+SCHED_CLS, XDP, CGROUP_SOCK_ADDR = 3, 6, 18
+INET4_CONNECT, UDP4_SENDMSG, UDP4_RECVMSG, INET4_GETPEERNAME = 10, 14, 19, 29
+
+PROGRAMS = [
+    ProgramSpec(PROGRAM, SCHED_CLS, required=True),
+    ProgramSpec("lbctl_sock_connect4", CGROUP_SOCK_ADDR, INET4_CONNECT),
+    ProgramSpec("lbctl_sock_sendmsg4", CGROUP_SOCK_ADDR, UDP4_SENDMSG),
+    ProgramSpec("lbctl_sock_recvmsg4", CGROUP_SOCK_ADDR, UDP4_RECVMSG),
+    ProgramSpec("lbctl_sock_getpeername4", CGROUP_SOCK_ADDR, INET4_GETPEERNAME),
+    ProgramSpec("lbctl_xdp", XDP),
+]
+_MAX_FDS = len(PROGRAMS) + len(MAP_TYPES)
 _MAX_LOG = 8000  # the end of what the compiler printed is what explains a failure
 PR_SET_PDEATHSIG = 1
 
@@ -36,12 +59,17 @@ class CompileError(Exception):
 
 @dataclasses.dataclass
 class Loaded:
-    prog_fd: int
+    prog_fds: dict[str, int]  # the programs that loaded, by name
     map_fds: dict[str, int]
     log: str  # what the compiler printed (warnings)
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)  # optional program -> why
+
+    @property
+    def prog_fd(self) -> int:
+        return self.prog_fds[PROGRAM]
 
     def close(self) -> None:
-        for fd in [self.prog_fd, *self.map_fds.values()]:
+        for fd in [*self.prog_fds.values(), *self.map_fds.values()]:
             os.close(fd)
 
 
@@ -75,7 +103,7 @@ class Compilation:
     def result(self, timeout: float = 120.0) -> Loaded:
         try:
             self._sock.settimeout(timeout)
-            message, fds, _, _ = socket.recv_fds(self._sock, 1 << 16, len(_NAMES))
+            message, fds, _, _ = socket.recv_fds(self._sock, 1 << 16, _MAX_FDS)
         except OSError as err:
             self._proc.kill()
             message, fds = f"no answer from the compiler ({err})".encode(), []
@@ -89,14 +117,30 @@ class Compilation:
         self._stderr.seek(0)
         printed = self._stderr.read().decode(errors="replace").strip()[-_MAX_LOG:]
         self._stderr.close()
-        if message != b"ok" or len(fds) != len(_NAMES):
+        answer = _answer(message)
+        names = [*answer.get("programs", []), *MAP_TYPES] if answer else []
+        if answer is None or len(fds) != len(names):
             for fd in fds:
                 os.close(fd)
             reason = message.decode(errors="replace") or f"it exited with {self._proc.returncode}"
             raise CompileError(f"{reason}\n{printed}".strip())
-        named = dict(zip(_NAMES, fds, strict=True))
-        prog_fd = named.pop("program")
-        return Loaded(prog_fd, named, printed)
+        named = dict(zip(names, fds, strict=True))
+        progs = {name: named.pop(name) for name in answer["programs"]}
+        return Loaded(progs, named, printed, dict(answer.get("failed", {})))
+
+
+def _answer(message: bytes) -> dict[str, Any] | None:
+    try:
+        answer = json.loads(message)
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) and "programs" in answer else None
+
+
+def _defined(bpf: Any, name: str) -> bool:
+    from bcc import lib
+
+    return bool(lib.bpf_function_start(bpf.module, name.encode()))
 
 
 def _child(sock_fd: int, request: str) -> int:
@@ -112,9 +156,22 @@ def _child(sock_fd: int, request: str) -> int:
         raw = json.loads(request)
         settings = BpfSettings(**{**raw, "pin_dir": Path(raw["pin_dir"])})
         bpf = BPF(text=bpf_program_text().encode(), cflags=settings.cflags())
-        prog = bpf.load_func(PROGRAM.encode(), BPF.SCHED_CLS)
-        fds = [prog.fd] + [bpf[name.encode()].map_fd for name in MAP_TYPES]
-        socket.send_fds(sock, [b"ok"], fds)
+        loaded: dict[str, int] = {}
+        failed: dict[str, str] = {}
+        for spec in PROGRAMS:
+            if not _defined(bpf, spec.name):
+                continue  # not part of this build
+            try:
+                fn = bpf.load_func(spec.name.encode(), spec.prog_type, attach_type=spec.attach_type)
+            except Exception as err:
+                if spec.required:
+                    raise
+                failed[spec.name] = " ".join(str(err).split())[-_MAX_LOG:]
+                continue
+            loaded[spec.name] = fn.fd
+        fds = [*loaded.values()] + [bpf[name.encode()].map_fd for name in MAP_TYPES]
+        answer = {"programs": list(loaded), "failed": failed}
+        socket.send_fds(sock, [json.dumps(answer).encode()], fds)
         return 0
     except Exception as err:  # everything goes back to the agent as text
         sock.sendall(f"{type(err).__name__}: {err}".encode())

@@ -21,6 +21,11 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_frontend_meta": ("__u32", "struct lb_frontend_meta"),
     "ct4": ("struct ct4_key", "struct ct4_entry"),
     "lb_stats": ("__u32", "__u64"),
+    "nat4": ("struct ct4_key", "struct nat4_entry"),
+    "lb4_config": ("__u32", "struct lb4_config"),
+    "lb4_cluster_cidrs": ("struct lb4_cidr_key", "__u32"),
+    "lb4_source_ranges": ("struct lb4_range_key", "__u32"),
+    "sock4_rev": ("struct sock4_rev_key", "struct sock4_rev"),
 }
 
 # What sizes each map: the BpfSettings field, and the `lbctl run` flag that
@@ -32,6 +37,8 @@ MAP_SIZES: dict[str, tuple[str, str]] = {
     "lb_members": ("max_slots", "--max-slots"),
     "lb4_backends": ("max_backends", "--max-backends"),
     "ct4": ("ct_size", "--conntrack-size"),
+    "nat4": ("nat_size", "--nat-size"),
+    "lb4_source_ranges": ("max_source_ranges", "--max-source-ranges"),
 }
 SIZE_FLAGS: dict[str, str] = {name: flag for name, (_, flag) in MAP_SIZES.items()}
 
@@ -45,6 +52,11 @@ class Maps:
     lb_frontend_meta: BpfMap
     ct4: BpfMap
     lb_stats: BpfMap
+    nat4: BpfMap
+    lb4_config: BpfMap
+    lb4_cluster_cidrs: BpfMap
+    lb4_source_ranges: BpfMap
+    sock4_rev: BpfMap
 
     @classmethod
     def from_fds(cls, fd_of: Callable[[str], int], owns_fds: bool = False) -> Maps:

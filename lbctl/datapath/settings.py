@@ -37,6 +37,10 @@ class BpfSettings:
     max_backends: int = 65536
     max_slots: int = 262144
     ct_size: int = 262144
+    nat_size: int = 131072
+    max_source_ranges: int = 16384
+    max_cluster_cidrs: int = 64
+    sock_rev_size: int = 65536
     ct_tcp_timeout_s: int = 86400
     ct_tcp_syn_timeout_s: int = 60
     ct_tcp_closing_timeout_s: int = 10
@@ -51,6 +55,10 @@ class BpfSettings:
             "LBCTL_MAX_BACKENDS": self.max_backends,
             "LBCTL_MAX_SLOTS": self.max_slots,
             "LBCTL_CT_SIZE": self.ct_size,
+            "LBCTL_NAT_SIZE": self.nat_size,
+            "LBCTL_MAX_SOURCE_RANGES": self.max_source_ranges,
+            "LBCTL_MAX_CLUSTER_CIDRS": self.max_cluster_cidrs,
+            "LBCTL_SOCK_REV_SIZE": self.sock_rev_size,
             "LBCTL_CT_TCP_TIMEOUT_NS": f"{self.ct_tcp_timeout_s * SECOND_NS}ULL",
             "LBCTL_CT_TCP_SYN_TIMEOUT_NS": f"{self.ct_tcp_syn_timeout_s * SECOND_NS}ULL",
             "LBCTL_CT_TCP_CLOSING_TIMEOUT_NS": f"{self.ct_tcp_closing_timeout_s * SECOND_NS}ULL",
@@ -66,7 +74,7 @@ class BpfSettings:
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
 
-def bpf_program_text(main: str = "lbctl_tc.c") -> str:
+def bpf_program_text(main: str = "lbctl.c") -> str:
     """The program's source with its local headers inlined.
 
     bcc rewrites map calls (`map.lookup(...)`) only in the text it is given,

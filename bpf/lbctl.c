@@ -1,0 +1,29 @@
+/* lbctl's BPF programs, compiled as one unit so they share every map.
+ *
+ *   lbctl_tc.c   tc ingress: balancing, NAT, rejects, source ranges
+ *   lbctl_sock.c cgroup socket hooks: the node's own processes
+ *
+ * Headers come first, in dependency order; lbctl/datapath/settings.py
+ * pastes each local file in once.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include <linux/socket.h>
+
+#include "lbctl.h"
+#include "maps.h"
+#include "packet.h"
+#include "conntrack.h"
+#include "lb.h"
+#include "forward.h"
+#include "reject.h"
+#include "nat.h"
+
+#include "lbctl_tc.c"
+#include "lbctl_sock.c"

@@ -1,0 +1,1 @@
+/* cgroup socket hooks for the node's own processes: not written yet. */

@@ -1,0 +1,160 @@
+/* Masquerade: which new flows are source-NATed, and their NAT ports.
+ *
+ * kube-proxy's rules, restated (its KUBE-MARK-MASQ decisions):
+ *   - a ClusterIP masquerades clients from outside the cluster CIDRs;
+ *   - a NodePort, LoadBalancer IP or externalIP masquerades everyone, except
+ *     with externalTrafficPolicy Local, which masquerades no one: pods keep
+ *     every endpoint, outside clients get this node's endpoints only;
+ *   - a pod that lands on itself (hairpin) is always masqueraded, or its
+ *     reply would go straight back to itself;
+ *   - masqueradeAll masquerades every flow.
+ * Masqueraded flows leave with the node's address and a port from the NAT
+ * range, chosen here and recorded in nat4.
+ */
+#ifndef LBCTL_NAT_H
+#define LBCTL_NAT_H
+
+#define NAT_TRIES 32 /* ports tried before a new flow counts as exhausted */
+
+/* A pod of the cluster, as the cluster CIDRs tell (kube-proxy's local
+ * traffic detector).  Without CIDRs, nobody is. */
+static __always_inline int lb4_internal(const struct lb4_config *cfg, __be32 saddr)
+{
+	struct lb4_cidr_key k = {};
+
+	if (!cfg || !(cfg->flags & LB_CFG_F_DETECTOR))
+		return 0;
+	k.prefixlen = 32;
+	k.addr = saddr;
+	return lb4_cluster_cidrs.lookup(&k) != NULL;
+}
+
+/* Does loadBalancerSourceRanges let this client in? */
+static __always_inline int lb4_source_allowed(const struct pkt4 *p)
+{
+	struct lb4_range_key k = {};
+
+	k.prefixlen = 64 + 32;
+	k.vip = p->daddr;
+	k.port = p->dport;
+	k.proto = p->proto;
+	k.saddr = p->saddr;
+	return lb4_source_ranges.lookup(&k) != NULL;
+}
+
+#define FRONTEND_NONE 0
+#define FRONTEND_OK 1
+#define FRONTEND_DENIED 2 /* outside loadBalancerSourceRanges */
+
+/* The frontend entry a new flow uses, and whether it is masqueraded. */
+static __always_inline int lb4_frontend(const struct pkt4 *p, const struct lb4_config *cfg,
+					struct lb_service **out, int *masq)
+{
+	struct lb_service *svc = lb4_lookup(p, LB_SCOPE_ALL);
+	__u16 flags;
+
+	if (!svc)
+		return FRONTEND_NONE;
+	flags = svc->flags;
+	if ((flags & LB_SVC_F_SOURCE_RANGES) && !lb4_source_allowed(p))
+		return FRONTEND_DENIED;
+	*masq = 0;
+	if (flags & LB_SVC_F_CLUSTER_IP) {
+		*masq = cfg && (cfg->flags & LB_CFG_F_DETECTOR) && !lb4_internal(cfg, p->saddr);
+	} else if (flags & LB_SVC_F_EXTERNAL) {
+		if (!(flags & LB_SVC_F_LOCAL))
+			*masq = 1;
+		else if (!lb4_internal(cfg, p->saddr))
+			svc = lb4_lookup(p, LB_SCOPE_EXTERNAL);
+	}
+	if (cfg && (cfg->flags & LB_CFG_F_MASQ_ALL))
+		*masq = 1;
+	*out = svc;
+	return svc ? FRONTEND_OK : FRONTEND_NONE;
+}
+
+static __always_inline void nat4_key(struct ct4_key *k, const struct lb4_backend *be,
+				     __be32 snat_addr, __be16 snat_port, __u8 proto)
+{
+	k->saddr = be->addr;
+	k->daddr = snat_addr;
+	k->sport = be->port;
+	k->dport = snat_port;
+	k->proto = proto;
+	k->dir = CT_DIR_REVERSE;
+	k->pad = 0;
+}
+
+/* A binding is free for a new flow when the flow that took it is gone:
+ * its forward entry is missing, names another binding, or has expired. */
+static __always_inline int nat4_stale(const struct nat4_entry *e, const struct ct4_key *nk,
+				      __u64 now)
+{
+	struct ct4_key k = {};
+	struct ct4_entry *fwd;
+
+	k.saddr = e->client_addr;
+	k.daddr = e->vip;
+	k.sport = e->client_port;
+	k.dport = e->vport;
+	k.proto = nk->proto;
+	k.dir = CT_DIR_FORWARD;
+	fwd = ct4.lookup(&k);
+	if (!fwd || fwd->snat_addr != nk->daddr || fwd->snat_port != nk->dport ||
+	    fwd->nat_addr != nk->saddr || fwd->nat_port != nk->sport)
+		return 1;
+	return !ct_alive(fwd, nk->proto, now);
+}
+
+/* Take a NAT port for the new flow p -> be: random start, then the next
+ * ports in turn, so the range fills evenly and a collision costs one try.
+ * Two CPUs reclaiming the same stale binding at once is possible but
+ * harmless beyond those two flows: the later write wins. */
+static __always_inline int nat4_bind(const struct pkt4 *p, const struct lb4_backend *be,
+				     const struct lb4_config *cfg, __u64 now, __be16 *port)
+{
+	struct ct4_key k = {};
+	struct nat4_entry e = {};
+	__u32 min = cfg->nat_port_min, max = cfg->nat_port_max;
+	__u32 range, start, i;
+
+	if (min == 0 || max < min)
+		return -1;
+	range = max - min + 1;
+	start = bpf_get_prandom_u32() % range;
+	e.created_ns = now;
+	e.client_addr = p->saddr;
+	e.client_port = p->sport;
+	e.vip = p->daddr;
+	e.vport = p->dport;
+	nat4_key(&k, be, cfg->snat_addr, 0, p->proto);
+	for (i = 0; i < NAT_TRIES; i++) {
+		struct nat4_entry *old;
+		__u32 n = start + i;
+
+		if (n >= range)
+			n -= range;
+		k.dport = bpf_htons((__u16)(min + n));
+		if (nat4.insert(&k, &e) == 0) {
+			*port = k.dport;
+			return 0;
+		}
+		old = nat4.lookup(&k);
+		if (old && nat4_stale(old, &k, now) && nat4.update(&k, &e) == 0) {
+			*port = k.dport;
+			return 0;
+		}
+	}
+	return -1;
+}
+
+static __always_inline void nat4_unbind(const struct lb4_backend *be, __be32 snat_addr,
+					__be16 snat_port, __u8 proto)
+{
+	struct ct4_key k = {};
+
+	nat4_key(&k, be, snat_addr, snat_port, proto);
+	nat4.delete(&k);
+}
+
+#endif /* LBCTL_NAT_H */
