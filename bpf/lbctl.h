@@ -58,7 +58,10 @@
 #define LB_STAT_SNAT_NEW 11         /* a new flow got a NAT port */
 #define LB_STAT_NAT_EXHAUSTED 12    /* no free NAT port: the new flow was dropped */
 #define LB_STAT_SNAT_REVERSE 13     /* a reply of a masqueraded flow */
-#define LB_STAT_MAX 14
+#define LB_STAT_SOCK_TRANSLATE 14   /* a node socket's connect/sendmsg sent to a backend */
+#define LB_STAT_SOCK_REJECT 15      /* a node socket's connect/sendmsg to a frontend
+				     * without backends failed */
+#define LB_STAT_MAX 16
 
 /* lb4_config.flags */
 #define LB_CFG_F_MASQ_ALL 1   /* masquerade every balanced flow */

@@ -19,9 +19,12 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from lbctl import addresses
+from lbctl.addresses import AddressPolicy
 from lbctl.datapath import tc
+from lbctl.datapath.nodeconf import NodeConfig
 from lbctl.model import ServiceRef, ServiceTable
-from lbctl.plan import Frontend, FrontendKey, PlanDiff, Planner
+from lbctl.plan import Frontend, FrontendKey, NodeContext, PlanDiff, Planner
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,10 @@ class Datapath(Protocol):
         """Finish what the constructor started (compiling); a no-op when done."""
         ...
 
+    def configure(self, conf: NodeConfig) -> None:
+        """The node's address, NAT ports and cluster CIDRs."""
+        ...
+
     def reconcile(
         self, desired: dict[FrontendKey, Frontend], remove_stale: bool = True
     ) -> list[str]: ...
@@ -80,6 +87,9 @@ class AgentOptions:
     retry_interval_s: float = 5.0
     sync_period_s: float = 30.0  # a full reconcile of the maps with the plan
     ready_timeout_s: float = 60.0  # how long the first sync waits for the whole source
+    node_name: str | None = None  # for endpoint locality (externalTrafficPolicy Local)
+    addresses: AddressPolicy = dataclasses.field(default_factory=AddressPolicy)
+    node: NodeConfig = dataclasses.field(default_factory=NodeConfig)  # its snat_address is chosen
 
 
 class Agent:
@@ -98,6 +108,7 @@ class Agent:
         self.latencies: collections.deque[float] = collections.deque(maxlen=100_000)
         self.observers: list[Callable[[float], None]] = []  # called with each latency
         self.last_tick = time.monotonic()  # the loop's heartbeat, for health checks
+        self.node_config: NodeConfig | None = None  # as last written to the datapath
 
     def sync(self, stop: threading.Event | None = None) -> None:
         """First sync: load everything, make the maps match, then attach."""
@@ -136,8 +147,11 @@ class Agent:
 
     def _first_sync(self) -> None:
         refs = self.source.poll(self.table)
+        context, conf = self._node_view()
+        self.planner.node = context
         self.planner.update(self.table, refs)
         self.datapath.load()  # the compiler ran meanwhile
+        self._configure(conf)  # before any frontend: new flows masquerade right away
         # Adopted frontends that the source no longer lists are stale, unless
         # part of the source could not be read: then they may be in that part,
         # and are kept until it reads again.
@@ -148,9 +162,15 @@ class Agent:
         self._record(self.datapath.reconcile(self.planner.frontends(), remove_stale))
         self._attach()
 
-    def step(self) -> PlanDiff:
+    def step(self, node_scan: bool = False) -> PlanDiff:
         refs = self.source.poll(self.table)
         change = self.planner.update(self.table, refs) if refs else PlanDiff()
+        if node_scan:
+            context, conf = self._node_view()
+            self._configure(conf)
+            moved = self.planner.set_node(self.table, context)
+            change.upserts += moved.upserts
+            change.removals += moved.removals
         if change:
             started = time.monotonic()
             errors = self.datapath.apply(change)
@@ -196,9 +216,10 @@ class Agent:
                 return
             self.last_tick = time.monotonic()
             try:
-                self.step()
                 now = time.monotonic()
-                if now >= next_links:
+                scan = now >= next_links
+                self.step(node_scan=scan)
+                if scan:
                     next_links = now + opts.link_scan_interval_s
                     self._attach()
                 if (self.errors and now >= next_retry) or now >= next_resync:
@@ -210,6 +231,25 @@ class Agent:
                     self._record(self.datapath.reconcile(desired, remove_stale))
             except Exception:  # one bad tick must not take the agent down
                 log.exception("agent loop error; continuing")
+
+    def _node_view(self) -> tuple[NodeContext, NodeConfig]:
+        """Where NodePorts answer and which address masquerades, as of now."""
+        policy = self.options.addresses
+        local = addresses.local_ipv4()
+        api = self.table.node.addresses if self.table.node else ()
+        context = NodeContext(self.options.node_name, policy.node_port_addresses(local))
+        conf = dataclasses.replace(self.options.node, snat_address=policy.snat_address(local, api))
+        return context, conf
+
+    def _configure(self, conf: NodeConfig) -> None:
+        if conf == self.node_config:
+            return
+        if conf.snat_address is None:
+            log.warning("no IPv4 address on this node: traffic that needs masquerading is not")
+        elif self.node_config is None or self.node_config.snat_address != conf.snat_address:
+            log.info("masquerading with %s", conf.snat_address)
+        self.datapath.configure(conf)
+        self.node_config = conf
 
     def _attach(self) -> None:
         if self.options.interfaces is not None:

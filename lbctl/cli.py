@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -98,12 +99,15 @@ def _parser() -> argparse.ArgumentParser:
         run.add_argument(
             flag, metavar="HOST:PORT", help=f'serve {what} here (default {default}; "" disables)'
         )
+    _node_args(run)
     defaults = BpfSettings()
     for flag, field, what in (
         ("--max-services", "max_services", "service frontends"),
         ("--max-backends", "max_backends", "distinct backends"),
         ("--max-slots", "max_slots", "backend slots over all frontends"),
         ("--conntrack-size", "ct_size", "conntrack entries (two per flow)"),
+        ("--nat-size", "nat_size", "NAT entries (one per masqueraded flow)"),
+        ("--max-source-ranges", "max_source_ranges", "loadBalancerSourceRanges entries"),
     ):
         run.add_argument(
             flag,
@@ -125,6 +129,76 @@ def _parser() -> argparse.ArgumentParser:
     )
     _bpffs_arg(cleanup)
     return p
+
+
+def _config_value(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse type from one of config's parsers (their errors name the fix)."""
+
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return convert
+
+
+def _node_args(run: argparse.ArgumentParser) -> None:
+    from lbctl import config
+
+    g = run.add_argument_group("traffic from outside and from the node")
+    g.add_argument(
+        "--cluster-cidr",
+        dest="cluster_cidrs",
+        type=_config_value(config.parse_cidrs),
+        metavar="CIDR[,CIDR]",
+        help="the pods' CIDRs: clients inside are pods, others are masqueraded when they "
+        "reach a ClusterIP (kube-proxy's clusterCIDR; default none: nobody is told apart)",
+    )
+    g.add_argument(
+        "--node-port-addresses",
+        type=_config_value(config.parse_cidrs),
+        metavar="CIDR[,CIDR]",
+        help="NodePorts answer on the node's addresses within these (default: all of them)",
+    )
+    g.add_argument(
+        "--localhost-nodeports",
+        action=argparse.BooleanOptionalAction,
+        help="NodePorts also answer on 127.0.0.1 for the node's own processes (default on)",
+    )
+    g.add_argument(
+        "--masquerade-all",
+        action="store_const",
+        const=True,
+        help="masquerade every balanced flow, not just the ones kube-proxy would",
+    )
+    g.add_argument(
+        "--node-ip",
+        type=_config_value(config.parse_ipv4),
+        metavar="IP",
+        help="the address masqueraded flows leave with (default: the Node's InternalIP if it "
+        "is local, else the first address of the external interfaces)",
+    )
+    g.add_argument(
+        "--nat-port-range",
+        type=_config_value(config.parse_port_range),
+        metavar="MIN-MAX",
+        help="source ports of masqueraded flows (default 61000-65535, outside the "
+        "kernel's ephemeral range)",
+    )
+    g.add_argument(
+        "--external-interfaces",
+        type=_interfaces,
+        metavar="IF[,IF...]",
+        help="interfaces whose addresses serve NodePorts (default: every interface)",
+    )
+    g.add_argument(
+        "--cgroup",
+        dest="cgroup_path",
+        metavar="PATH",
+        help="cgroup v2 directory whose processes' sockets are balanced at connect time "
+        '(default: the root of the cgroup2 mount; "" turns the socket hooks off)',
+    )
 
 
 def _bpffs_arg(p: argparse.ArgumentParser) -> None:
@@ -179,6 +253,16 @@ def _run(args: argparse.Namespace) -> int:
                 "max_backends",
                 "max_slots",
                 "ct_size",
+                "nat_size",
+                "max_source_ranges",
+                "cluster_cidrs",
+                "node_port_addresses",
+                "localhost_nodeports",
+                "masquerade_all",
+                "node_ip",
+                "nat_port_range",
+                "external_interfaces",
+                "cgroup_path",
             )
         },
     )
@@ -198,6 +282,9 @@ def _run(args: argparse.Namespace) -> int:
     options = AgentOptions(
         interfaces=list(cfg.interfaces) if cfg.interfaces is not None else None,
         sync_period_s=cfg.sync_period_s,
+        node_name=_node_name(cfg),
+        addresses=cfg.address_policy(),
+        node=cfg.node_config(),
     )
     agent = Agent(source, datapath, options)
     observe = Observability(agent)
@@ -231,9 +318,13 @@ def _source(cfg: Config) -> Source:
         return ManifestSource(cfg.manifests)
     from lbctl.kubesource import KubeSource, api_client
 
-    node = str(cfg.hostname_override or os.environ.get("NODE_NAME") or socket.gethostname())
-    log.info("following the API server as node %s", node.lower())
-    return KubeSource(api_client(cfg.kubeconfig, cfg.in_cluster), node.lower())
+    node = _node_name(cfg)
+    log.info("following the API server as node %s", node)
+    return KubeSource(api_client(cfg.kubeconfig, cfg.in_cluster), node)
+
+
+def _node_name(cfg: Config) -> str:
+    return str(cfg.hostname_override or os.environ.get("NODE_NAME") or socket.gethostname()).lower()
 
 
 def _dump(args: argparse.Namespace) -> int:

@@ -10,12 +10,16 @@ import dataclasses
 import difflib
 import ipaddress
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import yaml
 
+from lbctl.addresses import AddressPolicy
+from lbctl.datapath.nodeconf import DEFAULT_NAT_PORTS, NodeConfig
 from lbctl.datapath.settings import DEFAULT_PIN_DIR, BpfSettings
+from lbctl.model import IPNetwork
 
 API_VERSION = "lbctl.io/v1alpha1"
 KIND = "LbctlConfiguration"
@@ -52,12 +56,44 @@ class Config:
     ct_tcp_closing_timeout_s: int = _BPF.ct_tcp_closing_timeout_s
     ct_udp_timeout_s: int = _BPF.ct_udp_timeout_s
     sync_period_s: int = 30
+    nat_size: int = _BPF.nat_size
+    max_source_ranges: int = _BPF.max_source_ranges
+    cluster_cidrs: tuple[IPNetwork, ...] = ()  # pods, as kube-proxy's clusterCIDR
+    node_port_addresses: tuple[IPNetwork, ...] | None = None  # None: every node address
+    localhost_nodeports: bool = True
+    masquerade_all: bool = False
+    node_ip: ipaddress.IPv4Address | None = None  # None: chosen from the node's addresses
+    nat_port_range: tuple[int, int] = DEFAULT_NAT_PORTS
+    external_interfaces: tuple[str, ...] | None = None  # None: every interface
+    cgroup_path: str | None = None  # None: the cgroup2 mount; "": no socket hooks
 
     def bpf_settings(self) -> BpfSettings:
         """The datapath's compile-time settings: pin directory, capacities, timeouts."""
         fields = [f for f, kind in _FIELDS.values() if kind in ("size", "duration")]
         shared = {f: getattr(self, f) for f in fields if f != "sync_period_s"}
         return BpfSettings(pin_dir=self.bpffs, **shared)
+
+    def address_policy(self) -> AddressPolicy:
+        """Where NodePorts answer, and the node IP if one is set."""
+        cidrs = self.node_port_addresses
+        return AddressPolicy(
+            node_port_cidrs=None
+            if cidrs is None
+            else tuple(c for c in cidrs if isinstance(c, ipaddress.IPv4Network)),
+            localhost_node_ports=self.localhost_nodeports,
+            interfaces=self.external_interfaces,
+            node_ip=self.node_ip,
+        )
+
+    def node_config(self) -> NodeConfig:
+        """The datapath's node settings (the masquerade address is found at run time)."""
+        return NodeConfig(
+            nat_ports=self.nat_port_range,
+            masquerade_all=self.masquerade_all,
+            cluster_cidrs=tuple(
+                c for c in self.cluster_cidrs if isinstance(c, ipaddress.IPv4Network)
+            ),
+        )
 
 
 # YAML key path -> (Config field, kind of value)
@@ -80,6 +116,16 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "conntrack.tcpCloseWaitTimeout": ("ct_tcp_closing_timeout_s", "duration"),
     "conntrack.udpTimeout": ("ct_udp_timeout_s", "duration"),
     "syncPeriod": ("sync_period_s", "duration"),
+    "capacity.natSize": ("nat_size", "size"),
+    "capacity.maxSourceRanges": ("max_source_ranges", "size"),
+    "clusterCIDR": ("cluster_cidrs", "cidrs"),
+    "nodePortAddresses": ("node_port_addresses", "cidrs"),
+    "localhostNodePorts": ("localhost_nodeports", "bool"),
+    "masqueradeAll": ("masquerade_all", "bool"),
+    "nodeIP": ("node_ip", "ipv4"),
+    "natPortRange": ("nat_port_range", "portrange"),
+    "externalInterfaces": ("external_interfaces", "names"),
+    "cgroupPath": ("cgroup_path", "cgroup"),
 }
 _KEYS = {"apiVersion", "kind", *_FIELDS}
 _PATH_OF = {field: path for path, (field, _) in _FIELDS.items()}
@@ -89,6 +135,9 @@ _EXPECTED = {
     "size": "a whole number such as 65536",
     "duration": "a duration such as 60s, 10m or 1h30m",
     "names": "a list of interface names such as [eth0, eth1]",
+    "cidrs": 'CIDRs such as [10.0.0.0/8] or "10.0.0.0/8,fd00::/64"',
+    "ipv4": "an IPv4 address such as 192.168.0.2",
+    "portrange": "a port range such as 61000-65535",
 }
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([^\d.]*)")
 _IFNAME = re.compile(r"[^\s/:]{1,15}")
@@ -120,6 +169,42 @@ def parse_duration(value: str | int) -> int:
         total += int(number) * _UNITS[unit]
         pos = match.end()
     return total
+
+
+def parse_cidrs(value: str | list[str]) -> tuple[IPNetwork, ...]:
+    """CIDRs from a list or a comma-separated string ("10.0.0.0/8,fd00::/64")."""
+    items = value.split(",") if isinstance(value, str) else value
+    out = []
+    for text in (t.strip() for t in items):
+        if not text:
+            continue
+        try:
+            out.append(ipaddress.ip_network(text))
+        except ValueError:
+            raise ValueError(
+                f"{text!r} is not a CIDR (with no host bits set), e.g. 10.0.0.0/8"
+            ) from None
+    return tuple(out)
+
+
+def parse_ipv4(value: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(value.strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 address such as 192.168.0.2") from None
+
+
+def parse_port_range(value: str) -> tuple[int, int]:
+    low, sep, high = value.strip().partition("-")
+    if not sep or not low.isdigit() or not high.isdigit():
+        raise ValueError(f"{value!r} is not a port range such as 61000-65535")
+    first, last = int(low), int(high)
+    if not 1024 <= first <= last <= 65535:
+        raise ValueError(
+            f"{value!r}: ports must run from low to high within 1024-65535; keep the range "
+            "outside net.ipv4.ip_local_port_range so NAT ports never meet the node's own"
+        )
+    return first, last
 
 
 def parse_bind_address(text: str) -> tuple[str, int] | None:
@@ -241,6 +326,8 @@ def _convert(value: object, kind: str, path: str, source: str) -> object:
         "size": isinstance(value, int) and not isinstance(value, bool),
         "duration": isinstance(value, str | int) and not isinstance(value, bool),
         "names": isinstance(value, list) and all(isinstance(v, str) for v in value),
+        "cidrs": isinstance(value, str)
+        or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
     }.get(kind, isinstance(value, str))
     if not ok:
         expected = _EXPECTED.get(kind, "a string (quote the value)")
@@ -254,6 +341,20 @@ def _convert(value: object, kind: str, path: str, source: str) -> object:
             raise ConfigError(f"{source}: {path}: {err}") from None
     if kind == "names":
         return tuple(cast("list[str]", value))
+    if kind in ("cidrs", "ipv4", "portrange"):
+        if value in ("", []):
+            return None  # unset: the default (for nodePortAddresses, as kube-proxy: all)
+        parse: dict[str, Callable[[Any], object]] = {
+            "cidrs": parse_cidrs,
+            "ipv4": parse_ipv4,
+            "portrange": parse_port_range,
+        }
+        try:
+            return parse[kind](value)
+        except ValueError as err:
+            raise ConfigError(f"{source}: {path}: {err}") from None
+    if kind == "cgroup":  # "" turns the socket hooks off
+        return value
     if kind == "path":  # "" means unset, as kubeconfig: "" does for kube-proxy
         return Path(cast(str, value)) if value else None
     return value if value or kind != "str" else None  # "" means unset, but disables an address
@@ -275,6 +376,10 @@ def _check_values(config: Config, source: str, merged: bool = False) -> None:
         raise fail("mode", f"unknown mode {config.mode!r}; set mode: ebpf")
     if not config.bpffs.is_absolute():
         raise fail("bpffs", f"{str(config.bpffs)!r} is not absolute; use e.g. {DEFAULT_PIN_DIR}")
+    if config.external_interfaces is not None:
+        for name in config.external_interfaces:
+            if not _IFNAME.fullmatch(name):
+                raise fail("external_interfaces", f"{name!r} is not an interface name")
     if config.interfaces is not None:
         if not config.interfaces:
             raise fail("interfaces", "empty list; leave it out to use every Ethernet interface")

@@ -12,6 +12,7 @@ import ipaddress
 from collections.abc import Iterable
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Protocol(enum.Enum):
@@ -54,6 +55,8 @@ class Service:
     external_traffic_policy: str = "Cluster"
     internal_traffic_policy: str = "Cluster"
     annotations: tuple[tuple[str, str], ...] = ()
+    load_balancer_source_ranges: tuple[IPNetwork, ...] = ()
+    health_check_node_port: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ from lbctl.model import (
     EndpointPort,
     EndpointSlice,
     IPAddress,
+    IPNetwork,
     Node,
     Protocol,
     Service,
@@ -26,6 +27,7 @@ from lbctl.model import (
 )
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
@@ -171,6 +173,7 @@ def parse_service(obj: Mapping[str, Any]) -> Service:
     affinity = _mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig")
     client_ip = _mapping(affinity.get("clientIP"), "spec.sessionAffinityConfig.clientIP")
     annotations = _mapping(meta.get("annotations"), "metadata.annotations")
+    health = spec.get("healthCheckNodePort")
     return Service(
         ref=ServiceRef(namespace, name),
         type=svc_type,
@@ -186,7 +189,33 @@ def parse_service(obj: Mapping[str, Any]) -> Service:
         external_traffic_policy=str(spec.get("externalTrafficPolicy") or "Cluster"),
         internal_traffic_policy=str(spec.get("internalTrafficPolicy") or "Cluster"),
         annotations=tuple(sorted((str(k), str(v)) for k, v in annotations.items())),
+        load_balancer_source_ranges=_source_ranges(spec, annotations),
+        health_check_node_port=None if not health else _port(health, "spec.healthCheckNodePort"),
     )
+
+
+def _source_ranges(
+    spec: Mapping[str, Any], annotations: Mapping[str, Any]
+) -> tuple[IPNetwork, ...]:
+    """spec.loadBalancerSourceRanges, or the older annotation when the field is empty.
+
+    Surrounding blanks are tolerated, as kube-proxy tolerates them; a range with
+    host bits set is refused, as the API refuses it.
+    """
+    field = "spec.loadBalancerSourceRanges"
+    raw = [str(r) for r in _list(spec.get(field.split(".")[1]), field)]
+    if not raw and annotations.get(SOURCE_RANGES_ANNOTATION):
+        field = f"metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"
+        raw = str(annotations[SOURCE_RANGES_ANNOTATION]).split(",")
+    out = []
+    for i, text in enumerate(raw):
+        try:
+            out.append(ipaddress.ip_network(text.strip()))
+        except ValueError:
+            raise InvalidObject(
+                f"{field}[{i}]: {text.strip()!r} is not a CIDR such as 203.0.113.0/24"
+            ) from None
+    return tuple(out)
 
 
 def _timeout(value: Any) -> int:

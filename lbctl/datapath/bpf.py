@@ -8,12 +8,16 @@ import ctypes.util
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from ipaddress import IPv4Network
 from pathlib import Path
 
-from lbctl.datapath import tc
+from lbctl.datapath import nodeconf, tc
 from lbctl.datapath.compiler import Compilation, CompileError
+from lbctl.datapath.entries import has_source_ranges
 from lbctl.datapath.frontends import DatapathError, FrontendTable
 from lbctl.datapath.maps import MAP_SIZES, Maps
+from lbctl.datapath.nodeconf import NodeConfig
+from lbctl.datapath.ranges import SourceRangeTable, Vip, ranges_of, vip_of
 from lbctl.datapath.settings import BpfSettings
 from lbctl.plan import Frontend, FrontendKey, PlanDiff
 
@@ -93,6 +97,8 @@ class BpfDatapath:
             raise
         self.table = FrontendTable(self.maps)
         self.table.adopt()
+        self.ranges = SourceRangeTable(self.maps)
+        self.ranges.adopt()
 
     def _check_sizes(self) -> None:
         """Pinned maps keep the size they were created with; say so if it differs."""
@@ -137,13 +143,50 @@ class BpfDatapath:
 
     # -- maps -----------------------------------------------------------------------
 
+    def configure(self, conf: NodeConfig) -> None:
+        """The node's address, NAT ports and cluster CIDRs."""
+        nodeconf.write(self.maps, conf)
+
     def reconcile(
         self, desired: Mapping[FrontendKey, Frontend], remove_stale: bool = True
     ) -> list[str]:
-        return self.table.reconcile(desired, remove_stale)
+        ranges = ranges_of(desired.values())
+        errors, failed = self._set_ranges(ranges, desired.values())
+        desired = {k: fe for k, fe in desired.items() if vip_of(k) not in failed}
+        errors += self.table.reconcile(desired, remove_stale)
+        if remove_stale:
+            self.ranges.remove_except(ranges)
+        return errors
 
     def apply(self, change: PlanDiff) -> list[str]:
-        return self.table.apply(change.upserts, change.removals)
+        # Ranges go in before the frontends that check them, and out after.
+        errors, failed = self._set_ranges(ranges_of(change.upserts), change.upserts)
+        upserts = [fe for fe in change.upserts if vip_of(fe.key) not in failed]
+        errors += self.table.apply(upserts, change.removals)
+        maybe_unused = {vip_of(k) for k in change.removals}
+        maybe_unused |= {vip_of(fe.key) for fe in upserts if not fe.source_ranges}
+        checking = {vip_of(k) for k, fe in self.table.frontends.items() if has_source_ranges(fe)}
+        for vip in maybe_unused & set(self.ranges.held) - checking:
+            self.ranges.set(vip, frozenset())
+        return errors
+
+    def _set_ranges(
+        self, ranges: Mapping[Vip, frozenset[IPv4Network]], frontends: Iterable[Frontend]
+    ) -> tuple[list[str], set[Vip]]:
+        """Write the ranges; a frontend whose ranges do not fit is left as it was."""
+        errors: list[str] = []
+        failed: set[Vip] = set()
+        for vip, wanted in ranges.items():
+            try:
+                self.ranges.set(vip, wanted)
+            except OSError as err:
+                failed.add(vip)
+                users = sorted({str(fe.service) for fe in frontends if vip_of(fe.key) == vip})
+                errors.append(
+                    f"Service {', '.join(users)}: loadBalancerSourceRanges of "
+                    f"{vip[0]}:{vip[1]}/{vip[2].name} not programmed: {err}"
+                )
+        return errors, failed
 
     def close(self) -> None:
         """Release this process's handles; programs and pins stay in place."""

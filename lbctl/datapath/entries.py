@@ -17,7 +17,7 @@ from typing import Any
 from lbctl.datapath import layout
 from lbctl.datapath.libbpf import BpfMap, MapError
 from lbctl.model import Protocol, ServiceRef
-from lbctl.plan import Backend, FrontendKey
+from lbctl.plan import CLUSTER_IP, Backend, Frontend, FrontendKey
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,10 @@ _F_READY = layout.const("LB_BACKEND_F_READY")
 _F_SERVING = layout.const("LB_BACKEND_F_SERVING")
 _F_TERMINATING = layout.const("LB_BACKEND_F_TERMINATING")
 _SVC_F_CLUSTER_IP = layout.const("LB_SVC_F_CLUSTER_IP")
+_SVC_F_EXTERNAL = layout.const("LB_SVC_F_EXTERNAL")
+_SVC_F_LOCAL = layout.const("LB_SVC_F_LOCAL")
+_SVC_F_SOURCE_RANGES = layout.const("LB_SVC_F_SOURCE_RANGES")
+_SVC_F_DROP_EMPTY = layout.const("LB_SVC_F_DROP_EMPTY")
 
 MAX_BACKENDS_PER_FRONTEND = 0xFFFF  # lb_service.count is a __u16
 
@@ -37,6 +41,32 @@ def backend_flags(b: Backend) -> int:
         | (_F_SERVING if b.serving else 0)
         | (_F_TERMINATING if b.terminating else 0)
     )
+
+
+def frontend_flags(fe: Frontend) -> int:
+    """lb_service.flags of a frontend: how the datapath treats its traffic."""
+    flags = _SVC_F_CLUSTER_IP if fe.kind == CLUSTER_IP else _SVC_F_EXTERNAL
+    if fe.local:
+        flags |= _SVC_F_LOCAL
+    if fe.source_ranges:
+        flags |= _SVC_F_SOURCE_RANGES
+    if fe.drop_empty:
+        flags |= _SVC_F_DROP_EMPTY
+    return flags
+
+
+def has_source_ranges(fe: ProgrammedFrontend) -> bool:
+    return bool(fe.flags & _SVC_F_SOURCE_RANGES)
+
+
+def describe_flags(flags: int) -> list[str]:
+    """Names of lb_service flags, for `lbctl maps dump`."""
+    names = {
+        _SVC_F_LOCAL: "local",
+        _SVC_F_SOURCE_RANGES: "source-ranges",
+        _SVC_F_DROP_EMPTY: "drop-when-empty",
+    }
+    return [name for bit, name in names.items() if flags & bit]
 
 
 def flags_backend(target: Target, flags: int) -> Backend:
@@ -93,6 +123,17 @@ class ProgrammedFrontend:
     service: ServiceRef
     port_name: str
     slots: list[Target]  # slots[0] is slot 1
+    flags: int = 0  # lb_service.flags
+    kind: str = ""
+
+    def describes(self, fe: Frontend) -> bool:
+        """Do the header and metadata say what `fe` says (backends aside)?"""
+        return (self.service, self.port_name, self.kind, self.flags) == (
+            fe.service,
+            fe.port_name,
+            fe.kind,
+            frontend_flags(fe),
+        )
 
 
 class Undo:
@@ -126,18 +167,19 @@ def _fill_service_key(value: Any, key: FrontendKey) -> None:
     value.addr = layout.ip4(key.address)  # type: ignore[arg-type]
     value.port = layout.port(key.port)
     value.proto = key.protocol.number
+    value.scope = key.scope
 
 
-def header(ident: int, count: int) -> Any:
+def header(ident: int, count: int, flags: int) -> Any:
     value = layout.new("struct lb_service")
-    _fill_header(value, ident, count)
+    _fill_header(value, ident, count, flags)
     return value
 
 
-def _fill_header(value: Any, ident: int, count: int) -> None:
+def _fill_header(value: Any, ident: int, count: int, flags: int) -> None:
     value.frontend_id = ident
     value.count = count
-    value.flags = _SVC_F_CLUSTER_IP
+    value.flags = flags
 
 
 def slot_key(ident: int, slot: int) -> Any:
@@ -156,16 +198,17 @@ def member() -> Any:
     return layout.new("struct lb_member")
 
 
-def meta(ref: ServiceRef, port_name: str) -> Any:
+def meta(ref: ServiceRef, port_name: str, kind: str) -> Any:
     value = layout.new("struct lb_frontend_meta")
-    _fill_meta(value, ref, port_name)
+    _fill_meta(value, ref, port_name, kind)
     return value
 
 
-def _fill_meta(value: Any, ref: ServiceRef, port_name: str) -> None:
+def _fill_meta(value: Any, ref: ServiceRef, port_name: str, kind: str) -> None:
     value.namespace = ref.namespace.encode()[:63]
     value.name = ref.name.encode()[:63]
     value.port_name = port_name.encode()[:15]
+    value.kind = kind.encode()[:15]
 
 
 def backend(target: Target, flags: int) -> Any:
@@ -213,10 +256,10 @@ class Batch:
         self.keys[i] = ident
         _fill_backend(self.values[i], target, flags)
 
-    def add_meta(self, ident: int, ref: ServiceRef, port_name: str) -> None:
+    def add_meta(self, ident: int, ref: ServiceRef, port_name: str, kind: str) -> None:
         i = self._next()
         self.keys[i] = ident
-        _fill_meta(self.values[i], ref, port_name)
+        _fill_meta(self.values[i], ref, port_name, kind)
 
     def add_member(self, frontend_id: int, backend_id: int) -> None:
         key = self.keys[self._next()]
@@ -230,10 +273,10 @@ class Batch:
         key.slot = n
         self.values[i].backend_id = backend_id
 
-    def add_header(self, fkey: FrontendKey, ident: int, count: int) -> None:
+    def add_header(self, fkey: FrontendKey, ident: int, count: int, flags: int) -> None:
         i = self._next()
         _fill_service_key(self.keys[i], fkey)
-        _fill_header(self.values[i], ident, count)
+        _fill_header(self.values[i], ident, count, flags)
 
     def write(self) -> None:
         try:

@@ -78,7 +78,7 @@ class FrontendTable:
         metas = {int(k[0]): v for k, v in m.lb_frontend_meta.items()}
         for key, svc in m.lb4_services.items():
             fkey = FrontendKey(
-                entries.ipv4(key.addr), layout.port_num(key.port), Protocol(key.proto)
+                entries.ipv4(key.addr), layout.port_num(key.port), Protocol(key.proto), key.scope
             )
             meta = metas.get(svc.frontend_id)
             ref = (
@@ -93,6 +93,8 @@ class FrontendTable:
                 ref,
                 layout.c_string(meta.port_name) if meta else "",
                 clean,
+                svc.flags,
+                layout.c_string(meta.kind) if meta else "",
             )
             self.frontends[fkey] = fe
             for target in clean:
@@ -215,11 +217,11 @@ class FrontendTable:
         for target, be in fresh.items():
             backends.add_backend(be.ident, target, be.flags)
         for (fe, uses), ident in zip(simple, idents, strict=True):
-            metas.add_meta(ident, fe.service, fe.port_name)
+            metas.add_meta(ident, fe.service, fe.port_name, fe.kind)
             for n, (_, be) in enumerate(uses, start=1):
                 members.add_member(ident, be.ident)
                 slot_batch.add_slot(ident, n, be.ident)
-            headers.add_header(fe.key, ident, len(uses))
+            headers.add_header(fe.key, ident, len(uses), entries.frontend_flags(fe))
         try:
             for batch in batches:
                 batch.write()
@@ -236,14 +238,21 @@ class FrontendTable:
         self.backends.update(fresh)
         for (fe, uses), ident in zip(simple, idents, strict=True):
             targets = [target for target, _ in uses]
-            self.frontends[fe.key] = ProgrammedFrontend(ident, fe.service, fe.port_name, targets)
+            self.frontends[fe.key] = ProgrammedFrontend(
+                ident,
+                fe.service,
+                fe.port_name,
+                targets,
+                entries.frontend_flags(fe),
+                fe.kind,
+            )
             for _, be in uses:
                 be.refs += 1
         return self.apply(rest, [])
 
     def matches(self, fe: Frontend) -> bool:
         have = self.frontends.get(fe.key)
-        if have is None or (have.service, have.port_name) != (fe.service, fe.port_name):
+        if have is None or not have.describes(fe):
             return False
         if sorted(have.slots) != sorted(b.target for b in fe.backends):
             return False
@@ -254,9 +263,9 @@ class FrontendTable:
         if have is None:
             self._create(fe)
             return
-        if (have.service, have.port_name) != (fe.service, fe.port_name):
-            self._write_meta(have.ident, fe.service, fe.port_name)
-            have.service, have.port_name = fe.service, fe.port_name
+        if (have.service, have.port_name, have.kind) != (fe.service, fe.port_name, fe.kind):
+            self._write_meta(have.ident, fe.service, fe.port_name, fe.kind)
+            have.service, have.port_name, have.kind = fe.service, fe.port_name, fe.kind
         undo = Undo()
         try:
             for b in fe.backends:
@@ -277,6 +286,14 @@ class FrontendTable:
             slot_of = {t: n for n, t in enumerate(have.slots, start=1)}
             for target in leaving:
                 self._remove_slot(fe.key, have, target, slot_of)
+        flags = entries.frontend_flags(fe)
+        if have.flags != flags:
+            old, have.flags = have.flags, flags
+            try:
+                self._write_header(fe.key, have)
+            except OSError:
+                have.flags = old
+                raise
 
     def remove(self, key: FrontendKey) -> None:
         have = self.frontends.get(key)
@@ -297,11 +314,13 @@ class FrontendTable:
 
     def _create(self, fe: Frontend) -> None:
         ident = self._frontend_ids.take()
-        have = ProgrammedFrontend(ident, fe.service, fe.port_name, [])
+        have = ProgrammedFrontend(
+            ident, fe.service, fe.port_name, [], entries.frontend_flags(fe), fe.kind
+        )
         undo = Undo()
         undo.push(lambda: self._frontend_ids.release(ident))
         try:
-            self._write_meta(ident, fe.service, fe.port_name)
+            self._write_meta(ident, fe.service, fe.port_name, fe.kind)
             undo.push(lambda: self._delete(self.maps.lb_frontend_meta, entries.id_key(ident)))
             for b in fe.backends:
                 self._hold_backend(b, undo)
@@ -422,11 +441,11 @@ class FrontendTable:
         self._write(self.maps.lb_slots, entries.slot_key(ident, n), value)
 
     def _write_header(self, key: FrontendKey, have: ProgrammedFrontend) -> None:
-        value = entries.header(have.ident, len(have.slots))
+        value = entries.header(have.ident, len(have.slots), have.flags)
         self._write(self.maps.lb4_services, entries.service_key(key), value)
 
-    def _write_meta(self, ident: int, ref: ServiceRef, port_name: str) -> None:
-        value = entries.meta(ref, port_name)
+    def _write_meta(self, ident: int, ref: ServiceRef, port_name: str, kind: str) -> None:
+        value = entries.meta(ref, port_name, kind)
         self._write(self.maps.lb_frontend_meta, entries.id_key(ident), value)
 
     def _write_backend(self, target: Target, have: ProgrammedBackend) -> None:

@@ -58,6 +58,39 @@ int bpf_map_get_next_key(int fd, const void *key, void *next_key);
 int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len);
 int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
 int libbpf_num_possible_cpus(void);
+/* The head of struct bpf_link_info with its cgroup member (the union starts
+ * at offset 16: it holds 64-bit fields); the kernel fills as much as asked. */
+struct lbctl_link_info {
+    uint32_t type;
+    uint32_t id;
+    uint32_t prog_id;
+    uint32_t pad;
+    uint64_t cgroup_id;
+    uint32_t attach_type;
+    uint32_t pad2;
+};
+/* The head of struct bpf_prog_info, up to the program's name. */
+struct lbctl_prog_info {
+    uint32_t type;
+    uint32_t id;
+    uint8_t tag[8];
+    uint32_t jited_prog_len;
+    uint32_t xlated_prog_len;
+    uint64_t jited_prog_insns;
+    uint64_t xlated_prog_insns;
+    uint64_t load_time;
+    uint32_t created_by_uid;
+    uint32_t nr_map_ids;
+    uint64_t map_ids;
+    char name[16];
+};
+/* enum bpf_attach_type is an int; the opts structs are optional (NULL). */
+int bpf_link_create(int prog_fd, int target_fd, int attach_type, const void *opts);
+int bpf_link_update(int link_fd, int new_prog_fd, const void *opts);
+int bpf_link_detach(int link_fd);
+int bpf_prog_get_fd_by_id(uint32_t id);
+int bpf_prog_query(int target_fd, int type, uint32_t query_flags, uint32_t *attach_flags,
+                   uint32_t *prog_ids, uint32_t *prog_cnt);
 """
 
 ffi = layout.ffi
@@ -116,6 +149,106 @@ def map_info(fd: int) -> MapInfo:
         value_size=info.value_size,
         max_entries=info.max_entries,
     )
+
+
+class BpfError(OSError):
+    """A program or link operation failed; the message names the object and the cause."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _check_obj(rc: int, what: str) -> int:
+    if rc < 0:
+        code = -rc
+        raise BpfError(code, f"{what}: {os.strerror(code)}")
+    return rc
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkInfo:
+    id: int
+    type: int  # BPF_LINK_TYPE_*
+    prog_id: int
+    cgroup_id: int  # of a cgroup link; 0 once its cgroup is gone
+    attach_type: int  # of a cgroup link
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgInfo:
+    id: int
+    type: int  # BPF_PROG_TYPE_*
+    name: str  # the first 15 characters of the function's name
+
+
+BPF_LINK_TYPE_CGROUP = 3
+BPF_F_QUERY_EFFECTIVE = 1
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """A BPF link attaching a program to a target (a cgroup's fd): its descriptor.
+
+    The link lives while a descriptor or a pin holds it.
+    """
+    return _check_obj(
+        _lib.bpf_link_create(prog_fd, target_fd, attach_type, ffi.NULL),
+        f"create a link for attach type {attach_type}",
+    )
+
+
+def link_update(link_fd: int, new_prog_fd: int) -> None:
+    """Swap the link's program for another in one step: no moment without either."""
+    _check_obj(_lib.bpf_link_update(link_fd, new_prog_fd, ffi.NULL), "replace a link's program")
+
+
+def link_detach(link_fd: int) -> None:
+    """Detach the link's program now, whoever else holds the link."""
+    _check_obj(_lib.bpf_link_detach(link_fd), "detach a link")
+
+
+def link_info(fd: int) -> LinkInfo:
+    info = ffi.new("struct lbctl_link_info *")
+    size = ffi.new("uint32_t *", ffi.sizeof("struct lbctl_link_info"))
+    _check_obj(_lib.bpf_obj_get_info_by_fd(fd, info, size), f"link info of fd {fd}")
+    cgroup = info.type == BPF_LINK_TYPE_CGROUP
+    return LinkInfo(
+        id=info.id,
+        type=info.type,
+        prog_id=info.prog_id,
+        cgroup_id=info.cgroup_id if cgroup else 0,
+        attach_type=info.attach_type if cgroup else -1,
+    )
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = ffi.new("struct lbctl_prog_info *")
+    size = ffi.new("uint32_t *", ffi.sizeof("struct lbctl_prog_info"))
+    _check_obj(_lib.bpf_obj_get_info_by_fd(fd, info, size), f"program info of fd {fd}")
+    return ProgInfo(id=info.id, type=info.type, name=ffi.string(info.name).decode())
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """A descriptor of a loaded program, from its id (to read its info)."""
+    return _check_obj(_lib.bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+
+
+def prog_query(target_fd: int, attach_type: int, effective: bool = False) -> list[int]:
+    """Ids of the programs attached to a target (a cgroup's fd) for an attach type.
+
+    `effective`: those that run there, inherited from ancestors included.
+    """
+    flags = BPF_F_QUERY_EFFECTIVE if effective else 0
+    room = 64
+    while True:
+        ids = ffi.new("uint32_t[]", room)
+        count = ffi.new("uint32_t *", room)
+        attach_flags = ffi.new("uint32_t *")
+        rc = _lib.bpf_prog_query(target_fd, attach_type, flags, attach_flags, ids, count)
+        if rc == -errno.ENOSPC and count[0] > room:
+            room = int(count[0])
+            continue
+        _check_obj(rc, f"query programs of attach type {attach_type}")
+        return [int(ids[i]) for i in range(count[0])]
 
 
 def num_possible_cpus() -> int:

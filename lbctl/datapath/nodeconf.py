@@ -1,0 +1,72 @@
+"""What the datapath must know about its node: lb4_config and the cluster CIDRs.
+
+Written at the first sync and whenever the node's address changes; the
+programs read it on every new flow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+
+from lbctl.datapath import layout
+from lbctl.datapath.maps import Maps
+
+_CFG_F_MASQ_ALL = layout.const("LB_CFG_F_MASQ_ALL")
+_CFG_F_DETECTOR = layout.const("LB_CFG_F_DETECTOR")
+DEFAULT_NAT_PORTS = (61000, 65535)  # above Linux's default ephemeral range (32768-60999)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeConfig:
+    snat_address: ipaddress.IPv4Address | None = None  # None: no masquerading
+    nat_ports: tuple[int, int] = DEFAULT_NAT_PORTS
+    masquerade_all: bool = False
+    cluster_cidrs: tuple[ipaddress.IPv4Network, ...] = ()  # the local traffic detector
+    netns_cookie: int = 0  # the node's network namespace, for the socket hooks
+
+
+def _cidr_key(network: ipaddress.IPv4Network) -> object:
+    key = layout.new("struct lb4_cidr_key")
+    key.prefixlen = network.prefixlen
+    key.addr = layout.ip4(network.network_address)
+    return key
+
+
+def write(maps: Maps, conf: NodeConfig) -> None:
+    """CIDRs first, then the settings that turn the detector on or off."""
+    have = {
+        ipaddress.IPv4Network((layout.ip4_str(k.addr), k.prefixlen))
+        for k, _ in maps.lb4_cluster_cidrs.items()
+    }
+    wanted = set(conf.cluster_cidrs)
+    for network in sorted(wanted - have):
+        maps.lb4_cluster_cidrs.update(_cidr_key(network), layout.ffi.new("__u32 *", 1))
+    value = layout.new("struct lb4_config")
+    value.snat_addr = layout.ip4(conf.snat_address) if conf.snat_address else 0
+    value.nat_port_min, value.nat_port_max = conf.nat_ports
+    value.flags = (_CFG_F_MASQ_ALL if conf.masquerade_all else 0) | (
+        _CFG_F_DETECTOR if wanted else 0
+    )
+    value.netns_cookie = conf.netns_cookie
+    maps.lb4_config.update(layout.ffi.new("__u32 *", 0), value)
+    for network in have - wanted:
+        maps.lb4_cluster_cidrs.delete(_cidr_key(network))
+
+
+def read(maps: Maps) -> dict[str, object]:
+    """lb4_config and the CIDRs as plain data, for `lbctl maps dump`."""
+    value = maps.lb4_config.lookup(layout.ffi.new("__u32 *", 0))
+    cidrs = sorted(
+        str(ipaddress.IPv4Network((layout.ip4_str(k.addr), k.prefixlen)))
+        for k, _ in maps.lb4_cluster_cidrs.items()
+    )
+    if value is None:
+        return {"cluster_cidrs": cidrs}
+    return {
+        "snat_address": layout.ip4_str(value.snat_addr) if value.snat_addr else None,
+        "nat_ports": [value.nat_port_min, value.nat_port_max],
+        "masquerade_all": bool(value.flags & _CFG_F_MASQ_ALL),
+        "cluster_cidrs": cidrs,
+        "netns_cookie": int(value.netns_cookie),
+    }
