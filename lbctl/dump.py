@@ -6,10 +6,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from lbctl.datapath import layout
-from lbctl.datapath.entries import flags_backend
+from lbctl.datapath import layout, nodeconf
+from lbctl.datapath.entries import describe_flags, flags_backend
 from lbctl.datapath.maps import Maps
 from lbctl.model import Protocol
+from lbctl.plan import SCOPE_NAMES
 
 STAT_NAMES = {
     "LB_STAT_PASS": "passed",
@@ -21,6 +22,13 @@ STAT_NAMES = {
     "LB_STAT_REDIRECT": "redirected",
     "LB_STAT_CT_FULL": "conntrack_full",
     "LB_STAT_REJECT": "rejected_no_backend",
+    "LB_STAT_DROP_SOURCE_RANGE": "drop_source_range",
+    "LB_STAT_DROP_NO_LOCAL": "drop_no_local_endpoint",
+    "LB_STAT_SNAT_NEW": "snat_new",
+    "LB_STAT_NAT_EXHAUSTED": "nat_exhausted",
+    "LB_STAT_SNAT_REVERSE": "snat_reverse",
+    "LB_STAT_SOCK_TRANSLATE": "socket_translated",
+    "LB_STAT_SOCK_REJECT": "socket_rejected",
 }
 
 
@@ -47,6 +55,10 @@ def read(pin_dir: Path) -> dict[str, Any]:
         backends = {int(k[0]): v for k, v in maps.lb4_backends.items()}
         metas = {int(k[0]): v for k, v in maps.lb_frontend_meta.items()}
         slots = {(k.frontend_id, k.slot): v.backend_id for k, v in maps.lb_slots.items()}
+        ranges: dict[tuple[int, int, int], list[str]] = {}
+        for k, _ in maps.lb4_source_ranges.items():
+            network = f"{layout.ip4_str(k.saddr)}/{k.prefixlen - 64}"
+            ranges.setdefault((k.vip, k.port, k.proto), []).append(network)
         frontends = []
         for key, svc in maps.lb4_services.items():
             meta = metas.get(svc.frontend_id)
@@ -75,18 +87,29 @@ def read(pin_dir: Path) -> dict[str, Any]:
                     "address": layout.ip4_str(key.addr),
                     "port": layout.port_num(key.port),
                     "protocol": Protocol(key.proto).name,
+                    "scope": SCOPE_NAMES.get(key.scope, str(key.scope)),
+                    "kind": layout.c_string(meta.kind) if meta else "",
+                    "flags": describe_flags(svc.flags),
+                    "source_ranges": ranges.get((key.addr, key.port, key.proto), []),
                     "frontend_id": svc.frontend_id,
                     "backends": rows,
                 }
             )
-        frontends.sort(key=lambda f: (f["service"], f["port_name"], f["address"], f["port"]))
+        frontends.sort(
+            key=lambda f: (f["service"], f["port_name"], f["kind"], f["address"], f["port"])
+        )
         stats = read_counters(maps)
         fill = {
             name: {"entries": len(m), "capacity": m.max_entries}
             for name, m in maps.all().items()
             if name != "lb_stats"
         }
-        return {"frontends": frontends, "maps": fill, "counters": stats}
+        return {
+            "frontends": frontends,
+            "node": nodeconf.read(maps),
+            "maps": fill,
+            "counters": stats,
+        }
     finally:
         maps.close()
 
@@ -108,14 +131,19 @@ class _Table:
 
 
 def render_table(data: dict[str, Any]) -> str:
-    services = _Table(["SERVICE", "PORT", "FRONTEND", "PROTO", "SLOT", "BACKEND", "STATE"])
+    services = _Table(
+        ["SERVICE", "PORT", "KIND", "FRONTEND", "PROTO", "FLAGS", "SLOT", "BACKEND", "STATE"]
+    )
     for fe in data["frontends"]:
-        first = [fe["service"], fe["port_name"] or "-", f"{fe['address']}:{fe['port']}"]
-        first.append(fe["protocol"])
+        first = [fe["service"], fe["port_name"] or "-", fe["kind"] or "-"]
+        first += [f"{fe['address']}:{fe['port']}", fe["protocol"]]
+        flags = [f"scope={fe['scope']}"] if fe["scope"] else []
+        flags += fe["flags"] + [f"from={','.join(fe['source_ranges'])}"] * bool(fe["source_ranges"])
+        first.append(" ".join(flags) or "-")
         if not fe["backends"]:
             services.rows.append([*first, "-", "(no backends)", ""])
         for i, be in enumerate(fe["backends"]):
-            lead = first if i == 0 else ["", "", "", ""]
+            lead = first if i == 0 else [""] * len(first)
             target = "(missing)" if be.get("missing") else f"{be['address']}:{be['port']}"
             services.rows.append([*lead, str(be["slot"]), target, be.get("state", "")])
     maps = _Table(["MAP", "ENTRIES", "CAPACITY"])

@@ -38,7 +38,9 @@ def endpoint_slice(
     namespace: str = "test",
     suffix: str = "1",
     ready: bool = True,
+    nodes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """nodes: address -> nodeName (default "node" for every endpoint)."""
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -50,7 +52,11 @@ def endpoint_slice(
         "addressType": "IPv4",
         "ports": [{"name": n, "protocol": p, "port": port} for n, p, port in ports],
         "endpoints": [
-            {"addresses": [a], "conditions": {"ready": ready}, "nodeName": "node"}
+            {
+                "addresses": [a],
+                "conditions": {"ready": ready},
+                "nodeName": (nodes or {}).get(a, "node"),
+            }
             for a in addresses
         ],
     }

@@ -32,6 +32,7 @@ from lbctl.datapath.compiler import CGROUP_SOCK_ADDR, PROGRAMS
 from lbctl.datapath.frontends import DatapathError
 
 CGROUP2_SUPER_MAGIC = 0x63677270
+CGROUP_SUPER_MAGIC = 0x27E0EB  # cgroup v1
 SO_NETNS_COOKIE = 71  # <asm-generic/socket.h>, Linux 5.14
 MOUNTS = Path("/proc/self/mounts")
 LINK_PREFIX = "link_sock_"  # pins of the socket hooks' links under the bpffs directory
@@ -57,9 +58,7 @@ class SockHook:
 
 # The cgroup socket programs the compiler loads, with their attach types.
 SOCK_HOOKS: tuple[SockHook, ...] = tuple(
-    SockHook(spec.name, spec.attach_type)
-    for spec in PROGRAMS
-    if spec.prog_type == CGROUP_SOCK_ADDR
+    SockHook(spec.name, spec.attach_type) for spec in PROGRAMS if spec.prog_type == CGROUP_SOCK_ADDR
 )
 
 
@@ -94,8 +93,10 @@ def _unescape(field: str) -> str:
 
 
 def cgroup2_mount(mounts: Path = MOUNTS) -> Path:
-    """Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup, or on hybrid
-    hosts /sys/fs/cgroup/unified."""
+    """Where the cgroup v2 hierarchy is mounted.
+
+    /sys/fs/cgroup on a unified host; /sys/fs/cgroup/unified on a hybrid one.
+    """
     try:
         text = mounts.read_text()
     except OSError as err:
@@ -107,7 +108,7 @@ def cgroup2_mount(mounts: Path = MOUNTS) -> Path:
     raise CgroupError(
         f"no cgroup2 file system is mounted (none in {mounts}); the socket hooks need "
         "cgroup v2: mount it (`mount -t cgroup2 none /sys/fs/cgroup/unified` on a "
-        "cgroup v1 host) or turn the socket hooks off"
+        'cgroup v1 host) or turn the socket hooks off (`--cgroup ""`)'
     )
 
 
@@ -126,18 +127,22 @@ def _fs_type(path: Path) -> int:
 
 def check_cgroup2(cgroup: Path) -> None:
     """Raise CgroupError unless `cgroup` is a directory of the cgroup v2 hierarchy."""
+    if not cgroup.exists():
+        raise CgroupError(
+            f"cgroup {cgroup} does not exist; give a directory of the cgroup2 mount{_mount_hint()}"
+        )
     try:
         fs_type = _fs_type(cgroup)
     except OSError as err:
         raise CgroupError(
-            f"cgroup {cgroup}: {err.strerror}; give a directory of the cgroup2 mount"
-            f"{_mount_hint()}"
+            f"cgroup {cgroup}: {err.strerror}; give a directory of the cgroup2 mount{_mount_hint()}"
         ) from err
     if not cgroup.is_dir() or fs_type != CGROUP2_SUPER_MAGIC:
+        what = "a cgroup v1 hierarchy" if fs_type == CGROUP_SUPER_MAGIC else "not a cgroup"
         raise CgroupError(
-            f"{cgroup} is not a cgroup2 directory (file system type {fs_type:#x}, a cgroup v1 "
-            f"hierarchy or no cgroup at all); the socket hooks attach only to cgroup v2: give "
-            f"a directory of the cgroup2 mount{_mount_hint()}"
+            f"{cgroup} is not a cgroup2 directory ({what}, file system type {fs_type:#x}); "
+            f"the socket hooks attach only to cgroup v2: give a directory of the cgroup2 "
+            f"mount{_mount_hint()}"
         )
 
 
