@@ -122,6 +122,7 @@ static __always_inline int nat4_bind(const struct pkt4 *p, const struct lb4_back
 		return -1;
 	range = max - min + 1;
 	start = bpf_get_prandom_u32() % range;
+	/* A range smaller than NAT_TRIES is tried whole, some ports twice. */
 	e.created_ns = now;
 	e.client_addr = p->saddr;
 	e.client_port = p->sport;
@@ -130,10 +131,8 @@ static __always_inline int nat4_bind(const struct pkt4 *p, const struct lb4_back
 	nat4_key(&k, be, cfg->snat_addr, 0, p->proto);
 	for (i = 0; i < NAT_TRIES; i++) {
 		struct nat4_entry *old;
-		__u32 n = start + i;
+		__u32 n = (start + i) % range;
 
-		if (n >= range)
-			n -= range;
 		k.dport = bpf_htons((__u16)(min + n));
 		if (nat4.insert(&k, &e) == 0) {
 			*port = k.dport;

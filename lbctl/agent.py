@@ -66,6 +66,10 @@ class Datapath(Protocol):
         """The node's address, NAT ports and cluster CIDRs."""
         ...
 
+    def collect_garbage(self) -> None:
+        """Forget flows that timed out."""
+        ...
+
     def reconcile(
         self, desired: dict[FrontendKey, Frontend], remove_stale: bool = True
     ) -> list[str]: ...
@@ -75,6 +79,10 @@ class Datapath(Protocol):
     def attach(self, links: list[tc.Link]) -> list[str]: ...
 
     def forget_missing(self, present: list[tc.Link]) -> None: ...
+
+    def attach_xdp(self, links: list[tc.Link], mode: str) -> list[str]: ...
+
+    def attach_cgroup(self, path: str | None) -> list[str]: ...
 
     def close(self) -> None: ...
 
@@ -90,6 +98,8 @@ class AgentOptions:
     node_name: str | None = None  # for endpoint locality (externalTrafficPolicy Local)
     addresses: AddressPolicy = dataclasses.field(default_factory=AddressPolicy)
     node: NodeConfig = dataclasses.field(default_factory=NodeConfig)  # its snat_address is chosen
+    xdp: str = "off"  # off, generic, native
+    cgroup_path: str | None = ""  # None: the cgroup2 mount; "": no socket hooks
 
 
 class Agent:
@@ -102,6 +112,7 @@ class Agent:
         self.errors: list[str] = []
         self.synced = threading.Event()
         self._missing_links: list[str] = []
+        self._missing_external: list[str] = []
         self._sweep_pending = False
         self.sync_seconds: float | None = None  # how long the first sync took
         # Seconds from a change reaching lbctl to the maps holding it, newest last.
@@ -161,6 +172,7 @@ class Agent:
         remove_stale = not self._sweep_pending
         self._record(self.datapath.reconcile(self.planner.frontends(), remove_stale))
         self._attach()
+        self._record(self.datapath.attach_cgroup(self.options.cgroup_path))
 
     def step(self, node_scan: bool = False) -> PlanDiff:
         refs = self.source.poll(self.table)
@@ -229,6 +241,7 @@ class Agent:
                     desired = self.planner.frontends()
                     remove_stale = not self._sweep_pending
                     self._record(self.datapath.reconcile(desired, remove_stale))
+                    self.datapath.collect_garbage()
             except Exception:  # one bad tick must not take the agent down
                 log.exception("agent loop error; continuing")
 
@@ -261,6 +274,20 @@ class Agent:
             wanted = tc.list_interfaces()
         self.datapath.forget_missing(wanted)
         self._record(self.datapath.attach(wanted))
+        if self.options.xdp != "off":
+            self._record(self.datapath.attach_xdp(self._external_links(), self.options.xdp))
+
+    def _external_links(self) -> list[tc.Link]:
+        """The external interfaces, or else the one that holds the node's address."""
+        names = self.options.addresses.interfaces
+        if names is None:
+            snat = self.node_config.snat_address if self.node_config else None
+            names = tuple(a.interface for a in addresses.local_ipv4() if a.address == snat)
+        links, missing = tc.find_interfaces(names)
+        if missing != self._missing_external:
+            self._record(missing)
+            self._missing_external = missing
+        return links
 
     def _record(self, errors: list[str]) -> None:
         for message in errors:

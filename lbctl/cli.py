@@ -193,6 +193,12 @@ def _node_args(run: argparse.ArgumentParser) -> None:
         help="interfaces whose addresses serve NodePorts (default: every interface)",
     )
     g.add_argument(
+        "--xdp",
+        choices=["off", "generic", "native"],
+        help="XDP fast path on the external interfaces (default off); native needs driver "
+        "support, generic works everywhere",
+    )
+    g.add_argument(
         "--cgroup",
         dest="cgroup_path",
         metavar="PATH",
@@ -263,6 +269,7 @@ def _run(args: argparse.Namespace) -> int:
                 "nat_port_range",
                 "external_interfaces",
                 "cgroup_path",
+                "xdp",
             )
         },
     )
@@ -285,6 +292,8 @@ def _run(args: argparse.Namespace) -> int:
         node_name=_node_name(cfg),
         addresses=cfg.address_policy(),
         node=cfg.node_config(),
+        xdp=cfg.xdp,
+        cgroup_path=cfg.cgroup_path,
     )
     agent = Agent(source, datapath, options)
     observe = Observability(agent)

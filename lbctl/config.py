@@ -24,6 +24,7 @@ from lbctl.model import IPNetwork
 API_VERSION = "lbctl.io/v1alpha1"
 KIND = "LbctlConfiguration"
 MODES = ("ebpf", "ipvs", "auto")
+XDP_MODES = ("off", "generic", "native")
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _BPF = BpfSettings()
 _MAX_SIZE = 2**32 - 1  # BPF max_entries is a u32
@@ -66,6 +67,7 @@ class Config:
     nat_port_range: tuple[int, int] = DEFAULT_NAT_PORTS
     external_interfaces: tuple[str, ...] | None = None  # None: every interface
     cgroup_path: str | None = None  # None: the cgroup2 mount; "": no socket hooks
+    xdp: str = "off"  # off, generic or native: the XDP fast path on the external interfaces
 
     def bpf_settings(self) -> BpfSettings:
         """The datapath's compile-time settings: pin directory, capacities, timeouts."""
@@ -126,6 +128,7 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "natPortRange": ("nat_port_range", "portrange"),
     "externalInterfaces": ("external_interfaces", "names"),
     "cgroupPath": ("cgroup_path", "cgroup"),
+    "xdp": ("xdp", "str"),
 }
 _KEYS = {"apiVersion", "kind", *_FIELDS}
 _PATH_OF = {field: path for path, (field, _) in _FIELDS.items()}
@@ -372,6 +375,8 @@ def _check_values(config: Config, source: str, merged: bool = False) -> None:
             f"{config.mode!r} needs the IPVS fallback, which is not available in this "
             "version of lbctl; set mode: ebpf (or leave it out)",
         )
+    if config.xdp not in XDP_MODES:
+        raise fail("xdp", f"unknown XDP mode {config.xdp!r}; set xdp: off, generic or native")
     if config.mode not in MODES:
         raise fail("mode", f"unknown mode {config.mode!r}; set mode: ebpf")
     if not config.bpffs.is_absolute():

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from lbctl.datapath import layout, nodeconf
+from lbctl.datapath import ctgc, layout, nodeconf
 from lbctl.datapath.entries import describe_flags, flags_backend
 from lbctl.datapath.maps import Maps
 from lbctl.model import Protocol
@@ -107,6 +107,7 @@ def read(pin_dir: Path) -> dict[str, Any]:
         return {
             "frontends": frontends,
             "node": nodeconf.read(maps),
+            "flows": ctgc.flows(maps),
             "maps": fill,
             "counters": stats,
         }
@@ -149,7 +150,20 @@ def render_table(data: dict[str, Any]) -> str:
     maps = _Table(["MAP", "ENTRIES", "CAPACITY"])
     for name, fill in data["maps"].items():
         maps.rows.append([name, str(fill["entries"]), str(fill["capacity"])])
+    flows = _Table(["CLIENT", "FRONTEND", "BACKEND", "PROTO", "MASQUERADE", "STATE", "AGE", "IDLE"])
+    for f in data["flows"][:50]:
+        where = [f["client"], f["frontend"], f["backend"], f["protocol"]]
+        flows.rows.append(
+            [*where, f["masquerade"] or "-", f["state"], f"{f['age_s']}s", f"{f['idle_s']}s"]
+        )
     counters = _Table(["COUNTER", "PACKETS"])
     for name, value in data["counters"].items():
         counters.rows.append([name, str(value)])
-    return "\n\n".join([services.render(), maps.render(), counters.render()]) + "\n"
+    node = data["node"]
+    summary = (
+        f"node: masquerade address {node.get('snat_address') or 'none'}, NAT ports "
+        f"{'-'.join(map(str, node.get('nat_ports', []))) or '-'}, cluster CIDRs "
+        f"{','.join(node['cluster_cidrs']) or 'none'}"
+    )
+    parts = [services.render(), summary, maps.render(), flows.render(), counters.render()]
+    return "\n\n".join(parts) + "\n"

@@ -45,6 +45,9 @@ class AgentProcess:
         args = ["run", "--bpffs", str(self.pin_dir)]
         if self.manifests is not None:
             args += ["--manifests", str(self.manifests)]
+        if "--cgroup" not in self.extra:
+            # never the host's root cgroup: a test passes a cgroup of its own
+            args += ["--cgroup", ""]
         with self.log.open("ab") as sink:
             self.proc = subprocess.Popen(
                 ["nsenter", f"--net={self.node.path}", LBCTL, *args, *self.extra],

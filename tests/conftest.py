@@ -62,9 +62,13 @@ def datapath() -> Iterator[BpfDatapath]:
 
 
 def reset_datapath(dp: BpfDatapath) -> None:
-    dp.table.reconcile({})
-    for key in list(dp.maps.ct4.keys()):
-        dp.maps.ct4.delete(key)
+    from lbctl.datapath.nodeconf import NodeConfig
+
+    dp.reconcile({})
+    dp.configure(NodeConfig())
+    for bpf_map in (dp.maps.ct4, dp.maps.nat4):
+        for key in list(bpf_map.keys()):
+            bpf_map.delete(key)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from lbctl.datapath import nodeconf, tc
+from lbctl.datapath import ctgc, nodeconf, tc
 from lbctl.datapath.compiler import Compilation, CompileError
 from lbctl.datapath.entries import has_source_ranges
 from lbctl.datapath.frontends import DatapathError, FrontendTable
@@ -62,6 +62,8 @@ class BpfDatapath:
         self.prog_fds: dict[str, int] = {}  # every program that loaded, by name
         self.failed_programs: dict[str, str] = {}  # optional programs that did not, and why
         self.interfaces: dict[str, int] = {}  # name -> ifindex attached
+        self.xdp_interfaces: dict[str, int] = {}  # name -> ifindex with the XDP program
+        self._xdp_reported = False
         if wait:
             self.load()
 
@@ -136,12 +138,47 @@ class BpfDatapath:
             log.info("attached tc ingress program to %s", link.name)
         return errors
 
+    def attach_xdp(self, links: Iterable[tc.Link], mode: str) -> list[str]:
+        """The XDP fast path on the external interfaces; the error of each failure."""
+        from lbctl.datapath import xdp
+
+        fd = self.prog_fds.get("lbctl_xdp")
+        if fd is None:
+            why = self.failed_programs.get("lbctl_xdp", "it is not part of this build")
+            if self._xdp_reported:
+                return []
+            self._xdp_reported = True
+            return [f"XDP fast path (--xdp {mode}) is off: the program did not load: {why}"]
+        errors = []
+        for link in links:
+            if self.xdp_interfaces.get(link.name) == link.index:
+                continue
+            try:
+                xdp.attach(link, fd, mode)
+            except tc.AttachError as err:
+                errors.append(str(err))
+                continue
+            self.xdp_interfaces[link.name] = link.index
+            log.info("attached XDP program (%s) to %s", mode, link.name)
+        return errors
+
+    def attach_cgroup(self, path: str | None) -> list[str]:
+        """Socket hooks for the node's own processes: not wired yet."""
+        return []
+
     def forget_missing(self, present: Iterable[tc.Link]) -> None:
         """Interfaces that went away (a pod's veth) took their filter with them."""
         alive = {(link.name, link.index) for link in present}
         self.interfaces = {n: i for n, i in self.interfaces.items() if (n, i) in alive}
+        self.xdp_interfaces = {n: i for n, i in self.xdp_interfaces.items() if (n, i) in alive}
 
     # -- maps -----------------------------------------------------------------------
+
+    def collect_garbage(self) -> None:
+        """Delete conntrack and NAT entries of flows that timed out."""
+        swept = ctgc.sweep(self.maps, self.settings)
+        if swept.conntrack or swept.nat:
+            log.debug("swept %d conntrack and %d NAT entries", swept.conntrack, swept.nat)
 
     def configure(self, conf: NodeConfig) -> None:
         """The node's address, NAT ports and cluster CIDRs."""

@@ -1,0 +1,112 @@
+"""Conntrack and NAT garbage collection.
+
+The programs judge a flow alive by its forward entry's last_seen and the
+timeouts of BpfSettings; a dead entry is ignored by them at once, but stays
+in its LRU map until evicted.  This sweep deletes them, so the maps' fill
+(in `lbctl maps dump` and the metrics) counts live flows and a NAT port is
+free again for sure.  Reverse and NAT entries live and die with their
+forward twin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from lbctl.datapath import layout
+from lbctl.datapath.maps import Maps
+from lbctl.datapath.settings import SECOND_NS, BpfSettings
+
+_FORWARD = layout.const("CT_DIR_FORWARD")
+_F_SEEN_REPLY = layout.const("CT_F_SEEN_REPLY")
+_F_CLOSING = layout.const("CT_F_CLOSING")
+_TCP = 6
+
+
+def now_ns() -> int:
+    """bpf_ktime_get_ns()'s clock."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def lifetime_s(settings: BpfSettings, proto: int, flags: int) -> int:
+    """The same rule as ct_lifetime() in bpf/conntrack.h."""
+    if proto != _TCP:
+        return settings.ct_udp_timeout_s
+    if flags & _F_CLOSING:
+        return settings.ct_tcp_closing_timeout_s
+    if not flags & _F_SEEN_REPLY:
+        return settings.ct_tcp_syn_timeout_s
+    return settings.ct_tcp_timeout_s
+
+
+@dataclasses.dataclass
+class Swept:
+    conntrack: int = 0
+    nat: int = 0
+
+
+Tuple = tuple[int, int, int, int, int]  # saddr, daddr, sport, dport, proto (raw fields)
+
+
+def _alive(settings: BpfSettings, key: Any, e: Any, now: int) -> bool:
+    return bool(now - e.last_seen_ns <= lifetime_s(settings, key.proto, e.flags) * SECOND_NS)
+
+
+def sweep(maps: Maps, settings: BpfSettings, now: int | None = None) -> Swept:
+    """Delete dead flows' entries; one pass over ct4 and nat4."""
+    now = now_ns() if now is None else now
+    out = Swept()
+    forward: dict[Tuple, Any] = {}
+    reverse, dead = [], []
+    # Read everything first: deleting while walking restarts the kernel's walk.
+    for key, e in maps.ct4.items():
+        if key.dir != _FORWARD:
+            reverse.append((key, e))
+        elif _alive(settings, key, e, now):
+            forward[(key.saddr, key.daddr, key.sport, key.dport, key.proto)] = e
+        else:
+            dead.append(key)
+    for key, e in reverse:
+        fwd = forward.get((key.daddr, e.nat_addr, key.dport, e.nat_port, key.proto))
+        if fwd is None or fwd.snat_addr or (fwd.nat_addr, fwd.nat_port) != (key.saddr, key.sport):
+            dead.append(key)
+    out.conntrack = sum(bool(maps.ct4.delete(key)) for key in dead)
+    unbound = []
+    for key, e in maps.nat4.items():
+        fwd = forward.get((e.client_addr, e.vip, e.client_port, e.vport, key.proto))
+        bound = (key.daddr, key.dport, key.saddr, key.sport)
+        if fwd is None or (fwd.snat_addr, fwd.snat_port, fwd.nat_addr, fwd.nat_port) != bound:
+            unbound.append(key)
+    out.nat = sum(bool(maps.nat4.delete(key)) for key in unbound)
+    return out
+
+
+def flows(maps: Maps, limit: int = 1000) -> list[dict[str, Any]]:
+    """Balanced flows (forward entries), newest first, for `lbctl maps dump`.
+
+    Entries past their timeout until the agent's next sweep are included;
+    their idle time tells them apart."""
+    now = now_ns()
+    rows = []
+    for key, e in maps.ct4.items():
+        if key.dir != _FORWARD:
+            continue
+        rows.append(
+            {
+                "client": f"{layout.ip4_str(key.saddr)}:{layout.port_num(key.sport)}",
+                "frontend": f"{layout.ip4_str(key.daddr)}:{layout.port_num(key.dport)}",
+                "backend": f"{layout.ip4_str(e.nat_addr)}:{layout.port_num(e.nat_port)}",
+                "protocol": "TCP" if key.proto == _TCP else "UDP",
+                "masquerade": f"{layout.ip4_str(e.snat_addr)}:{layout.port_num(e.snat_port)}"
+                if e.snat_addr
+                else None,
+                "age_s": round((now - e.created_ns) / SECOND_NS, 1),
+                "idle_s": round((now - e.last_seen_ns) / SECOND_NS, 1),
+                "state": "closing"
+                if e.flags & _F_CLOSING
+                else ("established" if e.flags & _F_SEEN_REPLY else "opening"),
+            }
+        )
+    rows.sort(key=lambda r: float(r["age_s"]))
+    return rows[:limit]

@@ -1,0 +1,144 @@
+"""Masquerade, NAT ports, traffic policy and source ranges under BPF_PROG_TEST_RUN,
+and the conntrack/NAT sweep of the agent on the entries real packets made."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from lbctl.datapath import ctgc, layout
+from lbctl.datapath.bpf import BpfDatapath
+from lbctl.datapath.nodeconf import NodeConfig
+from lbctl.model import IPNetwork, Protocol, ServiceRef
+from lbctl.plan import SCOPE_EXTERNAL, Backend, Frontend, FrontendKey
+from tests import packets
+from tests.test_bpf_prog import TC_ACT_SHOT, checked, run, stat_delta, stats
+
+NODE = "192.0.2.1"
+OUTSIDE = "198.51.100.7"
+POD_CLIENT = "10.244.3.9"
+BACKEND = "10.244.0.20"
+LOCAL = "10.244.0.21"
+NODE_PORT = 30053
+
+STAT_SNAT_NEW = layout.const("LB_STAT_SNAT_NEW")
+STAT_NAT_EXHAUSTED = layout.const("LB_STAT_NAT_EXHAUSTED")
+STAT_DROP_SOURCE_RANGE = layout.const("LB_STAT_DROP_SOURCE_RANGE")
+STAT_DROP_NO_LOCAL = layout.const("LB_STAT_DROP_NO_LOCAL")
+
+
+def ip(a: str) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(a)
+
+
+def frontend(
+    backends: list[str],
+    scope: int = 0,
+    local: bool = False,
+    drop_empty: bool = False,
+    ranges: tuple[IPNetwork, ...] = (),
+    kind: str = "NodePort",
+) -> Frontend:
+    return Frontend(
+        FrontendKey(ip(NODE), NODE_PORT, Protocol.UDP, scope),
+        ServiceRef("ns", "dns"),
+        "",
+        kind,
+        tuple(Backend(ip(b), 5353, Protocol.UDP) for b in backends),
+        local,
+        drop_empty,
+        ranges,
+    )
+
+
+@pytest.fixture
+def dp(clean_datapath: BpfDatapath) -> BpfDatapath:
+    clean_datapath.configure(
+        NodeConfig(
+            snat_address=ip(NODE),
+            nat_ports=(61000, 61001),
+            cluster_cidrs=(ipaddress.IPv4Network("10.244.0.0/16"),),
+        )
+    )
+    return clean_datapath
+
+
+def ask(dp: BpfDatapath, src: str, sport: int) -> packets.Parsed:
+    return checked(run(dp, packets.ipv4_udp(src, NODE, sport, NODE_PORT, b"q")))
+
+
+def test_outside_client_is_masqueraded_and_the_reply_restored(dp: BpfDatapath) -> None:
+    dp.reconcile({fe.key: fe for fe in [frontend([BACKEND])]})
+    before = stats(dp)
+    out = ask(dp, OUTSIDE, 40000)
+    assert (out.src, out.dst, out.dport) == (NODE, BACKEND, 5353)
+    assert 61000 <= out.sport <= 61001
+    assert stat_delta(before, stats(dp)).get(STAT_SNAT_NEW) == 1
+    reply = run(dp, packets.ipv4_udp(BACKEND, NODE, 5353, out.sport, b"a"))
+    back = checked(reply)
+    assert (back.src, back.sport, back.dst, back.dport) == (NODE, NODE_PORT, OUTSIDE, 40000)
+
+
+def test_nat_ports_run_out_and_come_back_after_the_sweep(dp: BpfDatapath) -> None:
+    dp.reconcile({fe.key: fe for fe in [frontend([BACKEND])]})
+    ports = {ask(dp, OUTSIDE, 40000 + i).sport for i in range(2)}
+    assert ports == {61000, 61001}  # no collision: both ports of the range
+    before = stats(dp)
+    third = run(dp, packets.ipv4_udp(OUTSIDE, NODE, 40002, NODE_PORT, b"q"))
+    assert third.retval == TC_ACT_SHOT
+    assert stat_delta(before, stats(dp)) == {STAT_NAT_EXHAUSTED: 1}
+    assert len(dp.maps.nat4) == 2
+    # an hour later every flow has timed out: the sweep frees their ports
+    swept = ctgc.sweep(dp.maps, dp.settings, ctgc.now_ns() + 3600 * 10**9)
+    assert (swept.conntrack, swept.nat) == (2, 2)
+    assert len(dp.maps.ct4) == 0 and len(dp.maps.nat4) == 0
+    assert 61000 <= ask(dp, OUTSIDE, 40002).sport <= 61001
+
+
+def test_the_sweep_keeps_live_flows(dp: BpfDatapath) -> None:
+    dp.reconcile({fe.key: fe for fe in [frontend([BACKEND])]})
+    ask(dp, OUTSIDE, 40000)
+    assert ctgc.sweep(dp.maps, dp.settings) == ctgc.Swept(0, 0)
+    assert len(dp.maps.ct4) == 1 and len(dp.maps.nat4) == 1
+    flows = ctgc.flows(dp.maps)
+    assert flows[0]["client"] == f"{OUTSIDE}:40000" and flows[0]["masquerade"]
+
+
+def test_local_policy_outside_gets_local_backends_unmasqueraded(dp: BpfDatapath) -> None:
+    fes = [frontend([BACKEND, LOCAL], local=True), frontend([LOCAL], SCOPE_EXTERNAL, True)]
+    dp.reconcile({fe.key: fe for fe in fes})
+    for i in range(10):
+        out = ask(dp, OUTSIDE, 41000 + i)
+        assert (out.src, out.dst) == (OUTSIDE, LOCAL)
+    # a pod keeps every backend, unmasqueraded
+    seen = {ask(dp, POD_CLIENT, 42000 + i).dst for i in range(40)}
+    assert seen == {BACKEND, LOCAL}
+
+
+def test_local_policy_without_local_backends_drops(dp: BpfDatapath) -> None:
+    fes = [
+        frontend([BACKEND], local=True),
+        frontend([], SCOPE_EXTERNAL, True, drop_empty=True),
+    ]
+    dp.reconcile({fe.key: fe for fe in fes})
+    before = stats(dp)
+    result = run(dp, packets.ipv4_udp(OUTSIDE, NODE, 40000, NODE_PORT, b"q"))
+    assert result.retval == TC_ACT_SHOT
+    assert stat_delta(before, stats(dp)) == {STAT_DROP_NO_LOCAL: 1}
+
+
+def test_source_ranges(dp: BpfDatapath) -> None:
+    allowed = (ipaddress.ip_network("198.51.100.0/29"),)
+    fe = frontend([BACKEND], ranges=allowed, kind="LoadBalancer")
+    dp.reconcile({fe.key: fe})
+    assert ask(dp, OUTSIDE, 40000).dst == BACKEND  # .7 is inside /29
+    before = stats(dp)
+    result = run(dp, packets.ipv4_udp("198.51.100.8", NODE, 40001, NODE_PORT, b"q"))
+    assert result.retval == TC_ACT_SHOT
+    assert stat_delta(before, stats(dp)) == {STAT_DROP_SOURCE_RANGE: 1}
+    # dropping the ranges removes both the flag and the entries
+    open_fe = frontend([BACKEND], kind="LoadBalancer")
+    dp.reconcile({open_fe.key: open_fe})
+    assert len(dp.maps.lb4_source_ranges) == 0
+    assert ask(dp, "198.51.100.8", 40002).dst == BACKEND
