@@ -118,3 +118,18 @@ def test_slice_without_service_label_is_invalid() -> None:
     obj["metadata"]["labels"] = {}
     with pytest.raises(InvalidObject, match=re.escape("kubernetes.io/service-name")):
         parse_endpoint_slice(obj)
+
+
+def test_source_ranges_from_the_field_or_the_annotation() -> None:
+    got = parse_service(service(loadBalancerSourceRanges=[" 203.0.113.0/25", "2001:db8::/64"]))
+    assert [str(n) for n in got.load_balancer_source_ranges] == ["203.0.113.0/25", "2001:db8::/64"]
+    obj = service()
+    obj["metadata"]["annotations"] = {
+        "service.beta.kubernetes.io/load-balancer-source-ranges": "10.0.0.0/8, 192.0.2.0/24"
+    }
+    assert [str(n) for n in parse_service(obj).load_balancer_source_ranges] == [
+        "10.0.0.0/8",
+        "192.0.2.0/24",
+    ]
+    with pytest.raises(InvalidObject, match=r"loadBalancerSourceRanges\[0\]: '10.0.0.1/8'"):
+        parse_service(service(loadBalancerSourceRanges=["10.0.0.1/8"]))

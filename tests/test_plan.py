@@ -14,7 +14,7 @@ from lbctl.model import (
     ServiceRef,
     ServiceTable,
 )
-from lbctl.plan import FrontendKey, Planner, plan_service
+from lbctl.plan import SCOPE_EXTERNAL, FrontendKey, NodeContext, Planner, plan_service
 
 IP = ipaddress.ip_address
 REF = ServiceRef("ns", "web")
@@ -108,3 +108,76 @@ def test_address_moved_between_services_in_one_batch_is_kept() -> None:
     assert {fe.service for fe in change.upserts} == {new}
     assert {fe.service for fe in planner.frontends().values()} == {new}
     assert not planner.conflicts
+
+
+# -- frontends for traffic from outside ------------------------------------------
+
+
+def outside_service(policy: str = "Cluster") -> Service:
+    return Service(
+        ref=REF,
+        type="LoadBalancer",
+        cluster_ips=(IP("10.96.0.10"),),
+        ports=(ServicePort("http", Protocol.TCP, 80, node_port=30080),),
+        external_ips=(IP("192.0.2.50"),),
+        load_balancer_ips=(IP("203.0.113.9"), IP("2001:db8::9")),
+        external_traffic_policy=policy,
+        load_balancer_source_ranges=(ipaddress.ip_network("198.51.100.0/24"),),
+    )
+
+
+def placed(*where: tuple[str, str]) -> EndpointSlice:
+    return EndpointSlice(
+        namespace="ns",
+        name="web-1",
+        service_name="web",
+        address_type="IPv4",
+        ports=(EndpointPort("http", Protocol.TCP, 8080),),
+        endpoints=tuple(Endpoint((IP(a),), node_name=n) for a, n in where),
+    )
+
+
+NODE = NodeContext("a", (IP("192.168.0.2"), IP("127.0.0.1")))
+
+
+def test_every_way_in_gets_a_frontend() -> None:
+    plan = plan_service(outside_service(), [placed(("10.244.0.5", "a"))], NODE)
+    kinds = {(str(k.address), k.port): fe.kind for k, fe in plan.items()}
+    assert kinds == {
+        ("10.96.0.10", 80): "ClusterIP",
+        ("192.168.0.2", 30080): "NodePort",
+        ("127.0.0.1", 30080): "NodePort",
+        ("192.0.2.50", 80): "ExternalIP",
+        ("203.0.113.9", 80): "LoadBalancer",  # the IPv6 ingress waits for IPv6 support
+    }
+    ranged = {str(k.address) for k, fe in plan.items() if fe.source_ranges}
+    assert ranged == {"203.0.113.9"}  # only the LoadBalancer IP checks sources
+    assert not any(fe.local for fe in plan.values())
+
+
+def test_local_policy_adds_an_outside_twin_with_this_nodes_backends() -> None:
+    where = placed(("10.244.0.5", "a"), ("10.244.1.5", "b"))
+    plan = plan_service(outside_service("Local"), [where], NODE)
+    twin = plan[FrontendKey(IP("192.168.0.2"), 30080, Protocol.TCP, SCOPE_EXTERNAL)]
+    assert [str(b.address) for b in twin.backends] == ["10.244.0.5"]
+    assert twin.local and not twin.drop_empty
+    main = plan[FrontendKey(IP("192.168.0.2"), 30080, Protocol.TCP)]
+    assert main.local and len(main.backends) == 2
+    assert FrontendKey(IP("10.96.0.10"), 80, Protocol.TCP, SCOPE_EXTERNAL) not in plan
+    # endpoints only elsewhere: drop; none at all: reject (no drop flag)
+    remote = plan_service(outside_service("Local"), [placed(("10.244.1.5", "b"))], NODE)
+    assert remote[twin.key].drop_empty and not remote[twin.key].backends
+    empty = plan_service(outside_service("Local"), [], NODE)
+    assert not empty[twin.key].drop_empty
+
+
+def test_new_node_addresses_replan_only_services_with_node_ports() -> None:
+    table = ServiceTable()
+    table.set_service(outside_service())
+    table.set_service(svc("10.96.0.20", ServiceRef("ns", "plain")))
+    planner = Planner()
+    planner.update(table, list(table.services))
+    change = planner.set_node(table, NodeContext("a", (IP("192.168.0.3"),)))
+    assert {fe.service for fe in change.upserts} == {REF}
+    assert {str(fe.key.address) for fe in change.upserts} == {"192.168.0.3"}
+    assert planner.set_node(table, NodeContext("a", (IP("192.168.0.3"),))).upserts == []
