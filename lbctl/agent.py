@@ -21,7 +21,7 @@ from typing import Protocol
 
 from lbctl import addresses
 from lbctl.addresses import AddressPolicy
-from lbctl.datapath import tc
+from lbctl.datapath import cgroup, tc
 from lbctl.datapath.nodeconf import NodeConfig
 from lbctl.model import ServiceRef, ServiceTable
 from lbctl.plan import Frontend, FrontendKey, NodeContext, PlanDiff, Planner
@@ -120,6 +120,7 @@ class Agent:
         self.observers: list[Callable[[float], None]] = []  # called with each latency
         self.last_tick = time.monotonic()  # the loop's heartbeat, for health checks
         self.node_config: NodeConfig | None = None  # as last written to the datapath
+        self._netns_cookie = cgroup.netns_cookie()  # the socket hooks act in this namespace only
 
     def sync(self, stop: threading.Event | None = None) -> None:
         """First sync: load everything, make the maps match, then attach."""
@@ -251,7 +252,11 @@ class Agent:
         local = addresses.local_ipv4()
         api = self.table.node.addresses if self.table.node else ()
         context = NodeContext(self.options.node_name, policy.node_port_addresses(local))
-        conf = dataclasses.replace(self.options.node, snat_address=policy.snat_address(local, api))
+        conf = dataclasses.replace(
+            self.options.node,
+            snat_address=policy.snat_address(local, api),
+            netns_cookie=self._netns_cookie,
+        )
         return context, conf
 
     def _configure(self, conf: NodeConfig) -> None:

@@ -352,9 +352,10 @@ def _dump(args: argparse.Namespace) -> int:
 
 
 def _cleanup(args: argparse.Namespace) -> int:
-    from lbctl.datapath import tc
+    from lbctl.datapath import cgroup, tc
     from lbctl.datapath.maps import MAP_TYPES
 
+    hooks = cgroup.detach(args.bpffs)
     detached = tc.detach(link.name for link in tc.all_links())
     removed = []
     for name in MAP_TYPES:
@@ -365,5 +366,6 @@ def _cleanup(args: argparse.Namespace) -> int:
     if args.bpffs.is_dir() and not any(args.bpffs.iterdir()):
         args.bpffs.rmdir()
     print(f"detached from: {', '.join(detached) or 'no interface'}")
+    print(f"socket hooks detached: {', '.join(hooks) or 'none'}")
     print(f"removed pinned maps: {', '.join(removed) or 'none'} (under {args.bpffs})")
     return 0

@@ -163,7 +163,29 @@ class BpfDatapath:
         return errors
 
     def attach_cgroup(self, path: str | None) -> list[str]:
-        """Socket hooks for the node's own processes: not wired yet."""
+        """Socket hooks for the node's own processes, on a cgroup v2 directory.
+
+        None: the root of the cgroup2 mount (every process of the node); "": no
+        hooks, and links a former run left are removed."""
+        from lbctl.datapath import cgroup
+
+        pin_dir = self.settings.pin_dir
+        try:
+            if path == "":
+                for hook in cgroup.detach(pin_dir):
+                    log.info("socket hook %s detached (socket hooks are off)", hook)
+                return []
+            where = Path(path) if path is not None else cgroup.cgroup2_mount()
+            done = cgroup.attach(where, self.prog_fds, pin_dir)
+        except (cgroup.CgroupError, OSError) as err:
+            return [f"socket hooks for the node's own processes are off: {err}"]
+        missing = [n for n in self.failed_programs if n.startswith("lbctl_sock_")]
+        log.info(
+            "socket hooks on cgroup %s: %s%s",
+            where,
+            ", ".join(a.hook for a in done) or "none",
+            f" (not loaded: {', '.join(missing)})" if missing else "",
+        )
         return []
 
     def forget_missing(self, present: Iterable[tc.Link]) -> None:
