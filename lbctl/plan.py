@@ -161,7 +161,13 @@ def plan_service(
             )
         outside: list[tuple[str, IPAddress, int]] = []
         if sp.node_port is not None and svc.type in ("NodePort", "LoadBalancer"):
-            outside += [(NODE_PORT, a, sp.node_port) for a in node.node_port_addresses]
+            # a NodePort opens only for the Service's own IP families, as kube-proxy's
+            families = {ip.version for ip in svc.cluster_ips}
+            outside += [
+                (NODE_PORT, a, sp.node_port)
+                for a in node.node_port_addresses
+                if a.version in families
+            ]
         outside += [(EXTERNAL_IP, a, sp.port) for a in svc.external_ips]
         if svc.type == "LoadBalancer":
             outside += [(LOAD_BALANCER, a, sp.port) for a in svc.load_balancer_ips]

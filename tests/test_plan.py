@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 
 from lbctl.model import (
@@ -181,3 +182,9 @@ def test_new_node_addresses_replan_only_services_with_node_ports() -> None:
     assert {fe.service for fe in change.upserts} == {REF}
     assert {str(fe.key.address) for fe in change.upserts} == {"192.168.0.3"}
     assert planner.set_node(table, NodeContext("a", (IP("192.168.0.3"),))).upserts == []
+
+
+def test_an_ipv6_only_service_opens_no_ipv4_node_port() -> None:
+    v6 = dataclasses.replace(outside_service(), cluster_ips=(IP("fd00::10"),))
+    plan = plan_service(v6, [], NODE)
+    assert not [k for k, fe in plan.items() if fe.kind == "NodePort"]
