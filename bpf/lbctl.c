@@ -2,6 +2,8 @@
  *
  *   lbctl_tc.c   tc ingress: balancing, NAT, rejects, source ranges
  *   lbctl_sock.c cgroup socket hooks: the node's own processes
+ *   lbctl_xdp.c  XDP on the external interfaces: the fast path for traffic
+ *                from outside, handing tc what it cannot finish
  *
  * Headers come first, in dependency order; lbctl/datapath/settings.py
  * pastes each local file in once.
@@ -24,6 +26,9 @@
 #include "forward.h"
 #include "reject.h"
 #include "nat.h"
+#include "flow.h"
+#include "xdp.h"
 
 #include "lbctl_tc.c"
 #include "lbctl_sock.c"
+#include "lbctl_xdp.c"

@@ -42,8 +42,14 @@
 /* ct_entry.flags */
 #define CT_F_SEEN_REPLY 1
 #define CT_F_CLOSING 2
+#define CT_F_UNCOUNTED 4 /* recorded by XDP, whose first packet XDP left to tc:
+			  * the program that translates a packet of it first
+			  * counts the new flow */
 
-/* Indexes of lb_stats: one counter per verdict of the tc program. */
+/* Indexes of lb_stats: one counter per verdict of the programs.  A packet XDP
+ * forwards counts its verdict (new_flows, established, ...) and
+ * LB_STAT_XDP_REDIRECT; one it passes counts LB_STAT_XDP_PASS or
+ * LB_STAT_XDP_TO_TC, then whatever tc does with it. */
 #define LB_STAT_PASS 0
 #define LB_STAT_DNAT_NEW 1
 #define LB_STAT_DNAT_EST 2
@@ -61,7 +67,13 @@
 #define LB_STAT_SOCK_TRANSLATE 14   /* a node socket's connect/sendmsg sent to a backend */
 #define LB_STAT_SOCK_REJECT 15      /* a node socket's connect/sendmsg to a frontend
 				     * without backends failed */
-#define LB_STAT_MAX 16
+#define LB_STAT_XDP_REDIRECT 16     /* XDP translated a packet and redirected it itself */
+#define LB_STAT_XDP_PASS 17         /* XDP passed a packet that is not a plain IPv4 TCP/UDP
+				     * one (options, fragment) or not of a balanced flow */
+#define LB_STAT_XDP_TO_TC 18        /* XDP left a balanced packet to tc, untouched: no
+				     * neighbour yet, local destination, TTL 1, MTU,
+				     * forwarding off, a reject to send */
+#define LB_STAT_MAX 19
 
 /* lb4_config.flags */
 #define LB_CFG_F_MASQ_ALL 1   /* masquerade every balanced flow */

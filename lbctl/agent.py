@@ -113,6 +113,7 @@ class Agent:
         self.synced = threading.Event()
         self._missing_links: list[str] = []
         self._missing_external: list[str] = []
+        self._xdp_cleared = False
         self._sweep_pending = False
         self.sync_seconds: float | None = None  # how long the first sync took
         # Seconds from a change reaching lbctl to the maps holding it, newest last.
@@ -281,6 +282,10 @@ class Agent:
         self._record(self.datapath.attach(wanted))
         if self.options.xdp != "off":
             self._record(self.datapath.attach_xdp(self._external_links(), self.options.xdp))
+        elif not self._xdp_cleared and self.options.interfaces != []:
+            # an earlier run's XDP program must not linger (interfaces=[]: touch nothing)
+            self._xdp_cleared = True
+            self._record(self.datapath.attach_xdp([], "off"))
 
     def _external_links(self) -> list[tc.Link]:
         """The external interfaces, or else the one that holds the node's address."""

@@ -355,8 +355,12 @@ def _cleanup(args: argparse.Namespace) -> int:
     from lbctl.datapath import cgroup, tc
     from lbctl.datapath.maps import MAP_TYPES
 
+    from lbctl.datapath import xdp
+
     hooks = cgroup.detach(args.bpffs)
-    detached = tc.detach(link.name for link in tc.all_links())
+    links = tc.all_links()
+    detached = tc.detach(link.name for link in links)
+    fast = xdp.detach(link.name for link in links)
     removed = []
     for name in MAP_TYPES:
         pin = args.bpffs / name
@@ -366,6 +370,7 @@ def _cleanup(args: argparse.Namespace) -> int:
     if args.bpffs.is_dir() and not any(args.bpffs.iterdir()):
         args.bpffs.rmdir()
     print(f"detached from: {', '.join(detached) or 'no interface'}")
+    print(f"XDP program detached from: {', '.join(fast) or 'no interface'}")
     print(f"socket hooks detached: {', '.join(hooks) or 'none'}")
     print(f"removed pinned maps: {', '.join(removed) or 'none'} (under {args.bpffs})")
     return 0

@@ -29,6 +29,9 @@ STAT_NAMES = {
     "LB_STAT_SNAT_REVERSE": "snat_reverse",
     "LB_STAT_SOCK_TRANSLATE": "socket_translated",
     "LB_STAT_SOCK_REJECT": "socket_rejected",
+    "LB_STAT_XDP_REDIRECT": "xdp_redirected",
+    "LB_STAT_XDP_PASS": "xdp_passed",
+    "LB_STAT_XDP_TO_TC": "xdp_to_tc",
 }
 
 

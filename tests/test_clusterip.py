@@ -229,8 +229,18 @@ def test_maps_dump_shows_services_and_backends(env: Env) -> None:
     assert data["maps"]["lb4_services"] == {"entries": 2, "capacity": 65536}
     table = lbctl("maps", "dump", "--bpffs", str(env.agent.pin_dir)).stdout
     header, first = table.splitlines()[:2]
-    assert header.split() == ["SERVICE", "PORT", "FRONTEND", "PROTO", "SLOT", "BACKEND", "STATE"]
-    assert first.split()[:4] == ["test/web", "dns", f"{VIP}:53", "UDP"]
+    assert header.split() == [
+        "SERVICE",
+        "PORT",
+        "KIND",
+        "FRONTEND",
+        "PROTO",
+        "FLAGS",
+        "SLOT",
+        "BACKEND",
+        "STATE",
+    ]
+    assert first.split()[:6] == ["test/web", "dns", "ClusterIP", f"{VIP}:53", "UDP", "-"]
 
 
 def test_new_interfaces_are_attached_and_cleanup_detaches(env: Env) -> None:

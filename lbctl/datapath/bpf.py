@@ -139,9 +139,18 @@ class BpfDatapath:
         return errors
 
     def attach_xdp(self, links: Iterable[tc.Link], mode: str) -> list[str]:
-        """The XDP fast path on the external interfaces; the error of each failure."""
+        """The XDP fast path on the external interfaces; the error of each failure.
+
+        Mode "off" removes lbctl's XDP program from every interface instead."""
         from lbctl.datapath import xdp
 
+        if mode == "off":  # remove what an earlier run with --xdp attached
+            try:
+                for name in xdp.detach(link.name for link in tc.all_links()):
+                    log.info("XDP program detached from %s (--xdp off)", name)
+            except (tc.AttachError, OSError) as err:
+                return [f"removing the XDP program of an earlier run: {err}"]
+            return []
         fd = self.prog_fds.get("lbctl_xdp")
         if fd is None:
             why = self.failed_programs.get("lbctl_xdp", "it is not part of this build")

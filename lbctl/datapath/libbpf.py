@@ -394,8 +394,15 @@ class TestRun:
     duration_ns: int
 
 
-def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1) -> TestRun:
-    """Run a loaded program once on a packet, without any network."""
+def prog_test_run(
+    prog_fd: int, packet: bytes, repeat: int = 1, ctx: bytes | None = None
+) -> TestRun:
+    """Run a loaded program once on a packet, without any network.
+
+    `ctx` is the program's context as the kernel lays it out (struct
+    __sk_buff, struct xdp_md), for the fields the kernel lets a test set,
+    e.g. an XDP program's ingress_ifindex.
+    """
     data_in = ffi.new("char[]", packet)
     data_out = ffi.new("char[]", len(packet) + 256)
     opts = ffi.new("struct bpf_test_run_opts *")
@@ -405,6 +412,10 @@ def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1) -> TestRun:
     opts.data_out = data_out
     opts.data_size_out = len(packet) + 256
     opts.repeat = repeat
+    if ctx is not None:
+        ctx_in = ffi.new("char[]", ctx)
+        opts.ctx_in = ctx_in
+        opts.ctx_size_in = len(ctx)
     _check(_lib.bpf_prog_test_run_opts(prog_fd, opts), "BPF_PROG_TEST_RUN")
     return TestRun(
         retval=opts.retval,

@@ -1,0 +1,303 @@
+/* The decisions tc and XDP share: what a packet of a balanced flow becomes.
+ *
+ *   flow4_decide()  reads the maps and writes nothing: is the packet part of a
+ *                   known flow, a new flow to a frontend, a reply, or none of
+ *                   these, and what is its tuple after translation;
+ *   flow4_commit()  makes the decision stick: refreshes conntrack, takes a NAT
+ *                   port and records a new flow (with the race handling).
+ *
+ * tc calls them back to back, and so does XDP.  A packet XDP then cannot
+ * forward itself goes to tc untouched, and tc follows the flow XDP recorded:
+ * the same backend, the same NAT port, and the neighbour of that backend
+ * gets resolved (tc deciding afresh would leave it unresolved for XDP).
+ */
+#ifndef LBCTL_FLOW_H
+#define LBCTL_FLOW_H
+
+#define FLOW_PASS 0    /* not a balanced flow: pass it untouched */
+#define FLOW_FOLLOW 1  /* a packet of a known flow */
+#define FLOW_RESTART 2 /* a SYN reusing the tuple of a flow whose backend is still
+			* in the service: the same backend, fresh entries */
+#define FLOW_NEW 3     /* a new flow: backend chosen, nothing recorded yet */
+#define FLOW_REPLY 4   /* a reply, confirmed by its flow's forward entry */
+#define FLOW_DROP 5    /* drop it, counted as flow4.stat */
+#define FLOW_REJECT 6  /* a new flow to a frontend without backends */
+#define FLOW_RACED 7   /* commit only: another CPU recorded this new flow first;
+			* the translation is now that flow's */
+
+struct flow4 {
+	/* The tuple after translation. */
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport; /* a new masqueraded flow: its NAT port once committed */
+	__be16 dport;
+	__u8 snat;    /* the source changes */
+	__u8 dnat;    /* the destination changes */
+	__u8 reply;   /* a reply: the source is rewritten first */
+	__u8 pad;
+	__u32 stat;   /* LB_STAT_* of the verdict */
+	/* What flow4_commit() needs. */
+	__u32 backend_id;
+	__u32 frontend_id;
+	struct ct4_entry *ct;   /* FOLLOW, RESTART: the forward entry; REPLY: the
+				 * flow's forward entry; NEW: the expired or stale
+				 * entry the flow replaces, if any */
+	struct lb4_backend *be; /* NEW: the chosen backend */
+};
+
+static __always_inline int is_new_tcp(const struct pkt4 *p)
+{
+	return p->proto == IPPROTO_TCP &&
+	       (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+}
+
+/* The translation of a forward packet of the flow ct. */
+static __always_inline int flow4_follow(const struct pkt4 *p, struct ct4_entry *ct,
+					struct flow4 *x, int verdict, __u32 stat)
+{
+	x->daddr = ct->nat_addr;
+	x->dport = ct->nat_port;
+	x->dnat = 1;
+	x->snat = ct->snat_addr != 0;
+	x->saddr = x->snat ? ct->snat_addr : p->saddr;
+	x->sport = x->snat ? ct->snat_port : p->sport;
+	x->reply = 0;
+	x->stat = stat;
+	x->ct = ct;
+	return verdict;
+}
+
+/* A new flow to frontend svc: choose a backend and whether to masquerade. */
+static __always_inline int flow4_new(const struct pkt4 *p, const struct lb_service *svc,
+				     int masq, const struct lb4_config *cfg,
+				     struct ct4_entry *old, struct flow4 *x)
+{
+	struct lb4_backend *be;
+	__u32 backend_id = 0;
+
+	be = lb4_select(svc, &backend_id);
+	if (!be) {
+		if (svc->flags & LB_SVC_F_DROP_EMPTY) {
+			x->stat = LB_STAT_DROP_NO_LOCAL;
+			return FLOW_DROP;
+		}
+		/* A new connection is refused at once; anything else of a flow
+		 * that has no backend any more is dropped. */
+		if (p->proto == IPPROTO_UDP || is_new_tcp(p))
+			return FLOW_REJECT;
+		x->stat = LB_STAT_DROP_NO_BACKEND;
+		return FLOW_DROP;
+	}
+	if (be->addr == p->saddr)
+		masq = 1; /* hairpin */
+	x->snat = masq && cfg && cfg->snat_addr;
+	x->saddr = x->snat ? cfg->snat_addr : p->saddr;
+	x->sport = p->sport; /* the NAT port is taken by flow4_commit() */
+	x->daddr = be->addr;
+	x->dport = be->port;
+	x->dnat = 1;
+	x->reply = 0;
+	x->stat = LB_STAT_DNAT_NEW;
+	x->backend_id = backend_id;
+	x->frontend_id = svc->frontend_id;
+	x->be = be;
+	x->ct = old;
+	return FLOW_NEW;
+}
+
+/* Is p a live reply of the flow fwd? */
+static __always_inline int reply_matches(const struct ct4_entry *fwd, const struct pkt4 *p,
+					 __u64 now)
+{
+	return fwd->nat_addr == p->saddr && fwd->nat_port == p->sport &&
+	       ct_alive(fwd, p->proto, now);
+}
+
+/* A reply of a masqueraded flow: back to the client, from the VIP. */
+static __always_inline int flow4_reply_snat(const struct pkt4 *p, __u64 now, struct flow4 *x)
+{
+	struct ct4_key k = {};
+	struct nat4_entry *nat;
+	struct ct4_entry *fwd;
+
+	k.saddr = p->saddr;
+	k.daddr = p->daddr;
+	k.sport = p->sport;
+	k.dport = p->dport;
+	k.proto = p->proto;
+	k.dir = CT_DIR_REVERSE;
+	nat = nat4.lookup(&k);
+	if (!nat)
+		return FLOW_PASS;
+	k.saddr = nat->client_addr;
+	k.daddr = nat->vip;
+	k.sport = nat->client_port;
+	k.dport = nat->vport;
+	k.dir = CT_DIR_FORWARD;
+	fwd = ct4.lookup(&k);
+	if (!fwd || fwd->snat_addr != p->daddr || fwd->snat_port != p->dport)
+		return FLOW_PASS;
+	if (!reply_matches(fwd, p, now))
+		return FLOW_PASS;
+	x->saddr = k.daddr;
+	x->sport = k.dport;
+	x->daddr = k.saddr;
+	x->dport = k.sport;
+	x->snat = 1;
+	x->dnat = 1;
+	x->reply = 1;
+	x->stat = LB_STAT_SNAT_REVERSE;
+	x->ct = fwd;
+	return FLOW_REPLY;
+}
+
+/* A reply from a backend: the VIP becomes its source again. */
+static __always_inline int flow4_reply(const struct pkt4 *p, const struct lb4_config *cfg,
+				       __u64 now, struct flow4 *x)
+{
+	struct ct4_key k = {};
+	struct ct4_entry *rev, *fwd;
+
+	if (cfg && cfg->snat_addr && p->daddr == cfg->snat_addr)
+		return flow4_reply_snat(p, now, x);
+	k.saddr = p->saddr;
+	k.daddr = p->daddr;
+	k.sport = p->sport;
+	k.dport = p->dport;
+	k.proto = p->proto;
+	k.dir = CT_DIR_REVERSE;
+	rev = ct4.lookup(&k);
+	if (!rev)
+		return FLOW_PASS;
+	/* The forward twin decides: it must still point at this backend (a later
+	 * direct connection to the pod reusing the tuple is not ours) and be
+	 * alive.  It is refreshed by both directions, so a flow lives as long as
+	 * either side talks. */
+	k.saddr = p->daddr;
+	k.daddr = rev->nat_addr;
+	k.sport = p->dport;
+	k.dport = rev->nat_port;
+	k.dir = CT_DIR_FORWARD;
+	fwd = ct4.lookup(&k);
+	if (!fwd || fwd->snat_addr || !reply_matches(fwd, p, now))
+		return FLOW_PASS;
+	x->saddr = rev->nat_addr;
+	x->sport = rev->nat_port;
+	x->daddr = p->daddr;
+	x->dport = p->dport;
+	x->snat = 1;
+	x->dnat = 0;
+	x->reply = 1;
+	x->stat = LB_STAT_RNAT;
+	x->ct = fwd;
+	return FLOW_REPLY;
+}
+
+/* What p is and what it becomes; FLOW_DROP sets x->stat. */
+static __always_inline int flow4_decide(const struct pkt4 *p, const struct lb4_config *cfg,
+					__u64 now, struct flow4 *x)
+{
+	struct ct4_key k = {};
+	struct ct4_entry *ct;
+	struct lb_service *svc = NULL;
+	int rc, masq = 0;
+
+	ct4_forward_key(&k, p);
+	ct = ct4.lookup(&k);
+	if (ct && ct_alive(ct, p->proto, now)) {
+		/* An established TCP connection keeps its backend until it ends. */
+		if (p->proto == IPPROTO_TCP && !is_new_tcp(p))
+			return flow4_follow(p, ct, x, FLOW_FOLLOW, LB_STAT_DNAT_EST);
+		/* A SYN on a known tuple is a new connection reusing the port, and
+		 * a UDP flow has no end: both keep their backend only while it is
+		 * still in the service (kube-proxy likewise flushes the UDP
+		 * conntrack of removed endpoints).  The new connection starts
+		 * with clean flags; its NAT binding, if any, stays its own. */
+		if (lb4_backend_member(ct)) {
+			if (is_new_tcp(p))
+				return flow4_follow(p, ct, x, FLOW_RESTART, LB_STAT_DNAT_NEW);
+			return flow4_follow(p, ct, x, FLOW_FOLLOW, LB_STAT_DNAT_EST);
+		}
+	}
+
+	rc = lb4_frontend(p, cfg, &svc, &masq);
+	if (rc == FRONTEND_DENIED) {
+		x->stat = LB_STAT_DROP_SOURCE_RANGE;
+		return FLOW_DROP;
+	}
+	if (rc == FRONTEND_OK && svc)
+		return flow4_new(p, svc, masq, cfg, ct, x);
+	return flow4_reply(p, cfg, now, x);
+}
+
+/* Record the new flow x: NAT port, conntrack.  Returns FLOW_NEW, FLOW_RACED
+ * (x now follows the flow another CPU recorded) or FLOW_DROP (no NAT port). */
+static __always_inline int flow4_record(const struct pkt4 *p, const struct lb4_config *cfg,
+					__u64 now, struct flow4 *x)
+{
+	struct ct4_key k = {};
+	struct lb4_backend *be = x->be;
+	struct ct4_entry *ct;
+	__be32 snat_addr = 0;
+	__be16 snat_port = 0;
+	int rc;
+
+	if (!be)
+		return FLOW_PASS;
+	if (x->snat) {
+		if (!cfg || nat4_bind(p, be, cfg, now, &snat_port)) {
+			x->stat = LB_STAT_NAT_EXHAUSTED;
+			return FLOW_DROP;
+		}
+		snat_addr = x->saddr;
+		x->sport = snat_port;
+		stat_inc(LB_STAT_SNAT_NEW);
+	}
+	/* With no entry yet, insert exclusively: when the first packets of a
+	 * flow race on two CPUs, the loser follows the winner's choice. */
+	rc = ct4_create(p, be, x->backend_id, x->frontend_id, now, x->ct == NULL, snat_addr,
+			snat_port);
+	if (rc == CT_LOST_RACE) {
+		if (snat_addr)
+			nat4_unbind(be, snat_addr, snat_port, p->proto);
+		ct4_forward_key(&k, p);
+		ct = ct4.lookup(&k);
+		if (ct)
+			return flow4_follow(p, ct, x, FLOW_RACED, LB_STAT_DNAT_EST);
+	} else if (rc == CT_FAILED) {
+		stat_inc(LB_STAT_CT_FULL);
+	}
+	return FLOW_NEW;
+}
+
+/* Make the decision stick; returns the verdict to act on (FLOW_FOLLOW,
+ * FLOW_NEW, FLOW_REPLY, FLOW_RACED or FLOW_DROP). */
+static __always_inline int flow4_commit(const struct pkt4 *p, const struct lb4_config *cfg,
+					__u64 now, int verdict, struct flow4 *x)
+{
+	struct ct4_entry *ct = x->ct;
+
+	if (verdict == FLOW_NEW)
+		return flow4_record(p, cfg, now, x);
+	if (verdict != FLOW_FOLLOW && verdict != FLOW_RESTART && verdict != FLOW_REPLY)
+		return verdict;
+	if (!ct)
+		return FLOW_PASS;
+	if (verdict == FLOW_RESTART) {
+		ct->flags = 0;
+		ct->created_ns = now;
+		ct->last_seen_ns = now;
+		return FLOW_FOLLOW;
+	}
+	ct_touch(ct, p, now);
+	if (verdict == FLOW_REPLY && !(ct->flags & CT_F_SEEN_REPLY))
+		ct->flags |= CT_F_SEEN_REPLY;
+	if (verdict == FLOW_FOLLOW && (ct->flags & CT_F_UNCOUNTED)) {
+		/* The first packet of a flow XDP recorded and left to us. */
+		ct->flags &= ~CT_F_UNCOUNTED;
+		x->stat = LB_STAT_DNAT_NEW;
+	}
+	return verdict;
+}
+
+#endif /* LBCTL_FLOW_H */
