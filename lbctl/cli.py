@@ -352,10 +352,8 @@ def _dump(args: argparse.Namespace) -> int:
 
 
 def _cleanup(args: argparse.Namespace) -> int:
-    from lbctl.datapath import cgroup, tc
+    from lbctl.datapath import cgroup, tc, xdp
     from lbctl.datapath.maps import MAP_TYPES
-
-    from lbctl.datapath import xdp
 
     hooks = cgroup.detach(args.bpffs)
     links = tc.all_links()
