@@ -60,8 +60,8 @@ for i in 0 1 2; do
   PIDS+=($!)
 done
 
-echo "== starting: lbctl run --manifests examples/ (in the node namespace)"
-nsenter --net="/run/netns/$P-node" "$LBCTL" run --manifests examples/ --bpffs "$PIN" \
+echo "== starting: lbctl run --manifests examples/ (in the node namespace; socket hooks off: the demo leaves the host's cgroups alone)"
+nsenter --net="/run/netns/$P-node" "$LBCTL" run --manifests examples/ --bpffs "$PIN" --cgroup "" \
   2> "$WORK/agent.log" &
 PIDS+=($!)
 for _ in $(seq 1 100); do
