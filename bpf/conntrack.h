@@ -30,15 +30,22 @@ static __always_inline void ct_touch(struct ct4_entry *e, const struct pkt4 *p, 
 	}
 }
 
-static __always_inline void ct4_forward_key(struct ct4_key *k, const struct pkt4 *p)
+/* The key of the packet's own tuple: a forward entry (CT_DIR_FORWARD) for a
+ * client's packet, a reverse or NAT entry (CT_DIR_REVERSE) for a reply. */
+static __always_inline void ct4_packet_key(struct ct4_key *k, const struct pkt4 *p, __u8 dir)
 {
 	k->saddr = p->saddr;
 	k->daddr = p->daddr;
 	k->sport = p->sport;
 	k->dport = p->dport;
 	k->proto = p->proto;
-	k->dir = CT_DIR_FORWARD;
+	k->dir = dir;
 	k->pad = 0;
+}
+
+static __always_inline void ct4_forward_key(struct ct4_key *k, const struct pkt4 *p)
+{
+	ct4_packet_key(k, p, CT_DIR_FORWARD);
 }
 
 /* Record a new flow client -> vip:vport balanced to backend be, as fresh

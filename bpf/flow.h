@@ -120,29 +120,19 @@ static __always_inline int flow4_reply_snat(const struct pkt4 *p, __u64 now, str
 	struct nat4_entry *nat;
 	struct ct4_entry *fwd;
 
-	k.saddr = p->saddr;
-	k.daddr = p->daddr;
-	k.sport = p->sport;
-	k.dport = p->dport;
-	k.proto = p->proto;
-	k.dir = CT_DIR_REVERSE;
+	ct4_packet_key(&k, p, CT_DIR_REVERSE);
 	nat = nat4.lookup(&k);
 	if (!nat)
 		return FLOW_PASS;
-	k.saddr = nat->client_addr;
-	k.daddr = nat->vip;
-	k.sport = nat->client_port;
-	k.dport = nat->vport;
-	k.dir = CT_DIR_FORWARD;
-	fwd = ct4.lookup(&k);
+	fwd = nat4_forward(nat, p->proto);
 	if (!fwd || fwd->snat_addr != p->daddr || fwd->snat_port != p->dport)
 		return FLOW_PASS;
 	if (!reply_matches(fwd, p, now))
 		return FLOW_PASS;
-	x->saddr = k.daddr;
-	x->sport = k.dport;
-	x->daddr = k.saddr;
-	x->dport = k.sport;
+	x->saddr = nat->vip;
+	x->sport = nat->vport;
+	x->daddr = nat->client_addr;
+	x->dport = nat->client_port;
 	x->snat = 1;
 	x->dnat = 1;
 	x->reply = 1;
@@ -160,12 +150,7 @@ static __always_inline int flow4_reply(const struct pkt4 *p, const struct lb4_co
 
 	if (cfg && cfg->snat_addr && p->daddr == cfg->snat_addr)
 		return flow4_reply_snat(p, now, x);
-	k.saddr = p->saddr;
-	k.daddr = p->daddr;
-	k.sport = p->sport;
-	k.dport = p->dport;
-	k.proto = p->proto;
-	k.dir = CT_DIR_REVERSE;
+	ct4_packet_key(&k, p, CT_DIR_REVERSE);
 	rev = ct4.lookup(&k);
 	if (!rev)
 		return FLOW_PASS;

@@ -85,21 +85,27 @@ static __always_inline void nat4_key(struct ct4_key *k, const struct lb4_backend
 	k->pad = 0;
 }
 
-/* A binding is free for a new flow when the flow that took it is gone:
- * its forward entry is missing, names another binding, or has expired. */
-static __always_inline int nat4_stale(const struct nat4_entry *e, const struct ct4_key *nk,
-				      __u64 now)
+/* The forward entry of the flow that took a NAT binding, if it is there. */
+static __always_inline struct ct4_entry *nat4_forward(const struct nat4_entry *e, __u8 proto)
 {
 	struct ct4_key k = {};
-	struct ct4_entry *fwd;
 
 	k.saddr = e->client_addr;
 	k.daddr = e->vip;
 	k.sport = e->client_port;
 	k.dport = e->vport;
-	k.proto = nk->proto;
+	k.proto = proto;
 	k.dir = CT_DIR_FORWARD;
-	fwd = ct4.lookup(&k);
+	return ct4.lookup(&k);
+}
+
+/* A binding is free for a new flow when the flow that took it is gone:
+ * its forward entry is missing, names another binding, or has expired. */
+static __always_inline int nat4_stale(const struct nat4_entry *e, const struct ct4_key *nk,
+				      __u64 now)
+{
+	struct ct4_entry *fwd = nat4_forward(e, nk->proto);
+
 	if (!fwd || fwd->snat_addr != nk->daddr || fwd->snat_port != nk->dport ||
 	    fwd->nat_addr != nk->saddr || fwd->nat_port != nk->sport)
 		return 1;

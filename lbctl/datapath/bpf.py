@@ -19,7 +19,7 @@ from lbctl.datapath.maps import MAP_SIZES, Maps
 from lbctl.datapath.nodeconf import NodeConfig
 from lbctl.datapath.ranges import SourceRangeTable, Vip, ranges_of, vip_of
 from lbctl.datapath.settings import BpfSettings
-from lbctl.plan import Frontend, FrontendKey, PlanDiff
+from lbctl.plan import SCOPE_NAMES, Frontend, FrontendKey, PlanDiff
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +233,11 @@ class BpfDatapath:
         errors += self.table.apply(upserts, change.removals)
         maybe_unused = {vip_of(k) for k in change.removals}
         maybe_unused |= {vip_of(fe.key) for fe in upserts if not fe.source_ranges}
-        checking = {vip_of(k) for k, fe in self.table.frontends.items() if has_source_ranges(fe)}
-        for vip in maybe_unused & set(self.ranges.held) - checking:
-            self.ranges.set(vip, frozenset())
+        for vip in maybe_unused & set(self.ranges.held):
+            # the address's frontends are its scopes: look them up, never walk all
+            held = (self.table.frontends.get(FrontendKey(*vip, scope)) for scope in SCOPE_NAMES)
+            if not any(fe is not None and has_source_ranges(fe) for fe in held):
+                self.ranges.set(vip, frozenset())
         return errors
 
     def _set_ranges(
