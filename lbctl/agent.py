@@ -95,7 +95,7 @@ class AgentOptions:
     retry_interval_s: float = 5.0
     sync_period_s: float = 30.0  # a full reconcile of the maps with the plan
     ready_timeout_s: float = 60.0  # how long the first sync waits for the whole source
-    node_name: str | None = None  # for endpoint locality (externalTrafficPolicy Local)
+    node_name: str | None = None  # for endpoint locality (external/internalTrafficPolicy Local)
     addresses: AddressPolicy = dataclasses.field(default_factory=AddressPolicy)
     node: NodeConfig = dataclasses.field(default_factory=NodeConfig)  # its snat_address is chosen
     xdp: str = "off"  # off, generic, native
@@ -248,11 +248,16 @@ class Agent:
                 log.exception("agent loop error; continuing")
 
     def _node_view(self) -> tuple[NodeContext, NodeConfig]:
-        """Where NodePorts answer and which address masquerades, as of now."""
+        """Where NodePorts answer, the node's zone and which address masquerades, as of now."""
         policy = self.options.addresses
         local = addresses.local_ipv4()
-        api = self.table.node.addresses if self.table.node else ()
-        context = NodeContext(self.options.node_name, policy.node_port_addresses(local))
+        node = self.table.node
+        api = node.addresses if node else ()
+        context = NodeContext(
+            self.options.node_name,
+            policy.node_port_addresses(local),
+            node.zone if node else None,
+        )
         conf = dataclasses.replace(
             self.options.node,
             snat_address=policy.snat_address(local, api),

@@ -4,6 +4,9 @@
 `Planner` keeps the last plan of every service, so a change re-plans only
 the services it touched and hands the datapath a diff of just those
 frontends: one endpoint change costs the same whatever the cluster's size.
+
+Which endpoints a frontend may use follows kube-proxy's CategorizeEndpoints
+(pkg/proxy/topology.go), see `eligible`.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import logging
 from collections.abc import Iterable, Mapping
 
 from lbctl.model import (
+    Endpoint,
     EndpointSlice,
     IPAddress,
     IPNetwork,
     Protocol,
     Service,
+    ServicePort,
     ServiceRef,
     ServiceTable,
 )
@@ -73,7 +78,8 @@ class Frontend:
 
     `local`: externalTrafficPolicy Local on an outside-facing frontend; outside
     clients then use the SCOPE_EXTERNAL twin, which holds this node's backends.
-    `drop_empty`: no backend here though the Service has some elsewhere, so new
+    `drop_empty`: no backend here though the Service has some elsewhere (the
+    SCOPE_EXTERNAL twin, or a ClusterIP of internalTrafficPolicy Local), so new
     flows are dropped (kube-proxy drops, where no endpoints at all rejects).
     """
 
@@ -93,6 +99,7 @@ class NodeContext:
 
     name: str | None = None
     node_port_addresses: tuple[IPAddress, ...] = ()  # where NodePorts answer
+    zone: str | None = None  # its topology.kubernetes.io/zone label, for topology hints
 
 
 @dataclasses.dataclass
@@ -104,31 +111,99 @@ class PlanDiff:
         return bool(self.upserts or self.removals)
 
 
-def _backends(
-    svc: Service,
-    port_name: str,
-    protocol: Protocol,
-    slices: Iterable[EndpointSlice],
-    node: str | None = None,
-) -> tuple[Backend, ...]:
-    """Ready endpoints of a service port, merged across slices, deduplicated;
-    with `node`, only those on that node."""
-    found: dict[tuple[IPAddress, int], Backend] = {}
-    for eps in slices:
+@dataclasses.dataclass(frozen=True)
+class Eligible:
+    """The endpoints of one Service port that may receive new flows, on this node.
+
+    kube-proxy's CategorizeEndpoints: `cluster` for ClusterIPs (unless
+    internalTrafficPolicy is Local) and for everyone but outside clients on
+    the other frontends (all of them, unless externalTrafficPolicy is Local);
+    `local` for the rest. `usable`: some endpoint anywhere is ready, or
+    serving and terminating; a frontend with no backend here then drops
+    instead of rejecting.
+    """
+
+    cluster: tuple[Backend, ...]
+    local: tuple[Backend, ...]
+    usable: bool
+
+
+def eligible(
+    port_name: str, protocol: Protocol, slices: Iterable[EndpointSlice], node: NodeContext
+) -> Eligible:
+    """Endpoints of a service port, merged across slices, deduplicated, sorted,
+    and sorted into kube-proxy's categories:
+
+    - cluster: the ready endpoints, only those hinted for this node's zone when
+      topology can be used (`_use_topology`); if there are none, every endpoint
+      that is serving and terminating (whatever its zone);
+    - local (on this node): the ready ones; if none is, the serving and
+      terminating ones.
+    """
+    found: dict[tuple[IPAddress, int], tuple[Backend, Endpoint]] = {}
+    for eps in sorted(slices, key=_slice_name):
         if eps.address_type != "IPv4":
             continue  # IPv6 frontends are not programmed yet
         for ep_port in eps.ports:
             if ep_port.name != port_name or ep_port.protocol != protocol:
                 continue
             for ep in eps.endpoints:
-                if not ep.ready or (node is not None and ep.node_name != node):
-                    continue
                 # Every address of an endpoint is fungible; proxies use the first.
+                spot = (ep.addresses[0], ep_port.port)
+                seen = found.get(spot)
+                if seen is not None and _usability(seen[1]) >= _usability(ep):
+                    continue  # the same endpoint in two slices: the more usable copy
                 backend = Backend(
-                    ep.addresses[0], ep_port.port, protocol, ep.ready, ep.serving, ep.terminating
+                    ep.addresses[0],
+                    ep_port.port,
+                    protocol,
+                    ep.ready,
+                    ep.serving,
+                    ep.terminating,
                 )
-                found.setdefault((backend.address, backend.port), backend)
-    return tuple(sorted(found.values(), key=_backend_order))
+                found[spot] = (backend, ep)
+    ordered = sorted(found.values(), key=_pair_order)
+    ready = [pair for pair in ordered if pair[1].ready]
+    fallback = [pair for pair in ordered if _serving_terminating(pair[1])]
+    cluster = ready
+    if node.zone is not None and _use_topology(ready, node.zone):
+        cluster = [pair for pair in ready if node.zone in pair[1].zone_hints]
+    here = node.name
+    local = [pair for pair in ready if here is not None and pair[1].node_name == here]
+    if not local:
+        local = [pair for pair in fallback if here is not None and pair[1].node_name == here]
+    return Eligible(
+        cluster=tuple(b for b, _ in cluster or fallback),
+        local=tuple(b for b, _ in local),
+        usable=bool(ready or fallback),
+    )
+
+
+def _use_topology(ready: list[tuple[Backend, Endpoint]], zone: str) -> bool:
+    """kube-proxy's canUseTopology: the node has a zone (checked by the caller),
+    every ready endpoint has a zone hint, and one is hinted for this zone."""
+    hinted_here = False
+    for _, ep in ready:
+        if not ep.zone_hints:
+            return False
+        hinted_here = hinted_here or zone in ep.zone_hints
+    return hinted_here
+
+
+def _serving_terminating(ep: Endpoint) -> bool:
+    return ep.serving and ep.terminating
+
+
+def _usability(ep: Endpoint) -> int:
+    return 2 if ep.ready else 1 if _serving_terminating(ep) else 0
+
+
+def _slice_name(eps: EndpointSlice) -> str:
+    return eps.name
+
+
+def _pair_order(pair: tuple[Backend, Endpoint]) -> tuple[int, int, int]:
+    return _backend_order(pair[0])
 
 
 def _backend_order(b: Backend) -> tuple[int, int, int]:
@@ -136,28 +211,56 @@ def _backend_order(b: Backend) -> tuple[int, int, int]:
 
 
 def plan_service(
-    svc: Service, slices: Iterable[EndpointSlice], node: NodeContext | None = None
+    svc: Service,
+    slices: Iterable[EndpointSlice],
+    node: NodeContext | None = None,
 ) -> dict[FrontendKey, Frontend]:
     """The frontends one Service needs, each with its eligible backends."""
     node = node or NodeContext()
     slices = list(slices)
     plan: dict[FrontendKey, Frontend] = {}
 
-    def add(fe: Frontend) -> None:
-        if fe.key.address.version == 4:  # the datapath balances IPv4 so far
-            plan[fe.key] = fe
-
     local_policy = svc.external_traffic_policy == "Local"
+    internal_local = svc.internal_traffic_policy == "Local"
+
+    def add(
+        key: FrontendKey,
+        sp: ServicePort,
+        kind: str,
+        backends: tuple[Backend, ...],
+        local: bool = False,
+        drop_empty: bool = False,
+        source_ranges: tuple[IPNetwork, ...] = (),
+    ) -> None:
+        if key.address.version != 4:
+            return  # the datapath balances IPv4 so far
+        plan[key] = Frontend(
+            key,
+            svc.ref,
+            sp.name,
+            kind,
+            backends,
+            local,
+            drop_empty,
+            source_ranges,
+        )
+
     for sp in svc.ports:
         if sp.protocol is Protocol.SCTP:
             continue  # the datapath balances TCP and UDP
-        backends = _backends(svc, sp.name, sp.protocol, slices)
-        local = _backends(svc, sp.name, sp.protocol, slices, node.name) if local_policy else ()
+        ok = eligible(sp.name, sp.protocol, slices, node)
+        # ClusterIPs are internal: internalTrafficPolicy Local gives them this
+        # node's endpoints only, and drops when those are elsewhere
+        internal = ok.local if internal_local else ok.cluster
+        internal_drop = internal_local and not ok.local and ok.usable
         for vip in svc.cluster_ips:
             add(
-                Frontend(
-                    FrontendKey(vip, sp.port, sp.protocol), svc.ref, sp.name, CLUSTER_IP, backends
-                )
+                FrontendKey(vip, sp.port, sp.protocol),
+                sp,
+                CLUSTER_IP,
+                internal,
+                False,
+                internal_drop,
             )
         outside: list[tuple[str, IPAddress, int]] = []
         if sp.node_port is not None and svc.type in ("NodePort", "LoadBalancer"):
@@ -173,12 +276,14 @@ def plan_service(
             outside += [(LOAD_BALANCER, a, sp.port) for a in svc.load_balancer_ips]
         for kind, address, port in outside:
             ranges = svc.load_balancer_source_ranges if kind == LOAD_BALANCER else ()
+            # pods and the node's processes use the cluster endpoints, even under
+            # externalTrafficPolicy Local (kube-proxy's short-circuit) ...
             key = FrontendKey(address, port, sp.protocol)
-            add(Frontend(key, svc.ref, sp.name, kind, backends, local_policy, False, ranges))
-            if local_policy:
+            add(key, sp, kind, ok.cluster, local_policy, False, ranges)
+            if local_policy:  # ... outside clients this node's, through the twin
                 twin = FrontendKey(address, port, sp.protocol, SCOPE_EXTERNAL)
-                empty = not local and bool(backends)
-                add(Frontend(twin, svc.ref, sp.name, kind, local, True, empty, ranges))
+                empty = not ok.local and ok.usable
+                add(twin, sp, kind, ok.local, True, empty, ranges)
     return plan
 
 
@@ -199,15 +304,19 @@ class Planner:
         self.node = NodeContext()
 
     def set_node(self, table: ServiceTable, node: NodeContext) -> PlanDiff:
-        """The node's name or addresses changed: re-plan the services that use them."""
+        """The node's name, addresses or zone changed: re-plan the services that use them."""
         if node == self.node:
             return PlanDiff()
+        moved = node.node_port_addresses != self.node.node_port_addresses
         renamed = node.name != self.node.name
+        rezoned = node.zone != self.node.zone  # rare: every service may have hints
         self.node = node
         refs = [
             ref
             for ref, svc in table.services.items()
-            if svc.type != "ClusterIP" or (renamed and svc.external_traffic_policy == "Local")
+            if rezoned
+            or (moved and svc.type != "ClusterIP")
+            or (renamed and "Local" in (svc.external_traffic_policy, svc.internal_traffic_policy))
         ]
         return self.update(table, refs)
 

@@ -115,14 +115,6 @@ XFAIL_SERVICE_CIDR = (
     "asserted in nftables mode only, which drops traffic to unallocated addresses of the "
     "service CIDR: lbctl is not told the service CIDR"
 )
-XFAIL_TERMINATING = (
-    "issue 4 (terminating endpoints): the expected backends include serving, terminating "
-    "endpoints, used when no endpoint is ready; lbctl uses ready endpoints only"
-)
-XFAIL_ITP_LOCAL = (
-    "issue 4 (internalTrafficPolicy Local): ClusterIP traffic must go to this node's "
-    "endpoints only; lbctl ignores internalTrafficPolicy"
-)
 
 
 class HarnessError(RuntimeError):
@@ -294,14 +286,6 @@ def target(data: Data, scenario: Scenario, packet: Packet) -> tuple[dict[str, An
     return None
 
 
-def endpoints_of(scenario: Scenario, svc: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        ep
-        for eps, ep, _address in scenario.endpoints()
-        if eps["serviceName"] == svc["name"] and eps["namespace"] == svc["namespace"]
-    ]
-
-
 def expected_failure(data: Data, packet: Packet) -> str | None:
     """Why lbctl cannot pass this packet yet (a feature it does not have), or None.
 
@@ -319,22 +303,6 @@ def expected_failure(data: Data, packet: Packet) -> str | None:
         and any(packet.dest.ip in net for net in data.service_cidrs)
     ):
         return XFAIL_SERVICE_CIDR
-    if found is None:
-        return None
-    svc, kind = found
-    endpoints = endpoints_of(scenario, svc)
-    if packet.outcome == "dnat_to":
-        wanted = {Dest.parse(d).ip for d in packet.expect["dnat_to"]}
-        for ep in endpoints:
-            ready = (ep.get("conditions") or {}).get("ready", True)
-            if not ready and wanted & {IP(a) for a in ep["addresses"]}:
-                return XFAIL_TERMINATING
-    if (
-        kind == "ClusterIP"
-        and svc.get("internalTrafficPolicy") == "Local"
-        and any(not ep.get("local_to_node") for ep in endpoints)
-    ):
-        return XFAIL_ITP_LOCAL
     return None
 
 

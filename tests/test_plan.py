@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from typing import Any
 
 from lbctl.model import (
     Endpoint,
@@ -188,3 +189,209 @@ def test_an_ipv6_only_service_opens_no_ipv4_node_port() -> None:
     v6 = dataclasses.replace(outside_service(), cluster_ips=(IP("fd00::10"),))
     plan = plan_service(v6, [], NODE)
     assert not [k for k, fe in plan.items() if fe.kind == "NodePort"]
+
+
+# -- which endpoints are eligible (kube-proxy's CategorizeEndpoints) -----------------
+
+VIP = FrontendKey(IP("10.96.0.10"), 80, Protocol.TCP)
+HERE = NodeContext("here", zone="zone-a")
+
+
+def ep(
+    address: str,
+    state: str = "ready",
+    node: str = "here",
+    hints: tuple[str, ...] = (),
+) -> Endpoint:
+    """state: ready, terminating (serving and terminating) or gone (neither)."""
+    return Endpoint(
+        (IP(address),),
+        ready=state == "ready",
+        serving=state != "gone",
+        terminating=state != "ready",
+        node_name=node,
+        zone_hints=hints,
+    )
+
+
+def web(*endpoints: Endpoint, name: str = "web-1") -> EndpointSlice:
+    return EndpointSlice(
+        "ns", name, "web", "IPv4", (EndpointPort("http", Protocol.TCP, 8080),), endpoints
+    )
+
+
+def http_service(**fields: Any) -> Service:
+    base = Service(
+        ref=REF,
+        type="ClusterIP",
+        cluster_ips=(IP("10.96.0.10"),),
+        ports=(ServicePort("http", Protocol.TCP, 80),),
+    )
+    return dataclasses.replace(base, **fields)
+
+
+def addresses(svc: Service, *endpoints: Endpoint, node: NodeContext = HERE) -> list[str]:
+    return [str(b.address) for b in plan_service(svc, [web(*endpoints)], node)[VIP].backends]
+
+
+def test_only_ready_endpoints_while_any_is_ready() -> None:
+    got = addresses(
+        http_service(),
+        ep("10.0.0.1"),
+        ep("10.0.0.2", "terminating"),
+        ep("10.0.0.3", "gone"),
+        ep("10.0.0.4", node="other"),
+    )
+    assert got == ["10.0.0.1", "10.0.0.4"]
+
+
+def test_serving_terminating_endpoints_when_none_is_ready() -> None:
+    backends = plan_service(
+        http_service(),
+        [
+            web(
+                ep("10.0.0.2", "terminating", "other"),
+                ep("10.0.0.3", "gone"),
+                ep("10.0.0.4", "terminating"),
+            )
+        ],
+        HERE,
+    )[VIP].backends
+    # never the terminating endpoint that no longer serves
+    assert [str(b.address) for b in backends] == ["10.0.0.2", "10.0.0.4"]
+    assert all(b.serving and b.terminating and not b.ready for b in backends)
+
+
+def test_terminating_fallback_is_abandoned_as_soon_as_one_is_ready() -> None:
+    table = ServiceTable()
+    planner = Planner()
+    planner.node = HERE
+    table.set_service(http_service())
+    planner.update(
+        table, table.set_slice(web(ep("10.0.0.2", "terminating"), ep("10.0.0.3", "terminating")))
+    )
+    change = planner.update(
+        table,
+        table.set_slice(
+            web(ep("10.0.0.2", "terminating"), ep("10.0.0.3", "terminating"), ep("10.0.0.9"))
+        ),
+    )
+    assert [[str(b.address) for b in fe.backends] for fe in change.upserts] == [["10.0.0.9"]]
+
+
+def test_only_non_serving_endpoints_reject() -> None:
+    fe = plan_service(http_service(), [web(ep("10.0.0.3", "gone"))], HERE)[VIP]
+    assert not fe.backends and not fe.drop_empty
+
+
+def test_the_same_endpoint_in_two_slices_counts_where_it_is_ready() -> None:
+    old = web(ep("10.0.0.1", "terminating"), name="web-a")
+    new = web(ep("10.0.0.1"), name="web-b")
+    for order in ([old, new], [new, old]):
+        (backend,) = plan_service(http_service(), order, HERE)[VIP].backends
+        assert backend.ready and not backend.terminating
+
+
+def test_internal_policy_local_keeps_this_nodes_endpoints() -> None:
+    local = http_service(internal_traffic_policy="Local")
+    fe = plan_service(local, [web(ep("10.0.0.1"), ep("10.0.0.2", node="other"))], HERE)[VIP]
+    assert [str(b.address) for b in fe.backends] == ["10.0.0.1"]
+    assert not fe.drop_empty and not fe.local
+    # a terminating local endpoint serves when no local one is ready, even with
+    # ready endpoints elsewhere
+    fe = plan_service(
+        local, [web(ep("10.0.0.1", "terminating"), ep("10.0.0.2", node="other"))], HERE
+    )[VIP]
+    assert [str(b.address) for b in fe.backends] == ["10.0.0.1"]
+
+
+def test_internal_policy_local_drops_when_endpoints_are_elsewhere_and_rejects_without_any() -> None:
+    local = http_service(internal_traffic_policy="Local")
+    elsewhere = plan_service(local, [web(ep("10.0.0.2", node="other"))], HERE)[VIP]
+    assert not elsewhere.backends and elsewhere.drop_empty
+    terminating = plan_service(local, [web(ep("10.0.0.2", "terminating", "other"))], HERE)[VIP]
+    assert terminating.drop_empty
+    for slices in ([], [web(ep("10.0.0.2", "gone", "other"))]):
+        nothing = plan_service(local, slices, HERE)[VIP]
+        assert not nothing.backends and not nothing.drop_empty  # rejects
+
+
+def test_internal_policy_local_applies_to_cluster_ips_only() -> None:
+    svc = dataclasses.replace(outside_service(), internal_traffic_policy="Local")
+    plan = plan_service(svc, [placed(("10.244.0.5", "a"), ("10.244.1.5", "b"))], NODE)
+    sizes = {fe.kind: len(fe.backends) for fe in plan.values()}
+    assert sizes == {"ClusterIP": 1, "NodePort": 2, "ExternalIP": 2, "LoadBalancer": 2}
+
+
+def test_external_policy_local_drops_only_when_an_endpoint_is_usable_elsewhere() -> None:
+    twin = FrontendKey(IP("192.168.0.2"), 30080, Protocol.TCP, SCOPE_EXTERNAL)
+    svc = outside_service("Local")
+
+    def slice_of(state: str) -> EndpointSlice:
+        return dataclasses.replace(placed(), endpoints=(ep("10.244.1.5", state, "b"),))
+
+    assert plan_service(svc, [slice_of("terminating")], NODE)[twin].drop_empty
+    assert not plan_service(svc, [slice_of("gone")], NODE)[twin].drop_empty
+    # this node's terminating endpoints serve outside clients when none here is ready
+    mixed = dataclasses.replace(
+        placed(), endpoints=(ep("10.244.0.5", "terminating", "a"), ep("10.244.1.5", "ready", "b"))
+    )
+    plan = plan_service(svc, [mixed], NODE)
+    assert [str(b.address) for b in plan[twin].backends] == ["10.244.0.5"]
+    assert [str(b.address) for b in plan[VIP].backends] == ["10.244.1.5"]
+
+
+def test_topology_hints_keep_the_zones_endpoints() -> None:
+    got = addresses(
+        http_service(),
+        ep("10.0.0.1", hints=("zone-a",)),
+        ep("10.0.0.2", hints=("zone-b",)),
+        ep("10.0.0.3", hints=("zone-b", "zone-a")),
+        ep("10.0.0.4", "terminating"),  # not ready: its missing hint does not matter
+    )
+    assert got == ["10.0.0.1", "10.0.0.3"]
+
+
+def test_topology_is_not_used_when_one_ready_endpoint_lacks_a_hint() -> None:
+    got = addresses(http_service(), ep("10.0.0.1", hints=("zone-a",)), ep("10.0.0.2"))
+    assert got == ["10.0.0.1", "10.0.0.2"]
+
+
+def test_topology_is_not_used_on_a_node_without_a_zone() -> None:
+    hinted = (ep("10.0.0.1", hints=("zone-a",)), ep("10.0.0.2", hints=("zone-b",)))
+    assert addresses(http_service(), *hinted, node=NodeContext("here")) == ["10.0.0.1", "10.0.0.2"]
+
+
+def test_topology_is_not_used_when_no_endpoint_is_hinted_for_the_zone() -> None:
+    hinted = (ep("10.0.0.1", hints=("zone-b",)), ep("10.0.0.2", hints=("zone-c",)))
+    assert addresses(http_service(), *hinted) == ["10.0.0.1", "10.0.0.2"]
+
+
+def test_topology_does_not_restrict_the_terminating_fallback_or_local_endpoints() -> None:
+    assert addresses(
+        http_service(),
+        ep("10.0.0.1", "terminating", hints=("zone-b",)),
+        ep("10.0.0.2", "terminating"),
+    ) == ["10.0.0.1", "10.0.0.2"]
+    hinted = (ep("10.0.0.1", hints=("zone-b",)), ep("10.0.0.2", node="other", hints=("zone-a",)))
+    local = http_service(internal_traffic_policy="Local")
+    assert addresses(local, *hinted) == ["10.0.0.1"]
+
+
+def test_a_new_zone_replans_and_a_new_name_replans_local_policies() -> None:
+    table = ServiceTable()
+    table.set_service(http_service())
+    table.set_slice(
+        web(ep("10.0.0.1", hints=("zone-a",)), ep("10.0.0.2", node="b", hints=("zone-b",)))
+    )
+    other = ServiceRef("ns", "plain")
+    table.set_service(svc("10.96.0.20", other))
+    planner = Planner()
+    planner.update(table, list(table.services))
+    assert len(planner.plans[REF][VIP].backends) == 2
+    change = planner.set_node(table, NodeContext("here", zone="zone-b"))
+    assert [[str(b.address) for b in fe.backends] for fe in change.upserts] == [["10.0.0.2"]]
+    table.set_service(http_service(internal_traffic_policy="Local"))
+    planner.update(table, [REF])
+    renamed = planner.set_node(table, NodeContext("b", zone="zone-b"))
+    assert [str(b.address) for fe in renamed.upserts for b in fe.backends] == ["10.0.0.2"]
