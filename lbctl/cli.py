@@ -324,7 +324,7 @@ def _source(cfg: Config) -> Source:
 
         if not cfg.manifests.is_dir():
             raise FileNotFoundError(f"manifests {cfg.manifests}: not a directory")
-        return ManifestSource(cfg.manifests)
+        return ManifestSource(cfg.manifests, _node_name(cfg))
     from lbctl.kubesource import KubeSource, api_client
 
     node = _node_name(cfg)

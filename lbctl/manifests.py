@@ -1,7 +1,9 @@
-"""ManifestSource: Services and EndpointSlices from a directory of YAML.
+"""ManifestSource: Services, EndpointSlices and this node from a directory of YAML.
 
 The embedded default source.  Every *.yaml, *.yml and *.json file at the top
 of the directory is read (several documents per file, and `kind: List`).
+A Node whose name is this node's gives its zone (for topology hints) and
+addresses, as the API's Node does; other Nodes are left alone.
 `poll` rescans the directory and applies what changed since the last call to
 a ServiceTable: an edited, added or deleted file becomes a diff.
 
@@ -24,13 +26,14 @@ from typing import Any
 
 import yaml
 
-from lbctl.model import EndpointSlice, Service, ServiceRef, ServiceTable
+from lbctl.model import EndpointSlice, Node, Service, ServiceRef, ServiceTable
 from lbctl.objects import (
     Ignored,
     InvalidObject,
     meta_ref,
     parse_checked,
     parse_endpoint_slice,
+    parse_node,
     parse_service,
 )
 
@@ -47,10 +50,12 @@ class ObjectId:
     name: str
 
     def __str__(self) -> str:
+        if not self.namespace:  # cluster-scoped (a Node)
+            return f"{self.kind} {self.name}"
         return f"{self.kind} {self.namespace}/{self.name}"
 
 
-Parsed = Service | EndpointSlice
+Parsed = Service | EndpointSlice | Node
 
 
 @dataclasses.dataclass
@@ -60,8 +65,9 @@ class _File:
 
 
 class ManifestSource:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, node_name: str | None = None) -> None:
         self.directory = directory
+        self.node_name = node_name  # the Node of this name is the one lbctl runs on
         self._files: dict[Path, _File] = {}
         self._owner: dict[ObjectId, Path] = {}
         self._shadowed: dict[ObjectId, set[Path]] = {}  # duplicates waiting for the id
@@ -156,7 +162,7 @@ class ManifestSource:
             kind = str(doc.get("kind", ""))
             api = str(doc.get("apiVersion", ""))
             namespace, name = meta_ref(doc)
-            oid = ObjectId(kind, namespace, name)
+            oid = ObjectId(kind, "" if kind == "Node" else namespace, name)
             parser = _PARSERS.get((api, kind))
             if parser is None:
                 log.debug("%s: document %s: %s %s is not used by lbctl", path, index, api, kind)
@@ -191,7 +197,7 @@ class ManifestSource:
             self._shadowed.setdefault(oid, set()).add(path)
         for oid, obj in old.items():
             if oid not in objects:
-                touched |= _remove(table, obj)
+                touched |= self._remove(table, obj)
                 self._owner.pop(oid, None)
                 # A file whose copy was ignored as a duplicate gets its turn.
                 for waiting in self._shadowed.pop(oid, set()):
@@ -200,10 +206,28 @@ class ManifestSource:
         for oid, obj in objects.items():
             if old.get(oid) != obj:
                 if oid in old:
-                    touched |= _remove(table, old[oid])
-                touched |= _set(table, obj)
+                    touched |= self._remove(table, old[oid])
+                touched |= self._set(table, obj)
             self._owner[oid] = path
         return touched
+
+    def _set(self, table: ServiceTable, obj: Parsed) -> set[ServiceRef]:
+        if isinstance(obj, Service):
+            return {table.set_service(obj)}
+        if isinstance(obj, Node):
+            if obj.name == self.node_name:
+                table.node = obj  # the agent's node scan re-plans what it changes
+            return set()
+        return table.set_slice(obj)
+
+    def _remove(self, table: ServiceTable, obj: Parsed) -> set[ServiceRef]:
+        if isinstance(obj, Service):
+            return {table.remove_service(obj.ref)}
+        if isinstance(obj, Node):
+            if obj.name == self.node_name:
+                table.node = None
+            return set()
+        return table.remove_slice(obj.key)
 
 
 class SourceError(Exception):
@@ -220,18 +244,6 @@ def _documents(documents: list[Any]) -> Iterator[tuple[str, Any]]:
             yield str(i), doc
 
 
-def _set(table: ServiceTable, obj: Parsed) -> set[ServiceRef]:
-    if isinstance(obj, Service):
-        return {table.set_service(obj)}
-    return table.set_slice(obj)
-
-
-def _remove(table: ServiceTable, obj: Parsed) -> set[ServiceRef]:
-    if isinstance(obj, Service):
-        return {table.remove_service(obj.ref)}
-    return table.remove_slice(obj.key)
-
-
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
@@ -239,4 +251,5 @@ def _one_line(err: Exception) -> str:
 _PARSERS: dict[tuple[str, str], Any] = {
     ("v1", "Service"): parse_service,
     ("discovery.k8s.io/v1", "EndpointSlice"): parse_endpoint_slice,
+    ("v1", "Node"): parse_node,
 }

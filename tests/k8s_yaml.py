@@ -1,4 +1,4 @@
-"""Building Service and EndpointSlice manifests for tests."""
+"""Building Service, EndpointSlice and Node manifests for tests."""
 
 from __future__ import annotations
 
@@ -39,26 +39,54 @@ def endpoint_slice(
     suffix: str = "1",
     ready: bool = True,
     nodes: dict[str, str] | None = None,
+    conditions: dict[str, dict[str, bool]] | None = None,
+    hints: dict[str, list[str]] | None = None,
+    annotations: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """nodes: address -> nodeName (default "node" for every endpoint)."""
+    """nodes: address -> nodeName (default "node" for every endpoint); conditions:
+    address -> its conditions (default {"ready": ready}); hints: address -> the
+    zones of its hints.forZones (default none)."""
+    endpoints = []
+    for a in addresses:
+        endpoint: dict[str, Any] = {
+            "addresses": [a],
+            "conditions": (conditions or {}).get(a, {"ready": ready}),
+            "nodeName": (nodes or {}).get(a, "node"),
+        }
+        if hints and a in hints:
+            endpoint["hints"] = {"forZones": [{"name": zone} for zone in hints[a]]}
+        endpoints.append(endpoint)
+    metadata: dict[str, Any] = {
+        "name": f"{service_name}-{suffix}",
+        "namespace": namespace,
+        "labels": {"kubernetes.io/service-name": service_name},
+    }
+    if annotations:
+        metadata["annotations"] = dict(annotations)
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
-        "metadata": {
-            "name": f"{service_name}-{suffix}",
-            "namespace": namespace,
-            "labels": {"kubernetes.io/service-name": service_name},
-        },
+        "metadata": metadata,
         "addressType": "IPv4",
         "ports": [{"name": n, "protocol": p, "port": port} for n, p, port in ports],
-        "endpoints": [
-            {
-                "addresses": [a],
-                "conditions": {"ready": ready},
-                "nodeName": (nodes or {}).get(a, "node"),
-            }
-            for a in addresses
-        ],
+        "endpoints": endpoints,
+    }
+
+
+# Endpoint conditions, as the API reports them.
+READY = {"ready": True, "serving": True, "terminating": False}
+TERMINATING = {"ready": False, "serving": True, "terminating": True}  # still serving
+GONE = {"ready": False, "serving": False, "terminating": True}  # terminating, no longer serving
+
+
+def node(name: str, zone: str | None = None, addresses: Iterable[str] = ()) -> dict[str, Any]:
+    """A Node, with its topology.kubernetes.io/zone label when `zone` is given."""
+    labels = {"topology.kubernetes.io/zone": zone} if zone else {}
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": labels},
+        "status": {"addresses": [{"type": "InternalIP", "address": a} for a in addresses]},
     }
 
 
