@@ -100,6 +100,7 @@ class AgentOptions:
     node: NodeConfig = dataclasses.field(default_factory=NodeConfig)  # its snat_address is chosen
     xdp: str = "off"  # off, generic, native
     cgroup_path: str | None = ""  # None: the cgroup2 mount; "": no socket hooks
+    scheduler: str = "random"  # the default of Services without lbctl.io/scheduler
 
 
 class Agent:
@@ -108,7 +109,7 @@ class Agent:
         self.datapath = datapath
         self.options = options
         self.table = ServiceTable()
-        self.planner = Planner()
+        self.planner = Planner(options.scheduler)
         self.errors: list[str] = []
         self.synced = threading.Event()
         self._missing_links: list[str] = []

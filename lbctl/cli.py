@@ -38,6 +38,8 @@ def _interfaces(value: str) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lbctl.plan import SCHEDULERS
+
     p = argparse.ArgumentParser(
         prog="lbctl",
         description="eBPF load balancer for Kubernetes Services (a kube-proxy replacement).",
@@ -79,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
         help="this node's name in the API (default: $NODE_NAME, else the host name)",
     )
     run.add_argument("--mode", choices=["ebpf", "ipvs", "auto"], help="datapath (default ebpf)")
+    run.add_argument(
+        "--scheduler",
+        choices=SCHEDULERS,
+        help="how Services without an lbctl.io/scheduler annotation pick a backend "
+        "(default random)",
+    )
     run.add_argument(
         "--interfaces",
         type=_interfaces,
@@ -270,6 +278,7 @@ def _run(args: argparse.Namespace) -> int:
                 "external_interfaces",
                 "cgroup_path",
                 "xdp",
+                "scheduler",
             )
         },
     )
@@ -294,6 +303,7 @@ def _run(args: argparse.Namespace) -> int:
         node=cfg.node_config(),
         xdp=cfg.xdp,
         cgroup_path=cfg.cgroup_path,
+        scheduler=cfg.scheduler,
     )
     agent = Agent(source, datapath, options)
     observe = Observability(agent)

@@ -20,6 +20,7 @@ from lbctl.addresses import AddressPolicy
 from lbctl.datapath.nodeconf import DEFAULT_NAT_PORTS, NodeConfig
 from lbctl.datapath.settings import DEFAULT_PIN_DIR, BpfSettings
 from lbctl.model import IPNetwork
+from lbctl.plan import SCHEDULERS
 
 API_VERSION = "lbctl.io/v1alpha1"
 KIND = "LbctlConfiguration"
@@ -68,6 +69,7 @@ class Config:
     external_interfaces: tuple[str, ...] | None = None  # None: every interface
     cgroup_path: str | None = None  # None: the cgroup2 mount; "": no socket hooks
     xdp: str = "off"  # off, generic or native: the XDP fast path on the external interfaces
+    scheduler: str = "random"  # backend choice of Services without lbctl.io/scheduler
 
     def bpf_settings(self) -> BpfSettings:
         """The datapath's compile-time settings: pin directory, capacities, timeouts."""
@@ -129,6 +131,7 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "externalInterfaces": ("external_interfaces", "names"),
     "cgroupPath": ("cgroup_path", "cgroup"),
     "xdp": ("xdp", "str"),
+    "scheduler": ("scheduler", "str"),
 }
 _KEYS = {"apiVersion", "kind", *_FIELDS}
 _PATH_OF = {field: path for path, (field, _) in _FIELDS.items()}
@@ -377,6 +380,12 @@ def _check_values(config: Config, source: str, merged: bool = False) -> None:
         )
     if config.xdp not in XDP_MODES:
         raise fail("xdp", f"unknown XDP mode {config.xdp!r}; set xdp: off, generic or native")
+    if config.scheduler not in SCHEDULERS:
+        raise fail(
+            "scheduler",
+            f"unknown scheduler {config.scheduler!r}; set scheduler: one of "
+            f"{', '.join(SCHEDULERS)}",
+        )
     if config.mode not in MODES:
         raise fail("mode", f"unknown mode {config.mode!r}; set mode: ebpf")
     if not config.bpffs.is_absolute():

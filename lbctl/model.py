@@ -57,6 +57,7 @@ class Service:
     annotations: tuple[tuple[str, str], ...] = ()
     load_balancer_source_ranges: tuple[IPNetwork, ...] = ()
     health_check_node_port: int | None = None
+    scheduler: str | None = None  # from the lbctl.io/scheduler annotation; None: the default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,8 @@ class Endpoint:
     terminating: bool = False
     node_name: str | None = None
     zone: str | None = None
-    zone_hints: tuple[str, ...] = ()
+    zone_hints: tuple[str, ...] = ()  # hints.forZones
+    weight: int = 1  # 1-100, from the slice's lbctl.io/weights or lbctl.io/weight annotation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +87,7 @@ class EndpointSlice:
     address_type: str  # IPv4, IPv6, FQDN
     ports: tuple[EndpointPort, ...]
     endpoints: tuple[Endpoint, ...]
+    annotations: tuple[tuple[str, str], ...] = ()
 
     @property
     def service(self) -> ServiceRef:

@@ -3,12 +3,16 @@
 Both sources use these parsers: the manifest directory hands them YAML
 documents, the informer hands them decoded API JSON.  Validation follows the
 API's own rules where lbctl depends on them; every failure names the field
-and the fix.
+and the fix.  lbctl's own annotations (scheduler, weights) never make an
+object unusable: a bad value is logged, once per version of the object, and
+the default is used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import logging
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -25,10 +29,17 @@ from lbctl.model import (
     ServicePort,
     ServiceRef,
 )
+from lbctl.plan import SCHEDULER_ANNOTATION, SCHEDULERS
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
 ZONE_LABEL = "topology.kubernetes.io/zone"
+WEIGHTS_ANNOTATION = "lbctl.io/weights"  # on a slice: "10.244.1.5=3,10.244.1.6=1"
+WEIGHT_ANNOTATION = "lbctl.io/weight"  # on a slice: "3", for each of its endpoints
+MAX_WEIGHT = 100
+SESSION_AFFINITIES = ("None", "ClientIP")
 
 
 class InvalidObject(ValueError):
@@ -170,6 +181,9 @@ def parse_service(obj: Mapping[str, Any]) -> Service:
         for i, ing in enumerate(_list(lb.get("ingress"), "status.loadBalancer.ingress"))
         if _mapping(ing, "ingress").get("ip")
     )
+    session_affinity = str(spec.get("sessionAffinity") or "None")
+    if session_affinity not in SESSION_AFFINITIES:
+        raise InvalidObject(f"spec.sessionAffinity: {session_affinity!r} is not None or ClientIP")
     affinity = _mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig")
     client_ip = _mapping(affinity.get("clientIP"), "spec.sessionAffinityConfig.clientIP")
     annotations = _mapping(meta.get("annotations"), "metadata.annotations")
@@ -184,14 +198,32 @@ def parse_service(obj: Mapping[str, Any]) -> Service:
             for i, ip in enumerate(_list(spec.get("externalIPs"), "spec.externalIPs"))
         ),
         load_balancer_ips=lb_ips,
-        session_affinity=str(spec.get("sessionAffinity") or "None"),
+        session_affinity=session_affinity,
         affinity_timeout_s=_timeout(client_ip.get("timeoutSeconds")),
         external_traffic_policy=str(spec.get("externalTrafficPolicy") or "Cluster"),
         internal_traffic_policy=str(spec.get("internalTrafficPolicy") or "Cluster"),
         annotations=tuple(sorted((str(k), str(v)) for k, v in annotations.items())),
         load_balancer_source_ranges=_source_ranges(spec, annotations),
         health_check_node_port=None if not health else _port(health, "spec.healthCheckNodePort"),
+        scheduler=_scheduler(f"Service {namespace}/{name}", annotations),
     )
+
+
+def _scheduler(name: str, annotations: Mapping[str, Any]) -> str | None:
+    """The Service's own scheduler; None (the cluster default) when unset or unknown."""
+    value = annotations.get(SCHEDULER_ANNOTATION)
+    if value is None:
+        return None
+    if str(value) in SCHEDULERS:
+        return str(value)
+    log.error(
+        "%s: metadata.annotations[%s]: unknown scheduler %r (valid: %s); using the cluster default",
+        name,
+        SCHEDULER_ANNOTATION,
+        str(value),
+        ", ".join(SCHEDULERS),
+    )
+    return None
 
 
 def _source_ranges(
@@ -276,6 +308,10 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSlice:
         conditions = _mapping(raw.get("conditions"), f"{field}.conditions")
         ready = _condition(conditions, "ready", True)
         hints = _mapping(raw.get("hints"), f"{field}.hints")
+        zone_hints = (
+            _mapping(h, f"{field}.hints.forZones[{j}]").get("name")
+            for j, h in enumerate(_list(hints.get("forZones"), f"{field}.hints.forZones"))
+        )
         endpoints.append(
             Endpoint(
                 addresses=parsed,
@@ -284,12 +320,12 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSlice:
                 terminating=_condition(conditions, "terminating", False),
                 node_name=raw.get("nodeName"),
                 zone=raw.get("zone"),
-                zone_hints=tuple(
-                    str(_mapping(h, "hint").get("name"))
-                    for h in _list(hints.get("forZones"), f"{field}.hints.forZones")
-                ),
+                zone_hints=tuple(str(z) for z in zone_hints if z),
             )
         )
+    annotations = _mapping(meta.get("annotations"), "metadata.annotations")
+    if WEIGHT_ANNOTATION in annotations or WEIGHTS_ANNOTATION in annotations:
+        endpoints = _weighted(f"EndpointSlice {namespace}/{name}", annotations, endpoints)
     return EndpointSlice(
         namespace=namespace,
         name=name,
@@ -297,7 +333,60 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSlice:
         address_type=str(address_type),
         ports=tuple(ports),
         endpoints=tuple(endpoints),
+        annotations=tuple(sorted((str(k), str(v)) for k, v in annotations.items())),
     )
+
+
+def _weighted(
+    name: str, annotations: Mapping[str, Any], endpoints: list[Endpoint]
+) -> list[Endpoint]:
+    """Endpoints with their weights: the address's own in lbctl.io/weights, else the
+    slice's lbctl.io/weight, else 1.  A bad value is logged and counts as 1."""
+
+    def report(annotation: str, bad: list[str]) -> None:
+        log.error(
+            "%s: metadata.annotations[%s]: %s: a weight is a whole number in 1-%d; using 1 instead",
+            name,
+            annotation,
+            ", ".join(bad),
+            MAX_WEIGHT,
+        )
+
+    default = 1
+    if WEIGHT_ANNOTATION in annotations:
+        text = str(annotations[WEIGHT_ANNOTATION]).strip()
+        weight = _weight(text)
+        if weight is None:
+            report(WEIGHT_ANNOTATION, [repr(text)])
+        default = weight or 1
+    own: dict[IPAddress, int] = {}
+    bad: list[str] = []
+    for entry in str(annotations.get(WEIGHTS_ANNOTATION) or "").split(","):
+        address, sep, value = (part.strip() for part in entry.partition("="))
+        if not address and not sep:
+            continue  # blank entries ("a=1,,b=2", a trailing comma) are harmless
+        weight = _weight(value)
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            bad.append(f"{entry.strip()!r} (not ADDRESS=WEIGHT)")
+            continue
+        if weight is None:
+            bad.append(repr(entry.strip()))
+        own[ip] = weight or 1
+    if bad:
+        report(WEIGHTS_ANNOTATION, bad)
+    out = []
+    for ep in endpoints:
+        weight = next((own[a] for a in ep.addresses if a in own), default)
+        out.append(dataclasses.replace(ep, weight=weight) if weight != 1 else ep)
+    return out
+
+
+def _weight(text: str) -> int | None:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_WEIGHT:
+        return None
+    return int(text)
 
 
 def parse_node(obj: Mapping[str, Any]) -> Node:

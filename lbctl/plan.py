@@ -34,6 +34,11 @@ SCOPE_ALL = 0  # every client
 SCOPE_EXTERNAL = 1  # clients from outside the cluster (externalTrafficPolicy Local)
 SCOPE_NAMES = {SCOPE_ALL: "", SCOPE_EXTERNAL: "external"}
 
+# How a frontend picks the backend of a new flow: the cluster default
+# (`scheduler` in the configuration, --scheduler), or a Service's own annotation.
+SCHEDULERS = ("random", "rr", "wrr", "maglev", "sh", "lc")
+SCHEDULER_ANNOTATION = "lbctl.io/scheduler"
+
 # Frontend kinds, as `lbctl maps dump` shows them.
 CLUSTER_IP, NODE_PORT, LOAD_BALANCER, EXTERNAL_IP = (
     "ClusterIP",
@@ -63,6 +68,7 @@ class Backend:
     ready: bool = True
     serving: bool = True
     terminating: bool = False
+    weight: int = 1  # 1-100, from the slice's lbctl.io/weights or lbctl.io/weight
 
     @property
     def target(self) -> tuple[IPAddress, int, Protocol]:
@@ -81,6 +87,8 @@ class Frontend:
     `drop_empty`: no backend here though the Service has some elsewhere (the
     SCOPE_EXTERNAL twin, or a ClusterIP of internalTrafficPolicy Local), so new
     flows are dropped (kube-proxy drops, where no endpoints at all rejects).
+    `scheduler`: one of SCHEDULERS; `affinity_timeout`: seconds a client keeps
+    its backend (sessionAffinity ClientIP), 0 for no affinity.
     """
 
     key: FrontendKey
@@ -91,6 +99,8 @@ class Frontend:
     local: bool = False
     drop_empty: bool = False
     source_ranges: tuple[IPNetwork, ...] = ()
+    scheduler: str = "random"
+    affinity_timeout: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +170,7 @@ def eligible(
                     ep.ready,
                     ep.serving,
                     ep.terminating,
+                    ep.weight,
                 )
                 found[spot] = (backend, ep)
     ordered = sorted(found.values(), key=_pair_order)
@@ -214,14 +225,21 @@ def plan_service(
     svc: Service,
     slices: Iterable[EndpointSlice],
     node: NodeContext | None = None,
+    scheduler: str = "random",
 ) -> dict[FrontendKey, Frontend]:
-    """The frontends one Service needs, each with its eligible backends."""
+    """The frontends one Service needs, each with its eligible backends.
+
+    `scheduler` is the cluster default, for Services without a valid
+    lbctl.io/scheduler annotation of their own.
+    """
     node = node or NodeContext()
     slices = list(slices)
     plan: dict[FrontendKey, Frontend] = {}
 
     local_policy = svc.external_traffic_policy == "Local"
     internal_local = svc.internal_traffic_policy == "Local"
+    chosen = svc.scheduler or scheduler
+    affinity = svc.affinity_timeout_s if svc.session_affinity == "ClientIP" else 0
 
     def add(
         key: FrontendKey,
@@ -243,6 +261,8 @@ def plan_service(
             local,
             drop_empty,
             source_ranges,
+            scheduler=chosen,
+            affinity_timeout=affinity,
         )
 
     for sp in svc.ports:
@@ -297,11 +317,12 @@ def diff(old: Mapping[FrontendKey, Frontend], new: Mapping[FrontendKey, Frontend
 class Planner:
     """The last plan of every service, and which service owns each frontend."""
 
-    def __init__(self) -> None:
+    def __init__(self, scheduler: str = "random") -> None:
         self.plans: dict[ServiceRef, dict[FrontendKey, Frontend]] = {}
         self.owner: dict[FrontendKey, ServiceRef] = {}
         self.conflicts: dict[ServiceRef, str] = {}
         self.node = NodeContext()
+        self.scheduler = scheduler  # the cluster default, one of SCHEDULERS
 
     def set_node(self, table: ServiceTable, node: NodeContext) -> PlanDiff:
         """The node's name, addresses or zone changed: re-plan the services that use them."""
@@ -319,6 +340,13 @@ class Planner:
             or (renamed and "Local" in (svc.external_traffic_policy, svc.internal_traffic_policy))
         ]
         return self.update(table, refs)
+
+    def set_scheduler(self, table: ServiceTable, scheduler: str) -> PlanDiff:
+        """The cluster's default scheduler changed: re-plan the services that use it."""
+        if scheduler == self.scheduler:
+            return PlanDiff()
+        self.scheduler = scheduler
+        return self.update(table, [ref for ref, svc in table.services.items() if not svc.scheduler])
 
     def frontends(self) -> dict[FrontendKey, Frontend]:
         return {key: fe for plan in self.plans.values() for key, fe in plan.items()}
@@ -338,7 +366,7 @@ class Planner:
     def _update(self, table: ServiceTable, refs: Iterable[ServiceRef], out: PlanDiff) -> None:
         for ref in refs:
             svc = table.services.get(ref)
-            new = plan_service(svc, table.slices_of(ref), self.node) if svc else {}
+            new = plan_service(svc, table.slices_of(ref), self.node, self.scheduler) if svc else {}
             new = self._claim(ref, new)
             part = diff(self.plans.get(ref, {}), new)
             for key in part.removals:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from typing import Any
 
@@ -133,3 +134,118 @@ def test_source_ranges_from_the_field_or_the_annotation() -> None:
     ]
     with pytest.raises(InvalidObject, match=r"loadBalancerSourceRanges\[0\]: '10.0.0.1/8'"):
         parse_service(service(loadBalancerSourceRanges=["10.0.0.1/8"]))
+
+
+def test_zone_hints_are_the_named_zones() -> None:
+    parsed = parse_endpoint_slice(
+        eps(
+            [
+                {
+                    "addresses": ["10.0.0.1"],
+                    "zone": "zone-a",
+                    "hints": {"forZones": [{"name": "zone-a"}, {"name": "zone-b"}]},
+                },
+                {"addresses": ["10.0.0.2"], "hints": {"forZones": [{}]}},
+            ]
+        )
+    )
+    assert [e.zone_hints for e in parsed.endpoints] == [("zone-a", "zone-b"), ()]
+    assert parsed.endpoints[0].zone == "zone-a"
+
+
+# -- lbctl's own annotations: a bad value is logged and the default used ------------
+
+
+def annotated(obj: dict[str, Any], **annotations: str) -> dict[str, Any]:
+    obj["metadata"]["annotations"] = annotations
+    return obj
+
+
+def test_scheduler_annotation(caplog: pytest.LogCaptureFixture) -> None:
+    assert parse_service(service()).scheduler is None  # the cluster default
+    obj = annotated(service(), **{"lbctl.io/scheduler": "maglev"})
+    assert parse_service(obj).scheduler == "maglev"
+    with caplog.at_level(logging.ERROR, logger="lbctl.objects"):
+        bad = parse_service(annotated(service(), **{"lbctl.io/scheduler": "fastest"}))
+    assert bad.scheduler is None
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "Service default/web: metadata.annotations[lbctl.io/scheduler]: unknown scheduler "
+        "'fastest' (valid: random, rr, wrr, maglev, sh, lc); using the cluster default"
+    )
+
+
+def test_session_affinity_and_its_timeout() -> None:
+    plain = parse_service(service())
+    assert plain.session_affinity == "None"
+    sticky = parse_service(service(sessionAffinity="ClientIP"))
+    assert (sticky.session_affinity, sticky.affinity_timeout_s) == ("ClientIP", 10800)
+    for seconds in (1, 86400):
+        config = {"clientIP": {"timeoutSeconds": seconds}}
+        got = parse_service(service(sessionAffinity="ClientIP", sessionAffinityConfig=config))
+        assert got.affinity_timeout_s == seconds
+    for seconds in (0, 86401, "60"):
+        config = {"clientIP": {"timeoutSeconds": seconds}}
+        with pytest.raises(InvalidObject, match=r"timeoutSeconds: .* is not a number of seconds"):
+            parse_service(service(sessionAffinity="ClientIP", sessionAffinityConfig=config))
+    with pytest.raises(
+        InvalidObject, match=re.escape("spec.sessionAffinity: 'Cookie' is not None or")
+    ):
+        parse_service(service(sessionAffinity="Cookie"))
+
+
+ADDRESSES = [{"addresses": [f"10.0.0.{i}"]} for i in (1, 2, 3)]
+
+
+def weights(**annotations: str) -> list[int]:
+    return [
+        e.weight for e in parse_endpoint_slice(annotated(eps(ADDRESSES), **annotations)).endpoints
+    ]
+
+
+def test_slice_annotations_are_kept() -> None:
+    parsed = parse_endpoint_slice(annotated(eps(ADDRESSES), b="2", a="1"))
+    assert parsed.annotations == (("a", "1"), ("b", "2"))
+    assert parse_endpoint_slice(eps(ADDRESSES)).annotations == ()
+
+
+def test_weights_per_address_win_over_the_slices_weight() -> None:
+    assert weights() == [1, 1, 1]
+    assert weights(**{"lbctl.io/weight": "3"}) == [3, 3, 3]
+    assert weights(**{"lbctl.io/weights": "10.0.0.1=5, 10.0.0.3=100,"}) == [5, 1, 100]
+    both = {"lbctl.io/weight": "2", "lbctl.io/weights": "10.0.0.2=7"}
+    assert weights(**both) == [2, 7, 2]
+
+
+@pytest.mark.parametrize(
+    ("annotations", "expected", "message"),
+    [
+        ({"lbctl.io/weight": "0"}, [1, 1, 1], "lbctl.io/weight]: '0': "),
+        ({"lbctl.io/weight": "101"}, [1, 1, 1], "lbctl.io/weight]: '101': "),
+        ({"lbctl.io/weight": "heavy"}, [1, 1, 1], "lbctl.io/weight]: 'heavy': "),
+        (
+            {"lbctl.io/weight": "4", "lbctl.io/weights": "10.0.0.1=-2,10.0.0.2=3"},
+            [1, 3, 4],
+            "lbctl.io/weights]: '10.0.0.1=-2': ",
+        ),
+        (
+            {"lbctl.io/weights": "10.0.0.1:3,10.0.0.300=2,10.0.0.3=2"},
+            [1, 1, 2],
+            "lbctl.io/weights]: '10.0.0.1:3' (not ADDRESS=WEIGHT), '10.0.0.300=2' (not "
+            "ADDRESS=WEIGHT): ",
+        ),
+    ],
+)
+def test_a_bad_weight_is_logged_once_and_counts_as_one(
+    caplog: pytest.LogCaptureFixture,
+    annotations: dict[str, str],
+    expected: list[int],
+    message: str,
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="lbctl.objects"):
+        assert weights(**annotations) == expected
+    (record,) = caplog.records
+    text = record.getMessage()
+    assert text.startswith("EndpointSlice ns/web-1: metadata.annotations[")
+    assert message in text
+    assert text.endswith("a weight is a whole number in 1-100; using 1 instead")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from typing import Any
+
+import pytest
 
 from lbctl.model import (
     Endpoint,
@@ -202,6 +205,7 @@ def ep(
     state: str = "ready",
     node: str = "here",
     hints: tuple[str, ...] = (),
+    weight: int = 1,
 ) -> Endpoint:
     """state: ready, terminating (serving and terminating) or gone (neither)."""
     return Endpoint(
@@ -211,6 +215,7 @@ def ep(
         terminating=state != "ready",
         node_name=node,
         zone_hints=hints,
+        weight=weight,
     )
 
 
@@ -395,3 +400,66 @@ def test_a_new_zone_replans_and_a_new_name_replans_local_policies() -> None:
     planner.update(table, [REF])
     renamed = planner.set_node(table, NodeContext("b", zone="zone-b"))
     assert [str(b.address) for fe in renamed.upserts for b in fe.backends] == ["10.0.0.2"]
+
+
+# -- schedulers, session affinity, weights ------------------------------------------
+
+
+def test_scheduler_from_the_annotation_else_the_default() -> None:
+    plain = plan_service(http_service(), [], HERE, "maglev")[VIP]
+    assert plain.scheduler == "maglev"
+    assert plan_service(http_service(), [], HERE)[VIP].scheduler == "random"
+    own = plan_service(http_service(scheduler="rr"), [], HERE, "maglev")
+    assert own[VIP].scheduler == "rr"
+    every = plan_service(dataclasses.replace(outside_service("Local"), scheduler="sh"), [], NODE)
+    assert {fe.scheduler for fe in every.values()} == {"sh"} and len(every) == 9
+
+
+def test_a_new_default_scheduler_replans_the_services_without_their_own() -> None:
+    table = ServiceTable()
+    own = ServiceRef("ns", "own")
+    table.set_service(http_service())
+    table.set_service(dataclasses.replace(svc("10.96.0.20", own), scheduler="lc"))
+    planner = Planner("random")
+    planner.update(table, list(table.services))
+    change = planner.set_scheduler(table, "wrr")
+    assert {(fe.service, fe.scheduler) for fe in change.upserts} == {(REF, "wrr")}
+    assert planner.plans[own][FrontendKey(IP("10.96.0.20"), 80, Protocol.TCP)].scheduler == "lc"
+    assert not planner.set_scheduler(table, "wrr")
+
+
+def test_client_ip_affinity_sets_the_timeout_on_every_frontend() -> None:
+    sticky = dataclasses.replace(
+        outside_service("Local"), session_affinity="ClientIP", affinity_timeout_s=600
+    )
+    plan = plan_service(sticky, [], NODE)
+    assert {fe.affinity_timeout for fe in plan.values()} == {600}
+    assert {fe.affinity_timeout for fe in plan_service(outside_service(), [], NODE).values()} == {0}
+
+
+def test_backends_carry_their_endpoints_weight() -> None:
+    fe = plan_service(http_service(), [web(ep("10.0.0.1", weight=3), ep("10.0.0.2"))], HERE)[VIP]
+    assert [(str(b.address), b.weight) for b in fe.backends] == [("10.0.0.1", 3), ("10.0.0.2", 1)]
+    # a weight change is a change of the frontend
+    again = plan_service(http_service(), [web(ep("10.0.0.1", weight=4), ep("10.0.0.2"))], HERE)
+    assert again[VIP] != fe
+
+
+def test_the_default_scheduler_is_a_validated_setting_and_flag() -> None:
+    from lbctl import cli, config
+
+    head = {"apiVersion": config.API_VERSION, "kind": config.KIND}
+    assert config.parse(head, "f").scheduler == "random"
+    assert config.parse({**head, "scheduler": "maglev"}, "f").scheduler == "maglev"
+    with pytest.raises(
+        config.ConfigError,
+        match=re.escape(
+            "f: scheduler: unknown scheduler 'fast'; set scheduler: one of "
+            "random, rr, wrr, maglev, sh, lc"
+        ),
+    ):
+        config.parse({**head, "scheduler": "fast"}, "f")
+    args = cli._parser().parse_args(["run", "--manifests", "/m", "--scheduler", "lc"])
+    assert args.scheduler == "lc"
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["run", "--scheduler", "fast"])
