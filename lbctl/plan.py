@@ -15,6 +15,7 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 
+from lbctl import scheduling
 from lbctl.model import (
     Endpoint,
     EndpointSlice,
@@ -36,7 +37,7 @@ SCOPE_NAMES = {SCOPE_ALL: "", SCOPE_EXTERNAL: "external"}
 
 # How a frontend picks the backend of a new flow: the cluster default
 # (`scheduler` in the configuration, --scheduler), or a Service's own annotation.
-SCHEDULERS = ("random", "rr", "wrr", "maglev", "sh", "lc")
+SCHEDULERS = scheduling.SCHEDULERS
 SCHEDULER_ANNOTATION = "lbctl.io/scheduler"
 
 # Frontend kinds, as `lbctl maps dump` shows them.
