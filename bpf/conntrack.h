@@ -19,15 +19,22 @@ static __always_inline int ct_alive(const struct ct4_entry *e, __u8 proto, __u64
 }
 
 /* Refresh last_seen at most once per LBCTL_CT_REFRESH_NS, so established
- * flows do not write to a shared cache line on every packet. */
-static __always_inline void ct_touch(struct ct4_entry *e, const struct pkt4 *p, __u64 now)
+ * flows do not write to a shared cache line on every packet; returns 1 when
+ * it did.  A FIN or RST closes the flow: it stops counting for lc. */
+static __always_inline int ct_touch(struct ct4_entry *e, const struct pkt4 *p, __u64 now)
 {
-	if (now - e->last_seen_ns > LBCTL_CT_REFRESH_NS)
+	int refreshed = 0;
+
+	if (now - e->last_seen_ns > LBCTL_CT_REFRESH_NS) {
 		e->last_seen_ns = now;
+		refreshed = 1;
+	}
 	if ((p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) && !(e->flags & CT_F_CLOSING)) {
 		e->flags |= CT_F_CLOSING;
 		e->last_seen_ns = now;
+		lb_conn_close(e);
 	}
+	return refreshed;
 }
 
 /* The key of the packet's own tuple: a forward entry (CT_DIR_FORWARD) for a
@@ -49,7 +56,8 @@ static __always_inline void ct4_forward_key(struct ct4_key *k, const struct pkt4
 }
 
 /* Record a new flow client -> vip:vport balanced to backend be, as fresh
- * entries (a reused tuple starts with clean flags).  With BPF_NOEXIST the
+ * entries (a reused tuple starts with clean flags, but for `flags`:
+ * CT_F_LC, CT_F_AFFINITY).  With BPF_NOEXIST the
  * forward insert fails when another CPU recorded the same new flow first;
  * the caller then follows that entry instead.  A masqueraded flow (snat_addr
  * set) has its reverse entry in nat4, made by nat4_bind. */
@@ -59,7 +67,8 @@ static __always_inline void ct4_forward_key(struct ct4_key *k, const struct pkt4
 
 static __always_inline int ct4_create(const struct pkt4 *p, const struct lb4_backend *be,
 				      __u32 backend_id, __u32 frontend_id, __u64 now,
-				      int exclusive, __be32 snat_addr, __be16 snat_port)
+				      int exclusive, __be32 snat_addr, __be16 snat_port,
+				      __u8 flags)
 {
 	struct ct4_key k = {};
 	struct ct4_entry e = {};
@@ -68,8 +77,11 @@ static __always_inline int ct4_create(const struct pkt4 *p, const struct lb4_bac
 	e.last_seen_ns = now;
 	e.backend_id = backend_id;
 	e.frontend_id = frontend_id;
+	e.flags = flags;
 	if (p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
-		e.flags = CT_F_CLOSING;
+		e.flags |= CT_F_CLOSING;
+	else if (flags & CT_F_LC)
+		e.open = 1;
 
 	ct4_forward_key(&k, p);
 	e.nat_addr = be->addr;
@@ -78,6 +90,8 @@ static __always_inline int ct4_create(const struct pkt4 *p, const struct lb4_bac
 	e.snat_port = snat_port;
 	if (exclusive ? ct4.insert(&k, &e) : ct4.update(&k, &e))
 		return exclusive ? CT_LOST_RACE : CT_FAILED;
+	if (e.open)
+		lb_conn_open(backend_id);
 	if (snat_addr)
 		return CT_CREATED;
 
@@ -90,6 +104,7 @@ static __always_inline int ct4_create(const struct pkt4 *p, const struct lb4_bac
 	e.nat_port = p->dport;
 	e.snat_addr = 0;
 	e.snat_port = 0;
+	e.open = 0; /* the forward entry alone counts */
 	if (ct4.update(&k, &e))
 		return CT_FAILED;
 	return CT_CREATED;

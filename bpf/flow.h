@@ -1,8 +1,9 @@
 /* The decisions tc and XDP share: what a packet of a balanced flow becomes.
  *
- *   flow4_decide()  reads the maps and writes nothing: is the packet part of a
- *                   known flow, a new flow to a frontend, a reply, or none of
- *                   these, and what is its tuple after translation;
+ *   flow4_decide()  reads the maps: is the packet part of a known flow, a new
+ *                   flow to a frontend, a reply, or none of these, and what is
+ *                   its tuple after translation; its only writes are the
+ *                   scheduler's (the rr turn, the client's affinity entry);
  *   flow4_commit()  makes the decision stick: refreshes conntrack, takes a NAT
  *                   port and records a new flow (with the race handling).
  *
@@ -34,7 +35,7 @@ struct flow4 {
 	__u8 snat;    /* the source changes */
 	__u8 dnat;    /* the destination changes */
 	__u8 reply;   /* a reply: the source is rewritten first */
-	__u8 pad;
+	__u8 ct_flags; /* NEW: CT_F_LC, CT_F_AFFINITY of the frontend */
 	__u32 stat;   /* LB_STAT_* of the verdict */
 	/* What flow4_commit() needs. */
 	__u32 backend_id;
@@ -70,12 +71,12 @@ static __always_inline int flow4_follow(const struct pkt4 *p, struct ct4_entry *
 /* A new flow to frontend svc: choose a backend and whether to masquerade. */
 static __always_inline int flow4_new(const struct pkt4 *p, const struct lb_service *svc,
 				     int masq, const struct lb4_config *cfg,
-				     struct ct4_entry *old, struct flow4 *x)
+				     struct ct4_entry *old, __u64 now, struct flow4 *x)
 {
 	struct lb4_backend *be;
 	__u32 backend_id = 0;
 
-	be = lb4_select(svc, &backend_id);
+	be = lb4_choose(svc, p, now, &backend_id);
 	if (!be) {
 		if (svc->flags & LB_SVC_F_DROP_EMPTY) {
 			x->stat = LB_STAT_DROP_NO_LOCAL;
@@ -100,6 +101,8 @@ static __always_inline int flow4_new(const struct pkt4 *p, const struct lb_servi
 	x->stat = LB_STAT_DNAT_NEW;
 	x->backend_id = backend_id;
 	x->frontend_id = svc->frontend_id;
+	x->ct_flags = (svc->sched == LB_SCHED_LC ? CT_F_LC : 0) |
+		      (svc->affinity_s ? CT_F_AFFINITY : 0);
 	x->be = be;
 	x->ct = old;
 	return FLOW_NEW;
@@ -211,7 +214,7 @@ static __always_inline int flow4_decide(const struct pkt4 *p, const struct lb4_c
 		return FLOW_DROP;
 	}
 	if (rc == FRONTEND_OK && svc)
-		return flow4_new(p, svc, masq, cfg, ct, x);
+		return flow4_new(p, svc, masq, cfg, ct, now, x);
 	return flow4_reply(p, cfg, now, x);
 }
 
@@ -238,10 +241,13 @@ static __always_inline int flow4_record(const struct pkt4 *p, const struct lb4_c
 		x->sport = snat_port;
 		stat_inc(LB_STAT_SNAT_NEW);
 	}
-	/* With no entry yet, insert exclusively: when the first packets of a
-	 * flow race on two CPUs, the loser follows the winner's choice. */
+	/* The flow this one replaces stops counting for lc.  With no entry
+	 * yet, insert exclusively: when the first packets of a flow race on two
+	 * CPUs, the loser follows the winner's choice. */
+	if (x->ct)
+		lb_conn_close(x->ct);
 	rc = ct4_create(p, be, x->backend_id, x->frontend_id, now, x->ct == NULL, snat_addr,
-			snat_port);
+			snat_port, x->ct_flags);
 	if (rc == CT_LOST_RACE) {
 		if (snat_addr)
 			nat4_unbind(be, snat_addr, snat_port, p->proto);
@@ -269,12 +275,16 @@ static __always_inline int flow4_commit(const struct pkt4 *p, const struct lb4_c
 	if (!ct)
 		return FLOW_PASS;
 	if (verdict == FLOW_RESTART) {
-		ct->flags = 0;
+		ct->flags &= CT_F_LC | CT_F_AFFINITY;
 		ct->created_ns = now;
 		ct->last_seen_ns = now;
+		/* The new connection counts for lc unless the old one still did. */
+		if ((ct->flags & CT_F_LC) && !ct->open && !__sync_fetch_and_or(&ct->open, 1))
+			lb_conn_open(ct->backend_id);
 		return FLOW_FOLLOW;
 	}
-	ct_touch(ct, p, now);
+	if (ct_touch(ct, p, now) && verdict == FLOW_FOLLOW && (ct->flags & CT_F_AFFINITY))
+		lb4_affinity_touch(ct, p->saddr, now);
 	if (verdict == FLOW_REPLY && !(ct->flags & CT_F_SEEN_REPLY))
 		ct->flags |= CT_F_SEEN_REPLY;
 	if (verdict == FLOW_FOLLOW && (ct->flags & CT_F_UNCOUNTED)) {

@@ -13,38 +13,93 @@ static __always_inline struct lb_service *lb4_lookup(const struct pkt4 *p, __u8 
 	return lb4_services.lookup(&k);
 }
 
-/* Pick a backend among slots 1..count.  Slots are written before the count
- * is raised and the last slot is copied into a hole before the count is
- * lowered, so a slot inside the count always names a live backend; a slot
- * beyond it (a reader that saw the old count) falls back to slot 1. */
+/* The backend of the frontend's scheduler for p.  Slots are written before
+ * the count is raised and the last slot is copied into a hole before the
+ * count is lowered, so a slot inside the count always names a live backend,
+ * and table rows name only backends that are live; a reader that saw an old
+ * count or row falls back to slot 1, which is live while the count is. */
 static __always_inline struct lb4_backend *lb4_select(const struct lb_service *svc,
+						     const struct pkt4 *p, __u32 *backend_id)
+{
+	struct lb4_backend *be;
+	__u32 id;
+
+	if (svc->count == 0)
+		return NULL;
+	id = lb_schedule(svc, p);
+	if (id) {
+		be = lb4_backends.lookup(&id);
+		if (be) {
+			*backend_id = id;
+			return be;
+		}
+	}
+	id = lb_slot_backend(svc->frontend_id, 1);
+	if (!id)
+		return NULL;
+	*backend_id = id;
+	return lb4_backends.lookup(&id);
+}
+
+static __always_inline int lb_is_member(__u32 frontend_id, __u32 backend_id)
+{
+	struct lb_member_key k = {};
+
+	k.frontend_id = frontend_id;
+	k.backend_id = backend_id;
+	return lb_members.lookup(&k) != NULL;
+}
+
+/* sessionAffinity ClientIP: the backend the client's last flows went to,
+ * while it is still in the frontend and the timeout has not passed since
+ * the client's last traffic; then the scheduler's choice, remembered. */
+static __always_inline struct lb4_backend *lb4_choose(const struct lb_service *svc,
+						     const struct pkt4 *p, __u64 now,
 						     __u32 *backend_id)
 {
-	struct lb_slot_key k = {};
-	struct lb_slot *slot;
-	__u16 count = svc->count;
+	struct lb4_affinity_key k = {};
+	struct lb_affinity fresh = {}, *a;
+	struct lb4_backend *be;
+	__u32 id;
 
-	if (count == 0)
-		return NULL;
+	if (!svc->affinity_s)
+		return lb4_select(svc, p, backend_id);
 	k.frontend_id = svc->frontend_id;
-	k.slot = bpf_get_prandom_u32() % count + 1;
-	slot = lb_slots.lookup(&k);
-	if (slot) {
-		struct lb4_backend *be;
-
-		*backend_id = slot->backend_id;
-		be = lb4_backends.lookup(backend_id);
-		if (be)
-			return be;
+	k.client = p->saddr;
+	a = lb4_affinity.lookup(&k);
+	if (a && now - a->last_seen_ns <= (__u64)svc->affinity_s * 1000000000ULL) {
+		id = a->backend_id;
+		if (lb_is_member(svc->frontend_id, id)) {
+			be = lb4_backends.lookup(&id);
+			if (be) {
+				a->last_seen_ns = now;
+				*backend_id = id;
+				stat_inc(LB_STAT_AFFINITY);
+				return be;
+			}
+		}
 	}
-	/* The slot or its backend went away between reading the count and
-	 * now: slot 1 is live while the count is positive. */
-	k.slot = 1;
-	slot = lb_slots.lookup(&k);
-	if (!slot)
-		return NULL;
-	*backend_id = slot->backend_id;
-	return lb4_backends.lookup(backend_id);
+	be = lb4_select(svc, p, backend_id);
+	if (be) {
+		fresh.last_seen_ns = now;
+		fresh.backend_id = *backend_id;
+		lb4_affinity.update(&k, &fresh);
+	}
+	return be;
+}
+
+/* Traffic of a flow keeps its client's affinity alive. */
+static __always_inline void lb4_affinity_touch(const struct ct4_entry *ct, __be32 client,
+					       __u64 now)
+{
+	struct lb4_affinity_key k = {};
+	struct lb_affinity *a;
+
+	k.frontend_id = ct->frontend_id;
+	k.client = client;
+	a = lb4_affinity.lookup(&k);
+	if (a && a->backend_id == ct->backend_id)
+		a->last_seen_ns = now;
 }
 
 /* Is the backend a flow was pinned to still part of its frontend, at the
@@ -52,13 +107,10 @@ static __always_inline struct lb4_backend *lb4_select(const struct lb_service *s
  * agent restart.) */
 static __always_inline struct lb4_backend *lb4_backend_member(const struct ct4_entry *e)
 {
-	struct lb_member_key k = {};
 	struct lb4_backend *be;
 	__u32 id = e->backend_id;
 
-	k.frontend_id = e->frontend_id;
-	k.backend_id = id;
-	if (!lb_members.lookup(&k))
+	if (!lb_is_member(e->frontend_id, id))
 		return NULL;
 	be = lb4_backends.lookup(&id);
 	if (!be || be->addr != e->nat_addr || be->port != e->nat_port)

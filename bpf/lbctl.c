@@ -21,6 +21,7 @@
 #include "lbctl.h"
 #include "maps.h"
 #include "packet.h"
+#include "sched.h"
 #include "conntrack.h"
 #include "lb.h"
 #include "forward.h"

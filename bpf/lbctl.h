@@ -30,6 +30,19 @@
 #define LB_SVC_F_DROP_EMPTY 16   /* no backend here but some elsewhere: drop
 				  * new flows silently instead of rejecting */
 
+/* lb_service.sched: how a new flow picks its backend (bpf/sched.h). */
+#define LB_SCHED_RANDOM 0 /* a random slot: kube-proxy's behaviour */
+#define LB_SCHED_RR 1     /* the slots in turn (lb_rr holds the frontend's turn) */
+#define LB_SCHED_WRR 2    /* the frontend's lb_tables row in turn: the row is a
+			   * weighted interleave of its backends */
+#define LB_SCHED_MAGLEV 3 /* row[hash(5-tuple) % len]: a Maglev table */
+#define LB_SCHED_SH 4     /* row[hash(source address) % len]: a Maglev table */
+#define LB_SCHED_LC 5     /* the slot with the fewest open flows (lb_conns) */
+
+/* The seed of the flow hashes (LB_SCHED_MAGLEV, LB_SCHED_SH).  Every node
+ * must use the same one, so they pick the same backend for the same flow. */
+#define LB_HASH_SEED 0x6c62636c
+
 /* lb_backend.flags: the endpoint conditions of EndpointSlice v1. */
 #define LB_BACKEND_F_READY 1
 #define LB_BACKEND_F_SERVING 2
@@ -45,6 +58,10 @@
 #define CT_F_UNCOUNTED 4 /* recorded by XDP, whose first packet XDP left to tc:
 			  * the program that translates a packet of it first
 			  * counts the new flow */
+#define CT_F_LC 8        /* its frontend schedules by least connections: the
+			  * flow is counted in lb_conns while ct4_entry.open */
+#define CT_F_AFFINITY 16 /* its frontend has ClientIP affinity: traffic of the
+			  * flow keeps the client's lb4_affinity entry alive */
 
 /* Indexes of lb_stats: one counter per verdict of the programs.  A packet XDP
  * forwards counts its verdict (new_flows, established, ...) and
@@ -73,7 +90,8 @@
 #define LB_STAT_XDP_TO_TC 18        /* XDP left a balanced packet to tc, untouched: no
 				     * neighbour yet, local destination, TTL 1, MTU,
 				     * forwarding off, a reject to send */
-#define LB_STAT_MAX 19
+#define LB_STAT_AFFINITY 19       /* a new flow went to its client's affinity backend */
+#define LB_STAT_MAX 20
 
 /* lb4_config.flags */
 #define LB_CFG_F_MASQ_ALL 1   /* masquerade every balanced flow */
@@ -122,6 +140,37 @@ struct lb_service {
 	__u32 frontend_id; /* key of lb_slots and lb_frontend_meta */
 	__u16 count;       /* slots 1..count of lb_slots are live */
 	__u16 flags;       /* LB_SVC_F_* */
+	__u8 sched;        /* LB_SCHED_* */
+	__u8 pad;
+	__u16 table;       /* wrr, maglev, sh: the frontend's row of lb_tables,
+			    * from 1 (0: none) */
+	__u32 table_len;   /* entries 0..table_len-1 of the row are live */
+	__u32 affinity_s;  /* sessionAffinity ClientIP timeout (0: no affinity) */
+};
+
+/* lb_tables (array): row r (from 1), entry i is element
+ * (r - 1) * LBCTL_TABLE_SIZE + i; its value is a backend id.  Entries are
+ * rewritten in place, a backend being added before the entries naming it
+ * and removed after, so every live entry names a live backend. */
+
+/* lb4_affinity (LRU): (frontend, client) -> the backend its flows go to. */
+struct lb4_affinity_key {
+	__u32 frontend_id;
+	__be32 client;
+};
+
+struct lb_affinity {
+	__u64 last_seen_ns;
+	__u32 backend_id;
+	__u32 pad;
+};
+
+/* lb_conns: backend id -> flows of least-connection frontends, counted by
+ * the programs (atomically).  Open flows = opened - closed - the agent's
+ * lb_conns_expired count (flows that timed out without a FIN or RST). */
+struct lb_conns {
+	__u64 opened;
+	__u64 closed;
 };
 
 /* lb_slots: (frontend, slot) -> backend id.  Slot numbers start at 1. */
@@ -191,6 +240,9 @@ struct ct4_entry {
 	__be32 snat_addr;   /* forward: the source the flow leaves with (0: none) */
 	__be16 snat_port;
 	__u16 pad2;
+	__u64 open;         /* CT_F_LC: 1 while the flow counts in lb_conns; taken
+			     * back to 0 atomically by whoever closes it (64 bits:
+			     * the atomics that return a value need them) */
 };
 
 /* nat4: the NAT table, one entry per masqueraded flow.  Its key is the

@@ -5,7 +5,7 @@
  * translated at the socket instead, before a packet exists:
  *
  *   connect4     TCP connect() and UDP connect() to a frontend go to a
- *                backend chosen like tc chooses one (lb4_select); a
+ *                backend chosen like tc chooses one (lb4_choose); a
  *                frontend without backends fails the call at once
  *   sendmsg4     the same for each unconnected UDP sendto()
  *   recvmsg4     a UDP datagram from a backend the socket was sent to reads
@@ -68,6 +68,7 @@ static __always_inline int sock4_forward(struct bpf_sock_addr *ctx)
 	struct sock4_rev rev = {};
 	struct lb_service *svc;
 	struct lb4_backend *be;
+	struct lb4_config *cfg;
 	__u32 backend_id = 0;
 
 	if (!sock4_on_node(ctx))
@@ -76,7 +77,11 @@ static __always_inline int sock4_forward(struct bpf_sock_addr *ctx)
 	if (!svc)
 		return SOCK_ALLOW; /* not a service address: untouched */
 
-	be = lb4_select(svc, &backend_id);
+	/* The hashes and ClientIP affinity see the node's address as the
+	 * client (the source port is not chosen yet). */
+	cfg = lb4_settings();
+	p.saddr = cfg ? cfg->snat_addr : 0;
+	be = lb4_choose(svc, &p, bpf_ktime_get_ns(), &backend_id);
 	if (!be) {
 		/* kube-proxy rejects a Service without endpoints, which a local
 		 * caller sees as ECONNREFUSED; a frontend whose backends are all

@@ -31,6 +31,23 @@ BPF_TABLE_PINNED7("lpm_trie", struct lb4_range_key, __u32, lb4_source_ranges,
 		  LBCTL_MAX_SOURCE_RANGES, LBCTL_PIN(lb4_source_ranges), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct sock4_rev_key, struct sock4_rev, sock4_rev,
 		 LBCTL_SOCK_REV_SIZE, LBCTL_PIN(sock4_rev));
+BPF_TABLE_PINNED("array", __u32, __u32, lb_tables, LBCTL_TABLES * LBCTL_TABLE_SIZE,
+		 LBCTL_PIN(lb_tables));
+BPF_TABLE_PINNED("hash", __u32, __u64, lb_rr, LBCTL_MAX_SERVICES, LBCTL_PIN(lb_rr));
+BPF_TABLE_PINNED("lru_hash", struct lb4_affinity_key, struct lb_affinity, lb4_affinity,
+		 LBCTL_AFFINITY_SIZE, LBCTL_PIN(lb4_affinity));
+BPF_TABLE_PINNED("hash", __u32, struct lb_conns, lb_conns, LBCTL_MAX_BACKENDS,
+		 LBCTL_PIN(lb_conns));
+BPF_TABLE_PINNED("hash", __u32, __u64, lb_conns_expired, LBCTL_MAX_BACKENDS,
+		 LBCTL_PIN(lb_conns_expired));
+
+/* Scratch space of the lc scan (sched.h), one per CPU; not pinned. */
+struct lc_scan {
+	__s64 best;
+	__u32 best_id;
+	__u32 pad;
+};
+BPF_TABLE("percpu_array", __u32, struct lc_scan, lb_lc_scan, 1);
 
 static __always_inline void stat_inc(__u32 idx)
 {

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lbctl.datapath import ctgc, layout, nodeconf
-from lbctl.datapath.entries import describe_flags, flags_backend
+from lbctl.datapath.entries import SCHED_NAMES, describe_flags, flags_backend
 from lbctl.datapath.maps import Maps
 from lbctl.model import Protocol
 from lbctl.plan import SCOPE_NAMES
@@ -32,6 +32,7 @@ STAT_NAMES = {
     "LB_STAT_XDP_REDIRECT": "xdp_redirected",
     "LB_STAT_XDP_PASS": "xdp_passed",
     "LB_STAT_XDP_TO_TC": "xdp_to_tc",
+    "LB_STAT_AFFINITY": "affinity_followed",
 }
 
 
@@ -51,6 +52,15 @@ def read_counters(maps: Maps) -> dict[str, int]:
     return out
 
 
+def open_flows(maps: Maps) -> dict[int, int]:
+    """Flows of least-connection frontends open per backend id: what lc compares."""
+    expired = {int(k[0]): int(v[0]) for k, v in maps.lb_conns_expired.items()}
+    return {
+        int(k[0]): max(0, int(v.opened) - int(v.closed) - expired.get(int(k[0]), 0))
+        for k, v in maps.lb_conns.items()
+    }
+
+
 def read(pin_dir: Path) -> dict[str, Any]:
     """Everything the datapath's maps hold, as plain data."""
     maps = Maps.open_pinned(pin_dir)
@@ -58,6 +68,7 @@ def read(pin_dir: Path) -> dict[str, Any]:
         backends = {int(k[0]): v for k, v in maps.lb4_backends.items()}
         metas = {int(k[0]): v for k, v in maps.lb_frontend_meta.items()}
         slots = {(k.frontend_id, k.slot): v.backend_id for k, v in maps.lb_slots.items()}
+        conns = open_flows(maps)
         ranges: dict[tuple[int, int, int], list[str]] = {}
         for k, _ in maps.lb4_source_ranges.items():
             network = f"{layout.ip4_str(k.saddr)}/{k.prefixlen - 64}"
@@ -81,6 +92,8 @@ def read(pin_dir: Path) -> dict[str, Any]:
                         "state": _state(be.flags),
                     }
                 )
+                if ident in conns:
+                    rows[-1]["open_flows"] = conns[ident]
             frontends.append(
                 {
                     "service": f"{layout.c_string(meta.namespace)}/{layout.c_string(meta.name)}"
@@ -95,6 +108,9 @@ def read(pin_dir: Path) -> dict[str, Any]:
                     "flags": describe_flags(svc.flags),
                     "source_ranges": ranges.get((key.addr, key.port, key.proto), []),
                     "frontend_id": svc.frontend_id,
+                    "scheduler": SCHED_NAMES.get(svc.sched, str(svc.sched)),
+                    "affinity_timeout_s": svc.affinity_s,
+                    "table": {"row": svc.table, "entries": svc.table_len} if svc.table else None,
                     "backends": rows,
                 }
             )
@@ -105,8 +121,12 @@ def read(pin_dir: Path) -> dict[str, Any]:
         fill = {
             name: {"entries": len(m), "capacity": m.max_entries}
             for name, m in maps.all().items()
-            if name != "lb_stats"
+            if name not in ("lb_stats", "lb_tables")
         }
+        # lb_tables is an array (walking its keys would take a million
+        # lookups): its fill is the entries the frontends' rows use
+        used = {svc.table: svc.table_len for _, svc in maps.lb4_services.items() if svc.table}
+        fill["lb_tables"] = {"entries": sum(used.values()), "capacity": maps.lb_tables.max_entries}
         return {
             "frontends": frontends,
             "node": nodeconf.read(maps),
@@ -136,20 +156,35 @@ class _Table:
 
 def render_table(data: dict[str, Any]) -> str:
     services = _Table(
-        ["SERVICE", "PORT", "KIND", "FRONTEND", "PROTO", "FLAGS", "SLOT", "BACKEND", "STATE"]
+        [
+            "SERVICE",
+            "PORT",
+            "KIND",
+            "FRONTEND",
+            "PROTO",
+            "SCHED",
+            "FLAGS",
+            "SLOT",
+            "BACKEND",
+            "STATE",
+            "OPEN",
+        ]
     )
     for fe in data["frontends"]:
         first = [fe["service"], fe["port_name"] or "-", fe["kind"] or "-"]
-        first += [f"{fe['address']}:{fe['port']}", fe["protocol"]]
+        first += [f"{fe['address']}:{fe['port']}", fe["protocol"], fe["scheduler"]]
         flags = [f"scope={fe['scope']}"] if fe["scope"] else []
         flags += fe["flags"] + [f"from={','.join(fe['source_ranges'])}"] * bool(fe["source_ranges"])
+        if fe["affinity_timeout_s"]:
+            flags.append(f"affinity={fe['affinity_timeout_s']}s")
         first.append(" ".join(flags) or "-")
         if not fe["backends"]:
-            services.rows.append([*first, "-", "(no backends)", ""])
+            services.rows.append([*first, "-", "(no backends)", "", ""])
         for i, be in enumerate(fe["backends"]):
             lead = first if i == 0 else [""] * len(first)
             target = "(missing)" if be.get("missing") else f"{be['address']}:{be['port']}"
-            services.rows.append([*lead, str(be["slot"]), target, be.get("state", "")])
+            opened = str(be["open_flows"]) if "open_flows" in be else "-"
+            services.rows.append([*lead, str(be["slot"]), target, be.get("state", ""), opened])
     maps = _Table(["MAP", "ENTRIES", "CAPACITY"])
     for name, fill in data["maps"].items():
         maps.rows.append([name, str(fill["entries"]), str(fill["capacity"])])

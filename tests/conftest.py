@@ -7,6 +7,7 @@ made, and the session ends by checking that nothing was left behind.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -46,14 +47,15 @@ def pin_dir() -> Iterator[Path]:
         remove_pins(path)
 
 
-@pytest.fixture(scope="session")
-def datapath() -> Iterator[BpfDatapath]:
-    """One compiled datapath for the session's map and BPF_PROG_TEST_RUN tests.
-
-    It is attached nowhere; tests call `reset_datapath` to start from empty maps.
-    """
-    path = BPFFS / f"{PIN_PREFIX}session"
-    dp = BpfDatapath(BpfSettings(pin_dir=path))
+@contextlib.contextmanager
+def compiled_datapath(name: str) -> Iterator[BpfDatapath]:
+    """A compiled datapath attached nowhere, its maps pinned under a test directory."""
+    path = BPFFS / f"{PIN_PREFIX}{name}"
+    try:
+        dp = BpfDatapath(BpfSettings(pin_dir=path))
+    except BaseException:
+        remove_pins(path)  # a program that fails to load leaves its maps pinned
+        raise
     try:
         yield dp
     finally:
@@ -61,12 +63,22 @@ def datapath() -> Iterator[BpfDatapath]:
         remove_pins(path)
 
 
+@pytest.fixture(scope="session")
+def datapath() -> Iterator[BpfDatapath]:
+    """One compiled datapath for the session's map and BPF_PROG_TEST_RUN tests.
+
+    It is attached nowhere; tests call `reset_datapath` to start from empty maps.
+    """
+    with compiled_datapath("session") as dp:
+        yield dp
+
+
 def reset_datapath(dp: BpfDatapath) -> None:
     from lbctl.datapath.nodeconf import NodeConfig
 
     dp.reconcile({})
     dp.configure(NodeConfig())
-    for bpf_map in (dp.maps.ct4, dp.maps.nat4):
+    for bpf_map in (dp.maps.ct4, dp.maps.nat4, dp.maps.lb4_affinity):
         for key in list(bpf_map.keys()):
             bpf_map.delete(key)
 

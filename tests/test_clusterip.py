@@ -235,12 +235,15 @@ def test_maps_dump_shows_services_and_backends(env: Env) -> None:
         "KIND",
         "FRONTEND",
         "PROTO",
+        "SCHED",
         "FLAGS",
         "SLOT",
         "BACKEND",
         "STATE",
+        "OPEN",
     ]
-    assert first.split()[:6] == ["test/web", "dns", "ClusterIP", f"{VIP}:53", "UDP", "-"]
+    assert first.split()[:7] == ["test/web", "dns", "ClusterIP", f"{VIP}:53", "UDP", "random", "-"]
+    assert (http["scheduler"], http["affinity_timeout_s"], http["table"]) == ("random", 0, None)
 
 
 def test_new_interfaces_are_attached_and_cleanup_detaches(env: Env) -> None:

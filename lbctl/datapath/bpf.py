@@ -97,7 +97,7 @@ class BpfDatapath:
         except DatapathError:
             self.close()
             raise
-        self.table = FrontendTable(self.maps)
+        self.table = FrontendTable(self.maps, self.settings.table_size)
         self.table.adopt()
         self.ranges = SourceRangeTable(self.maps)
         self.ranges.adopt()
@@ -116,6 +116,15 @@ class BpfDatapath:
                     f"run `lbctl cleanup --bpffs {s.pin_dir}` first (established connections "
                     "through the old maps are lost), or keep the old size"
                 )
+        have = self.maps.lb_tables.max_entries
+        if have != s.max_tables * s.table_size:
+            raise DatapathError(
+                f"map lb_tables is pinned under {s.pin_dir} with {have} entries but "
+                f"--max-tables {s.max_tables} x --table-size {s.table_size} asks for "
+                f"{s.max_tables * s.table_size}; a pinned map cannot be resized: run "
+                f"`lbctl cleanup --bpffs {s.pin_dir}` first (established connections through "
+                "the old maps are lost), or keep the old sizes"
+            )
 
     # -- hooks ------------------------------------------------------------------
 
@@ -206,10 +215,16 @@ class BpfDatapath:
     # -- maps -----------------------------------------------------------------------
 
     def collect_garbage(self) -> None:
-        """Delete conntrack and NAT entries of flows that timed out."""
-        swept = ctgc.sweep(self.maps, self.settings)
-        if swept.conntrack or swept.nat:
-            log.debug("swept %d conntrack and %d NAT entries", swept.conntrack, swept.nat)
+        """Delete conntrack and NAT entries of flows that timed out, and
+        affinity entries past their timeout or of backends that left."""
+        swept = ctgc.sweep(self.maps, self.settings, affinity=self.table.affinities())
+        if swept.conntrack or swept.nat or swept.affinity:
+            log.debug(
+                "swept %d conntrack, %d NAT and %d affinity entries",
+                swept.conntrack,
+                swept.nat,
+                swept.affinity,
+            )
 
     def configure(self, conf: NodeConfig) -> None:
         """The node's address, NAT ports and cluster CIDRs."""

@@ -1,4 +1,4 @@
-"""Conntrack and NAT garbage collection.
+"""Conntrack, NAT and session-affinity garbage collection.
 
 The programs judge a flow alive by its forward entry's last_seen and the
 timeouts of BpfSettings; a dead entry is ignored by them at once, but stays
@@ -6,12 +6,18 @@ in its LRU map until evicted.  This sweep deletes them, so the maps' fill
 (in `lbctl maps dump` and the metrics) counts live flows and a NAT port is
 free again for sure.  Reverse and NAT entries live and die with their
 forward twin.
+
+A dead flow that still counted for least connections (CT_F_LC, open) is
+counted in lb_conns_expired as it goes: the programs close flows that end
+with a FIN or RST, the sweep those that just stop.  Affinity entries go
+when their timeout has passed or their backend left the frontend.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from lbctl.datapath import layout
@@ -21,6 +27,7 @@ from lbctl.datapath.settings import SECOND_NS, BpfSettings
 _FORWARD = layout.const("CT_DIR_FORWARD")
 _F_SEEN_REPLY = layout.const("CT_F_SEEN_REPLY")
 _F_CLOSING = layout.const("CT_F_CLOSING")
+_F_LC = layout.const("CT_F_LC")
 _TCP = 6
 
 
@@ -44,6 +51,15 @@ def lifetime_s(settings: BpfSettings, proto: int, flags: int) -> int:
 class Swept:
     conntrack: int = 0
     nat: int = 0
+    affinity: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Affinity:
+    """What the sweep needs of a frontend with ClientIP affinity."""
+
+    timeout_s: int
+    backend_ids: frozenset[int]
 
 
 Tuple = tuple[int, int, int, int, int]  # saddr, daddr, sport, dport, proto (raw fields)
@@ -53,12 +69,19 @@ def _alive(settings: BpfSettings, key: Any, e: Any, now: int) -> bool:
     return bool(now - e.last_seen_ns <= lifetime_s(settings, key.proto, e.flags) * SECOND_NS)
 
 
-def sweep(maps: Maps, settings: BpfSettings, now: int | None = None) -> Swept:
-    """Delete dead flows' entries; one pass over ct4 and nat4."""
+def sweep(
+    maps: Maps,
+    settings: BpfSettings,
+    now: int | None = None,
+    affinity: Mapping[int, Affinity] | None = None,
+) -> Swept:
+    """Delete dead flows' entries; one pass over ct4 and nat4 (and lb4_affinity,
+    given the frontends with affinity by id)."""
     now = now_ns() if now is None else now
     out = Swept()
     forward: dict[Tuple, Any] = {}
     reverse, dead = [], []
+    expired: dict[int, int] = {}
     # Read everything first: deleting while walking restarts the kernel's walk.
     for key, e in maps.ct4.items():
         if key.dir != _FORWARD:
@@ -67,6 +90,9 @@ def sweep(maps: Maps, settings: BpfSettings, now: int | None = None) -> Swept:
             forward[(key.saddr, key.daddr, key.sport, key.dport, key.proto)] = e
         else:
             dead.append(key)
+            if e.flags & _F_LC and e.open:
+                expired[e.backend_id] = expired.get(e.backend_id, 0) + 1
+    _count_expired(maps, expired)
     for key, e in reverse:
         fwd = forward.get((key.daddr, e.nat_addr, key.dport, e.nat_port, key.proto))
         if fwd is None or fwd.snat_addr or (fwd.nat_addr, fwd.nat_port) != (key.saddr, key.sport):
@@ -79,7 +105,36 @@ def sweep(maps: Maps, settings: BpfSettings, now: int | None = None) -> Swept:
         if fwd is None or (fwd.snat_addr, fwd.snat_port, fwd.nat_addr, fwd.nat_port) != bound:
             unbound.append(key)
     out.nat = sum(bool(maps.nat4.delete(key)) for key in unbound)
+    if affinity is not None:
+        out.affinity = _sweep_affinity(maps, affinity, now)
     return out
+
+
+def _count_expired(maps: Maps, expired: Mapping[int, int]) -> None:
+    """Add flows that stopped counting to lb_conns_expired (the agent is its
+    only writer, so a read-modify-write is safe)."""
+    key = layout.ffi.new("__u32 *")
+    value = layout.ffi.new("__u64 *")
+    for backend_id, n in expired.items():
+        key[0] = backend_id
+        if maps.lb_conns.lookup(key) is None:
+            continue  # the backend is gone, and its counts with it
+        old = maps.lb_conns_expired.lookup(key)
+        value[0] = (int(old[0]) if old is not None else 0) + n
+        maps.lb_conns_expired.update(key, value)
+
+
+def _sweep_affinity(maps: Maps, frontends: Mapping[int, Affinity], now: int) -> int:
+    gone = []
+    for key, a in maps.lb4_affinity.items():
+        fe = frontends.get(key.frontend_id)
+        if (
+            fe is None
+            or a.backend_id not in fe.backend_ids
+            or now - a.last_seen_ns > fe.timeout_s * SECOND_NS
+        ):
+            gone.append(key)
+    return sum(bool(maps.lb4_affinity.delete(key)) for key in gone)
 
 
 def flows(maps: Maps, limit: int = 1000) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from lbctl import scheduling
 from lbctl.datapath import layout
 from lbctl.datapath.libbpf import BpfMap, MapError
 from lbctl.model import Protocol, ServiceRef
@@ -33,6 +34,17 @@ _SVC_F_SOURCE_RANGES = layout.const("LB_SVC_F_SOURCE_RANGES")
 _SVC_F_DROP_EMPTY = layout.const("LB_SVC_F_DROP_EMPTY")
 
 MAX_BACKENDS_PER_FRONTEND = 0xFFFF  # lb_service.count is a __u16
+
+# lb_service.sched of each scheduler name, and back.
+SCHED_CODES = {
+    scheduling.RANDOM: layout.const("LB_SCHED_RANDOM"),
+    scheduling.RR: layout.const("LB_SCHED_RR"),
+    scheduling.WRR: layout.const("LB_SCHED_WRR"),
+    scheduling.MAGLEV: layout.const("LB_SCHED_MAGLEV"),
+    scheduling.SH: layout.const("LB_SCHED_SH"),
+    scheduling.LC: layout.const("LB_SCHED_LC"),
+}
+SCHED_NAMES = {code: name for name, code in SCHED_CODES.items()}
 
 
 def backend_flags(b: Backend) -> int:
@@ -117,6 +129,31 @@ class ProgrammedBackend:
     refs: int = 0
 
 
+# What a table row is built from: the kind of table (wrr, or maglev for both
+# maglev and sh) and the (target, weight) pairs, sorted.
+TableSpec = tuple[str, tuple[tuple[Target, int], ...]]
+
+
+def table_spec(fe: Frontend) -> TableSpec | None:
+    """What the frontend's table is built from; None when its scheduler uses none."""
+    if fe.scheduler not in scheduling.TABLE_SCHEDULERS:
+        return None
+    wrr = fe.scheduler == scheduling.WRR
+    pairs = sorted(((b.target, b.weight if wrr else 1) for b in fe.backends), key=_order)
+    return (scheduling.WRR if wrr else scheduling.MAGLEV, tuple(pairs))
+
+
+def _order(item: tuple[Target, int]) -> tuple[int, int, int, int]:
+    (address, port, protocol), _ = item
+    return (address.version, int(address), port, protocol.number)
+
+
+def backend_name(target: Target) -> str:
+    """How the Maglev permutation knows a backend: the same on every node."""
+    address, port, protocol = target
+    return f"{address}:{port}/{protocol.name}"
+
+
 @dataclasses.dataclass
 class ProgrammedFrontend:
     ident: int
@@ -125,14 +162,39 @@ class ProgrammedFrontend:
     slots: list[Target]  # slots[0] is slot 1
     flags: int = 0  # lb_service.flags
     kind: str = ""
+    sched: int = 0  # lb_service.sched
+    affinity_s: int = 0
+    table: int = 0  # lb_tables row, 0: none
+    row: list[int] = dataclasses.field(default_factory=list)  # backend ids of the row
+    spec: TableSpec | None = None  # what the row was built from (None: unknown)
+    written: tuple[int, ...] = ()  # the header last written, as header_state()
+
+    def header_state(self) -> tuple[int, ...]:
+        return (
+            len(self.slots),
+            self.flags,
+            self.sched,
+            self.table,
+            len(self.row) if self.table else 0,
+            self.affinity_s,
+        )
 
     def describes(self, fe: Frontend) -> bool:
         """Do the header and metadata say what `fe` says (backends aside)?"""
-        return (self.service, self.port_name, self.kind, self.flags) == (
+        return (
+            self.service,
+            self.port_name,
+            self.kind,
+            self.flags,
+            self.sched,
+            self.affinity_s,
+        ) == (
             fe.service,
             fe.port_name,
             fe.kind,
             frontend_flags(fe),
+            SCHED_CODES[fe.scheduler],
+            fe.affinity_timeout,
         )
 
 
@@ -170,16 +232,20 @@ def _fill_service_key(value: Any, key: FrontendKey) -> None:
     value.scope = key.scope
 
 
-def header(ident: int, count: int, flags: int) -> Any:
+def header(fe: ProgrammedFrontend) -> Any:
     value = layout.new("struct lb_service")
-    _fill_header(value, ident, count, flags)
+    _fill_header(value, fe)
     return value
 
 
-def _fill_header(value: Any, ident: int, count: int, flags: int) -> None:
-    value.frontend_id = ident
-    value.count = count
-    value.flags = flags
+def _fill_header(value: Any, fe: ProgrammedFrontend) -> None:
+    value.frontend_id = fe.ident
+    value.count = len(fe.slots)
+    value.flags = fe.flags
+    value.sched = fe.sched
+    value.table = fe.table
+    value.table_len = len(fe.row) if fe.table else 0
+    value.affinity_s = fe.affinity_s
 
 
 def slot_key(ident: int, slot: int) -> Any:
@@ -273,10 +339,10 @@ class Batch:
         key.slot = n
         self.values[i].backend_id = backend_id
 
-    def add_header(self, fkey: FrontendKey, ident: int, count: int, flags: int) -> None:
+    def add_header(self, fkey: FrontendKey, fe: ProgrammedFrontend) -> None:
         i = self._next()
         _fill_service_key(self.keys[i], fkey)
-        _fill_header(self.values[i], ident, count, flags)
+        _fill_header(self.values[i], fe)
 
     def write(self) -> None:
         try:

@@ -23,9 +23,11 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from lbctl.datapath import entries, layout
+from lbctl import scheduling
+from lbctl.datapath import ctgc, entries, layout
 from lbctl.datapath.entries import (
     MAX_BACKENDS_PER_FRONTEND,
+    SCHED_CODES,
     Batch,
     IdPool,
     ProgrammedBackend,
@@ -36,6 +38,7 @@ from lbctl.datapath.entries import (
 )
 from lbctl.datapath.libbpf import MapError
 from lbctl.datapath.maps import Maps
+from lbctl.datapath.tables import RowsExhausted, TableRows
 from lbctl.model import Protocol, ServiceRef
 from lbctl.plan import Backend, Frontend, FrontendKey
 
@@ -49,8 +52,9 @@ class DatapathError(Exception):
 class FrontendTable:
     """What the maps hold, mirrored in Python, and the only code writing them."""
 
-    def __init__(self, maps: Maps) -> None:
+    def __init__(self, maps: Maps, table_size: int = scheduling.DEFAULT_TABLE_SIZE) -> None:
         self.maps = maps
+        self.rows = TableRows(maps.lb_tables, table_size)
         self.frontends: dict[FrontendKey, ProgrammedFrontend] = {}
         self.backends: dict[Target, ProgrammedBackend] = {}
         self._frontend_ids = IdPool()
@@ -95,7 +99,15 @@ class FrontendTable:
                 clean,
                 svc.flags,
                 layout.c_string(meta.kind) if meta else "",
+                svc.sched,
+                svc.affinity_s,
             )
+            if svc.table and self.rows.adopt(svc.table):
+                # Kept as found; the first sync rebuilds it (its spec is
+                # unknown), writing only the entries that differ.
+                fe.table = svc.table
+                fe.row = self.rows.read(svc.table, svc.table_len)
+            fe.written = fe.header_state()
             self.frontends[fkey] = fe
             for target in clean:
                 self.backends[target].refs += 1
@@ -139,6 +151,16 @@ class FrontendTable:
             if be.refs <= 0:
                 del self.backends[target]
                 self._delete(self.maps.lb4_backends, entries.id_key(be.ident))
+        # Scheduler state of frontends and backends that are gone.
+        backend_ids = {be.ident for be in self.backends.values()}
+        for bpf_map, alive in (
+            (self.maps.lb_rr, live),
+            (self.maps.lb_conns, backend_ids),
+            (self.maps.lb_conns_expired, backend_ids),
+        ):
+            for key in [int(k[0]) for k in list(bpf_map.keys())]:
+                if key not in alive:
+                    self._delete(bpf_map, entries.id_key(key))
 
     # -- changes --------------------------------------------------------------
 
@@ -187,8 +209,12 @@ class FrontendTable:
         rest: list[Frontend] = []
         fresh: dict[Target, ProgrammedBackend] = {}
         for fe in fes:
-            if fe.key in self.frontends or len(fe.backends) > MAX_BACKENDS_PER_FRONTEND:
-                rest.append(fe)
+            if (
+                fe.key in self.frontends
+                or len(fe.backends) > MAX_BACKENDS_PER_FRONTEND
+                or fe.scheduler in scheduling.TABLE_SCHEDULERS
+            ):
+                rest.append(fe)  # one by one: the careful path, or a table row to fill
                 continue
             wanted = [(b.target, backend_flags(b)) for b in fe.backends]
             known = [self.backends.get(t) or fresh.get(t) for t, _ in wanted]
@@ -216,12 +242,16 @@ class FrontendTable:
         backends, metas, members, slot_batch, headers = batches
         for target, be in fresh.items():
             backends.add_backend(be.ident, target, be.flags)
+        made = []
         for (fe, uses), ident in zip(simple, idents, strict=True):
             metas.add_meta(ident, fe.service, fe.port_name, fe.kind)
             for n, (_, be) in enumerate(uses, start=1):
                 members.add_member(ident, be.ident)
                 slot_batch.add_slot(ident, n, be.ident)
-            headers.add_header(fe.key, ident, len(uses), entries.frontend_flags(fe))
+            have = self._programmed(ident, fe, [target for target, _ in uses])
+            headers.add_header(fe.key, have)
+            have.written = have.header_state()
+            made.append(have)
         try:
             for batch in batches:
                 batch.write()
@@ -236,25 +266,42 @@ class FrontendTable:
             return self.apply(fes, [])
         self.map_ops += sum(batch.count for batch in batches)
         self.backends.update(fresh)
-        for (fe, uses), ident in zip(simple, idents, strict=True):
-            targets = [target for target, _ in uses]
-            self.frontends[fe.key] = ProgrammedFrontend(
-                ident,
-                fe.service,
-                fe.port_name,
-                targets,
-                entries.frontend_flags(fe),
-                fe.kind,
-            )
+        for (fe, uses), have in zip(simple, made, strict=True):
+            self.frontends[fe.key] = have
             for _, be in uses:
                 be.refs += 1
         return self.apply(rest, [])
+
+    @staticmethod
+    def _programmed(ident: int, fe: Frontend, slots: list[Target]) -> ProgrammedFrontend:
+        return ProgrammedFrontend(
+            ident,
+            fe.service,
+            fe.port_name,
+            slots,
+            entries.frontend_flags(fe),
+            fe.kind,
+            SCHED_CODES[fe.scheduler],
+            fe.affinity_timeout,
+        )
+
+    def affinities(self) -> dict[int, ctgc.Affinity]:
+        """The frontends with ClientIP affinity, by id, for the sweep."""
+        return {
+            have.ident: ctgc.Affinity(
+                have.affinity_s, frozenset(self.backends[t].ident for t in have.slots)
+            )
+            for have in self.frontends.values()
+            if have.affinity_s
+        }
 
     def matches(self, fe: Frontend) -> bool:
         have = self.frontends.get(fe.key)
         if have is None or not have.describes(fe):
             return False
         if sorted(have.slots) != sorted(b.target for b in fe.backends):
+            return False
+        if have.spec != entries.table_spec(fe):
             return False
         return all(self.backends[b.target].flags == backend_flags(b) for b in fe.backends)
 
@@ -271,6 +318,8 @@ class FrontendTable:
             for b in fe.backends:
                 self._hold_backend(b, undo)
             self._add_slots(fe.key, have, [b.target for b in fe.backends], undo)
+            # The table names only the wanted backends before any leaves.
+            self._fill_table(fe, have, undo)
         except Exception:
             undo.run()
             raise
@@ -286,14 +335,56 @@ class FrontendTable:
             slot_of = {t: n for n, t in enumerate(have.slots, start=1)}
             for target in leaving:
                 self._remove_slot(fe.key, have, target, slot_of)
-        flags = entries.frontend_flags(fe)
-        if have.flags != flags:
-            old, have.flags = have.flags, flags
+        self._finish_header(fe, have)
+
+    def _finish_header(self, fe: Frontend, have: ProgrammedFrontend) -> None:
+        """Write the header's settings (flags, scheduler, table, affinity) if
+        they changed; a table no longer used is given up after the header
+        stops naming it."""
+        old = (have.flags, have.sched, have.affinity_s, have.table, have.row, have.spec)
+        have.flags = entries.frontend_flags(fe)
+        have.sched = SCHED_CODES[fe.scheduler]
+        have.affinity_s = fe.affinity_timeout
+        unused = have.table if entries.table_spec(fe) is None else 0
+        if unused:
+            have.table, have.row, have.spec = 0, [], None
+        if have.header_state() != have.written:
             try:
                 self._write_header(fe.key, have)
             except OSError:
-                have.flags = old
+                have.flags, have.sched, have.affinity_s, have.table, have.row, have.spec = old
                 raise
+        if unused:
+            self.rows.release(unused)
+
+    def _fill_table(self, fe: Frontend, have: ProgrammedFrontend, undo: Undo) -> None:
+        """Build the frontend's wrr or Maglev table and write the entries that
+        change (all of them in a row just taken).  The backends are held."""
+        spec = entries.table_spec(fe)
+        if spec is None or (have.table and have.spec == spec):
+            return
+        if not have.table:
+            try:
+                have.table = self.rows.take()
+            except RowsExhausted as err:
+                raise DatapathError(str(err)) from err
+            have.row, have.spec = [], None
+            row = have.table
+
+            def give_back() -> None:
+                have.table, have.row, have.spec = 0, [], None
+                self.rows.release(row)
+
+            undo.push(give_back)
+        kind, pairs = spec
+        order = [entries.backend_name(target) for target, _ in pairs]
+        picks = scheduling.build_table(
+            kind, list(zip(order, (w for _, w in pairs), strict=True)), self.rows.size
+        )
+        ids = [self.backends[target].ident for target, _ in pairs]
+        new = [ids[i] for i in picks]
+        self.map_ops += self.rows.write(have.table, have.row, new)
+        have.row, have.spec = new, spec
 
     def remove(self, key: FrontendKey) -> None:
         have = self.frontends.get(key)
@@ -301,6 +392,10 @@ class FrontendTable:
             return
         self._delete(self.maps.lb4_services, entries.service_key(key))
         del self.frontends[key]  # only now: a failed delete is retried as stale
+        if have.table:
+            self.rows.release(have.table)
+        if self.maps.lb_rr.delete(entries.id_key(have.ident)):
+            self.map_ops += 1
         for n in range(len(have.slots), 0, -1):
             self._delete_slot(have.ident, n)
         for target in have.slots:
@@ -314,9 +409,7 @@ class FrontendTable:
 
     def _create(self, fe: Frontend) -> None:
         ident = self._frontend_ids.take()
-        have = ProgrammedFrontend(
-            ident, fe.service, fe.port_name, [], entries.frontend_flags(fe), fe.kind
-        )
+        have = self._programmed(ident, fe, [])
         undo = Undo()
         undo.push(lambda: self._frontend_ids.release(ident))
         try:
@@ -330,6 +423,7 @@ class FrontendTable:
                 self._write_slot(ident, n, b.target)
                 undo.push(functools.partial(self._delete_slot, ident, n))
             have.slots = [b.target for b in fe.backends]
+            self._fill_table(fe, have, undo)
             self._write_header(fe.key, have)  # the frontend becomes visible here
         except Exception:
             undo.run()
@@ -413,6 +507,7 @@ class FrontendTable:
         if have.refs <= 0:
             del self.backends[target]
             self._delete(self.maps.lb4_backends, entries.id_key(have.ident))
+            self._forget_counts(have.ident)
             self._backend_ids.release(have.ident)
 
     # -- map entries ------------------------------------------------------------
@@ -441,8 +536,15 @@ class FrontendTable:
         self._write(self.maps.lb_slots, entries.slot_key(ident, n), value)
 
     def _write_header(self, key: FrontendKey, have: ProgrammedFrontend) -> None:
-        value = entries.header(have.ident, len(have.slots), have.flags)
-        self._write(self.maps.lb4_services, entries.service_key(key), value)
+        self._write(self.maps.lb4_services, entries.service_key(key), entries.header(have))
+        have.written = have.header_state()
+
+    def _forget_counts(self, backend_id: int) -> None:
+        """A backend gone: its lc counts go too (ids are not reused)."""
+        key = entries.id_key(backend_id)
+        for counts in (self.maps.lb_conns, self.maps.lb_conns_expired):
+            if counts.delete(key):
+                self.map_ops += 1
 
     def _write_meta(self, ident: int, ref: ServiceRef, port_name: str, kind: str) -> None:
         value = entries.meta(ref, port_name, kind)

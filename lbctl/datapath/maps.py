@@ -26,6 +26,11 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb4_cluster_cidrs": ("struct lb4_cidr_key", "__u32"),
     "lb4_source_ranges": ("struct lb4_range_key", "__u32"),
     "sock4_rev": ("struct sock4_rev_key", "struct sock4_rev"),
+    "lb_tables": ("__u32", "__u32"),
+    "lb_rr": ("__u32", "__u64"),
+    "lb4_affinity": ("struct lb4_affinity_key", "struct lb_affinity"),
+    "lb_conns": ("__u32", "struct lb_conns"),
+    "lb_conns_expired": ("__u32", "__u64"),
 }
 
 # What sizes each map: the BpfSettings field, and the `lbctl run` flag that
@@ -39,6 +44,10 @@ MAP_SIZES: dict[str, tuple[str, str]] = {
     "ct4": ("ct_size", "--conntrack-size"),
     "nat4": ("nat_size", "--nat-size"),
     "lb4_source_ranges": ("max_source_ranges", "--max-source-ranges"),
+    "lb4_affinity": ("affinity_size", "--affinity-size"),
+    "lb_rr": ("max_services", "--max-services"),
+    "lb_conns": ("max_backends", "--max-backends"),
+    "lb_conns_expired": ("max_backends", "--max-backends"),
 }
 SIZE_FLAGS: dict[str, str] = {name: flag for name, (_, flag) in MAP_SIZES.items()}
 
@@ -57,6 +66,11 @@ class Maps:
     lb4_cluster_cidrs: BpfMap
     lb4_source_ranges: BpfMap
     sock4_rev: BpfMap
+    lb_tables: BpfMap
+    lb_rr: BpfMap
+    lb4_affinity: BpfMap
+    lb_conns: BpfMap
+    lb_conns_expired: BpfMap
 
     @classmethod
     def from_fds(cls, fd_of: Callable[[str], int], owns_fds: bool = False) -> Maps:

@@ -41,6 +41,10 @@ class BpfSettings:
     max_source_ranges: int = 16384
     max_cluster_cidrs: int = 64
     sock_rev_size: int = 65536
+    affinity_size: int = 65536
+    table_size: int = 16381  # entries of a Maglev/wrr row: a prime
+    max_tables: int = 64  # rows of lb_tables: frontends using wrr, maglev or sh
+    lc_scan: int = 32  # slots an lc pick compares at most
     ct_tcp_timeout_s: int = 86400
     ct_tcp_syn_timeout_s: int = 60
     ct_tcp_closing_timeout_s: int = 10
@@ -59,6 +63,10 @@ class BpfSettings:
             "LBCTL_MAX_SOURCE_RANGES": self.max_source_ranges,
             "LBCTL_MAX_CLUSTER_CIDRS": self.max_cluster_cidrs,
             "LBCTL_SOCK_REV_SIZE": self.sock_rev_size,
+            "LBCTL_AFFINITY_SIZE": self.affinity_size,
+            "LBCTL_TABLE_SIZE": self.table_size,
+            "LBCTL_TABLES": self.max_tables,
+            "LBCTL_LC_SCAN": self.lc_scan,
             "LBCTL_CT_TCP_TIMEOUT_NS": f"{self.ct_tcp_timeout_s * SECOND_NS}ULL",
             "LBCTL_CT_TCP_SYN_TIMEOUT_NS": f"{self.ct_tcp_syn_timeout_s * SECOND_NS}ULL",
             "LBCTL_CT_TCP_CLOSING_TIMEOUT_NS": f"{self.ct_tcp_closing_timeout_s * SECOND_NS}ULL",
