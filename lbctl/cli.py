@@ -116,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
         ("--conntrack-size", "ct_size", "conntrack entries (two per flow)"),
         ("--nat-size", "nat_size", "NAT entries (one per masqueraded flow)"),
         ("--max-source-ranges", "max_source_ranges", "loadBalancerSourceRanges entries"),
+        ("--affinity-size", "affinity_size", "sessionAffinity ClientIP entries"),
+        ("--table-size", "table_size", "entries of one wrr/maglev/sh table (a prime)"),
+        ("--max-tables", "max_tables", "tables (frontends scheduled by wrr, maglev or sh)"),
     ):
         run.add_argument(
             flag,
@@ -269,6 +272,9 @@ def _run(args: argparse.Namespace) -> int:
                 "ct_size",
                 "nat_size",
                 "max_source_ranges",
+                "affinity_size",
+                "table_size",
+                "max_tables",
                 "cluster_cidrs",
                 "node_port_addresses",
                 "localhost_nodeports",

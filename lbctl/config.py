@@ -21,6 +21,7 @@ from lbctl.datapath.nodeconf import DEFAULT_NAT_PORTS, NodeConfig
 from lbctl.datapath.settings import DEFAULT_PIN_DIR, BpfSettings
 from lbctl.model import IPNetwork
 from lbctl.plan import SCHEDULERS
+from lbctl.scheduling import is_prime
 
 API_VERSION = "lbctl.io/v1alpha1"
 KIND = "LbctlConfiguration"
@@ -60,6 +61,9 @@ class Config:
     sync_period_s: int = 30
     nat_size: int = _BPF.nat_size
     max_source_ranges: int = _BPF.max_source_ranges
+    affinity_size: int = _BPF.affinity_size
+    table_size: int = _BPF.table_size
+    max_tables: int = _BPF.max_tables
     cluster_cidrs: tuple[IPNetwork, ...] = ()  # pods, as kube-proxy's clusterCIDR
     node_port_addresses: tuple[IPNetwork, ...] | None = None  # None: every node address
     localhost_nodeports: bool = True
@@ -122,6 +126,9 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "syncPeriod": ("sync_period_s", "duration"),
     "capacity.natSize": ("nat_size", "size"),
     "capacity.maxSourceRanges": ("max_source_ranges", "size"),
+    "capacity.affinitySize": ("affinity_size", "size"),
+    "capacity.tableSize": ("table_size", "size"),
+    "capacity.maxTables": ("max_tables", "size"),
     "clusterCIDR": ("cluster_cidrs", "cidrs"),
     "nodePortAddresses": ("node_port_addresses", "cidrs"),
     "localhostNodePorts": ("localhost_nodeports", "bool"),
@@ -380,6 +387,15 @@ def _check_values(config: Config, source: str, merged: bool = False) -> None:
         )
     if config.xdp not in XDP_MODES:
         raise fail("xdp", f"unknown XDP mode {config.xdp!r}; set xdp: off, generic or native")
+    if not is_prime(config.table_size):
+        raise fail(
+            "capacity.tableSize",
+            f"{config.table_size} is not a prime; a Maglev table needs a prime size, "
+            "such as 16381, 32749 or 65521 (at least 100 times the most backends a "
+            "maglev or sh Service will have)",
+        )
+    if config.max_tables > 0xFFFF:
+        raise fail("capacity.maxTables", "at most 65535 table rows; set a smaller number")
     if config.scheduler not in SCHEDULERS:
         raise fail(
             "scheduler",
