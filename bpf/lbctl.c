@@ -28,6 +28,7 @@
 #include "reject.h"
 #include "nat.h"
 #include "flow.h"
+#include "icmp.h"
 #include "xdp.h"
 
 #include "lbctl_tc.c"

@@ -91,7 +91,8 @@
 				     * neighbour yet, local destination, TTL 1, MTU,
 				     * forwarding off, a reject to send */
 #define LB_STAT_AFFINITY 19       /* a new flow went to its client's affinity backend */
-#define LB_STAT_MAX 20
+#define LB_STAT_ICMP_ERROR 20       /* an ICMP error about a balanced flow, translated */
+#define LB_STAT_MAX 21
 
 /* lb4_config.flags */
 #define LB_CFG_F_MASQ_ALL 1   /* masquerade every balanced flow */

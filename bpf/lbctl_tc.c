@@ -10,7 +10,9 @@
  *      its backends are only on other nodes (externalTrafficPolicy Local);
  *   3. a reply from a backend (reverse conntrack or NAT hit, confirmed by
  *      its forward twin) is translated back so the client sees the VIP;
- *   4. everything else passes untouched.
+ *   4. an ICMP error about a balanced flow is translated like the flow
+ *      (icmp.h), so path MTU discovery works through the balancer;
+ *   5. everything else passes untouched.
  * With the XDP fast path on, packets XDP could not finish arrive here
  * untouched and are decided afresh (a flow XDP recorded is followed).
  */
@@ -42,13 +44,18 @@ int lbctl_tc_ingress(struct __sk_buff *skb)
 	__u64 now;
 	int rc;
 
+	now = bpf_ktime_get_ns();
+	cfg = lb4_settings();
 	rc = parse_ipv4(skb, &p);
 	if (rc != PARSE_OK) {
+		if (rc == PARSE_NOT_OURS) {
+			rc = icmp4_error(skb, cfg, now);
+			if (rc >= 0)
+				return rc;
+		}
 		stat_inc(rc == PARSE_FRAGMENT ? LB_STAT_PASS_FRAGMENT : LB_STAT_PASS);
 		return TC_ACT_OK;
 	}
-	now = bpf_ktime_get_ns();
-	cfg = lb4_settings();
 
 	rc = flow4_decide(&p, cfg, now, &x);
 	if (rc == FLOW_PASS) {

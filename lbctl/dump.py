@@ -33,6 +33,7 @@ STAT_NAMES = {
     "LB_STAT_XDP_PASS": "xdp_passed",
     "LB_STAT_XDP_TO_TC": "xdp_to_tc",
     "LB_STAT_AFFINITY": "affinity_followed",
+    "LB_STAT_ICMP_ERROR": "icmp_errors_translated",
 }
 
 

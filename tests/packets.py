@@ -16,6 +16,7 @@ ETH_P_ARP = 0x0806
 ETH_P_IPV6 = 0x86DD
 
 IPPROTO_ICMP = 1
+ETH_HLEN = 14
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 
@@ -313,6 +314,41 @@ def ipv4_icmp_echo(
         message,
         ttl=ttl,
         ident=ident,
+        options=b"",
+        frag_off=0,
+        more_fragments=False,
+        dont_fragment=False,
+        csum_ok=True,
+    )
+    return _eth(dst_mac, src_mac, ETH_P_IP) + ip
+
+
+def ipv4_icmp_error(
+    src: str,
+    dst: str,
+    about: bytes,
+    icmp_type: int = 3,
+    code: int = 4,
+    mtu: int = 1400,
+    *,
+    ttl: int = 64,
+    src_mac: str = SRC_MAC,
+    dst_mac: str = DST_MAC,
+) -> bytes:
+    """Ethernet + IPv4 + an ICMP error about the Ethernet frame ``about``,
+    quoting its IP header and first 8 bytes of payload (RFC 792); by default
+    "fragmentation needed" with the next hop's MTU (RFC 1191)."""
+    ihl = (about[ETH_HLEN] & 0x0F) * 4
+    quote = about[ETH_HLEN : ETH_HLEN + ihl + 8]
+    message = struct.pack("!BBHHH", icmp_type, code, 0, 0, mtu) + quote
+    message = message[:2] + struct.pack("!H", checksum(message)) + message[4:]
+    ip = _ipv4(
+        src,
+        dst,
+        IPPROTO_ICMP,
+        message,
+        ttl=ttl,
+        ident=1,
         options=b"",
         frag_off=0,
         more_fragments=False,

@@ -1,0 +1,213 @@
+/* ICMP errors about balanced flows.
+ *
+ * An ICMP error (destination unreachable, fragmentation needed, time
+ * exceeded, parameter problem) quotes the IP header and first 8 bytes of
+ * the packet that caused it (RFC 792).  When that packet was one we
+ * translated, the error goes to an address the sender never used, quoting
+ * addresses it never sent; netfilter's NAT translates such "related"
+ * errors, and path MTU discovery depends on it.  Two directions:
+ *
+ *   about a forward packet (client -> backend, maybe masqueraded), from the
+ *   backend or a router on the way: the quote becomes client -> VIP, the
+ *   error goes to the client (not the masquerade address), and an error
+ *   from the backend itself comes from the VIP;
+ *   about a reply (VIP -> client), from the client's side: the quote
+ *   becomes backend -> client (-> NAT address when masqueraded) and the
+ *   error goes to the backend.
+ *
+ * The quoted IP and UDP checksums and the ICMP checksum are kept right.
+ * Conntrack is not refreshed: an error is no traffic of the flow.
+ */
+#ifndef LBCTL_ICMP_H
+#define LBCTL_ICMP_H
+
+struct icmp4_quote {
+	struct iphdr ip;
+	__be16 sport;
+	__be16 dport;
+	__be16 w2;    /* UDP: length; TCP: sequence number, high half */
+	__be16 check; /* UDP: checksum; TCP: sequence number, low half */
+};
+
+struct icmp4_rewrite {
+	__be32 outer_saddr;
+	__be32 outer_daddr;
+	struct icmp4_quote q;
+};
+
+static __always_inline __u16 csum_fold(__u32 s)
+{
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)s;
+}
+
+static __always_inline void ip_csum_fill(struct iphdr *ip)
+{
+	__u16 *w = (__u16 *)ip;
+	__u32 s = 0;
+	int i;
+
+	ip->check = 0;
+#pragma unroll
+	for (i = 0; i < 10; i++)
+		s += w[i];
+	ip->check = ~csum_fold(s);
+}
+
+/* Point the quote (and the outer header) where the flow's sender sees it. */
+static __always_inline int icmp4_translate(const struct lb4_config *cfg, __u64 now,
+					   struct icmp4_rewrite *r)
+{
+	struct icmp4_quote *q = &r->q;
+	struct ct4_key k = {};
+	struct ct4_entry *ct, *fwd;
+	struct nat4_entry *nat;
+	__be32 backend = q->ip.daddr;
+
+	k.proto = q->ip.protocol;
+	/* About a forward packet we sent to a backend: look it up as its reply. */
+	k.saddr = q->ip.daddr;
+	k.daddr = q->ip.saddr;
+	k.sport = q->dport;
+	k.dport = q->sport;
+	k.dir = CT_DIR_REVERSE;
+	if (cfg && cfg->snat_addr && q->ip.saddr == cfg->snat_addr) {
+		nat = nat4.lookup(&k);
+		if (!nat)
+			return 0;
+		fwd = nat4_forward(nat, k.proto);
+		if (!fwd || fwd->snat_addr != q->ip.saddr || fwd->snat_port != q->sport ||
+		    fwd->nat_addr != backend || !ct_alive(fwd, k.proto, now))
+			return 0;
+		q->ip.saddr = nat->client_addr;
+		q->sport = nat->client_port;
+		q->ip.daddr = nat->vip;
+		q->dport = nat->vport;
+		r->outer_daddr = nat->client_addr;
+		if (r->outer_saddr == backend)
+			r->outer_saddr = nat->vip;
+		return 1;
+	}
+	ct = ct4.lookup(&k);
+	if (ct) {
+		k.saddr = q->ip.saddr;
+		k.daddr = ct->nat_addr;
+		k.sport = q->sport;
+		k.dport = ct->nat_port;
+		k.dir = CT_DIR_FORWARD;
+		fwd = ct4.lookup(&k);
+		if (!fwd || fwd->snat_addr || fwd->nat_addr != backend || fwd->nat_port != q->dport ||
+		    !ct_alive(fwd, k.proto, now))
+			return 0;
+		q->ip.daddr = ct->nat_addr;
+		q->dport = ct->nat_port;
+		if (r->outer_saddr == backend)
+			r->outer_saddr = ct->nat_addr;
+		return 1;
+	}
+	/* About a reply we sent from the VIP: the client's flow is the forward
+	 * entry of the quote, reversed. */
+	k.saddr = q->ip.daddr;
+	k.daddr = q->ip.saddr;
+	k.sport = q->dport;
+	k.dport = q->sport;
+	k.dir = CT_DIR_FORWARD;
+	fwd = ct4.lookup(&k);
+	if (!fwd || !ct_alive(fwd, k.proto, now))
+		return 0;
+	q->ip.saddr = fwd->nat_addr;
+	q->sport = fwd->nat_port;
+	if (fwd->snat_addr) {
+		q->ip.daddr = fwd->snat_addr;
+		q->dport = fwd->snat_port;
+	}
+	r->outer_daddr = fwd->nat_addr;
+	return 1;
+}
+
+/* An ICMP error about a balanced flow, translated and forwarded; -1 when
+ * the packet is not one (the caller passes it). */
+static __always_inline int icmp4_error(struct __sk_buff *skb, const struct lb4_config *cfg,
+				       __u64 now)
+{
+	struct iphdr ip;
+	struct icmphdr icmp;
+	struct icmp4_rewrite r = {};
+	struct icmp4_quote old;
+	struct pkt4 p = {};
+	__u32 l3 = ETH_HLEN, icmp_off, quote_off, csum_off;
+	__s64 diff;
+	__be32 words[6];
+	__u16 c;
+
+	if (bpf_skb_load_bytes(skb, l3, &ip, sizeof(ip)))
+		return -1;
+	if (ip.version != 4 || ip.ihl != 5 || ip.protocol != IPPROTO_ICMP ||
+	    (ip.frag_off & bpf_htons(IP_MF_OFFSET_MASK)))
+		return -1;
+	icmp_off = l3 + sizeof(ip);
+	if (bpf_skb_load_bytes(skb, icmp_off, &icmp, sizeof(icmp)))
+		return -1;
+	if (icmp.type != ICMP_DEST_UNREACH && icmp.type != ICMP_TIME_EXCEEDED &&
+	    icmp.type != ICMP_PARAMETERPROB)
+		return -1;
+	quote_off = icmp_off + sizeof(icmp);
+	if (bpf_skb_load_bytes(skb, quote_off, &r.q, sizeof(r.q)))
+		return -1;
+	if (r.q.ip.version != 4 || r.q.ip.ihl != 5 ||
+	    (r.q.ip.protocol != IPPROTO_TCP && r.q.ip.protocol != IPPROTO_UDP))
+		return -1;
+	old = r.q;
+	r.outer_saddr = ip.saddr;
+	r.outer_daddr = ip.daddr;
+	if (!icmp4_translate(cfg, now, &r))
+		return -1;
+
+	/* The quoted UDP checksum (0: none) follows its pseudo-header and ports. */
+	if (r.q.ip.protocol == IPPROTO_UDP && old.check) {
+		words[0] = old.ip.saddr;
+		words[1] = old.ip.daddr;
+		words[2] = ((__u32)old.dport << 16) | old.sport;
+		words[3] = r.q.ip.saddr;
+		words[4] = r.q.ip.daddr;
+		words[5] = ((__u32)r.q.dport << 16) | r.q.sport;
+		diff = bpf_csum_diff(&words[0], 12, &words[3], 12, (__u16)~old.check);
+		if (diff < 0)
+			return TC_ACT_SHOT;
+		c = ~csum_fold((__u32)diff);
+		r.q.check = c ? c : 0xffff;
+	}
+	ip_csum_fill(&r.q.ip);
+	/* The ICMP checksum covers the quote (and no pseudo-header). */
+	diff = bpf_csum_diff((__be32 *)&old, sizeof(old), (__be32 *)&r.q, sizeof(r.q), 0);
+	if (diff < 0)
+		return TC_ACT_SHOT;
+	csum_off = icmp_off + offsetof(struct icmphdr, checksum);
+	if (bpf_l4_csum_replace(skb, csum_off, 0, (__u32)diff, 0))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, quote_off, &r.q, sizeof(r.q), 0))
+		return TC_ACT_SHOT;
+	if (r.outer_saddr != ip.saddr &&
+	    (bpf_l3_csum_replace(skb, l3 + offsetof(struct iphdr, check), ip.saddr,
+				 r.outer_saddr, sizeof(__be32)) ||
+	     bpf_skb_store_bytes(skb, l3 + offsetof(struct iphdr, saddr), &r.outer_saddr,
+				 sizeof(__be32), 0)))
+		return TC_ACT_SHOT;
+	if (r.outer_daddr != ip.daddr &&
+	    (bpf_l3_csum_replace(skb, l3 + offsetof(struct iphdr, check), ip.daddr,
+				 r.outer_daddr, sizeof(__be32)) ||
+	     bpf_skb_store_bytes(skb, l3 + offsetof(struct iphdr, daddr), &r.outer_daddr,
+				 sizeof(__be32), 0)))
+		return TC_ACT_SHOT;
+	stat_inc(LB_STAT_ICMP_ERROR);
+	p.l3_off = l3;
+	p.saddr = r.outer_saddr;
+	p.daddr = r.outer_daddr;
+	p.proto = IPPROTO_ICMP;
+	p.ttl = ip.ttl;
+	p.tos = ip.tos;
+	return forward4(skb, &p);
+}
+
+#endif /* LBCTL_ICMP_H */
