@@ -38,12 +38,15 @@ class World:
         return NODE_A if pod in self.pods_a else NODE_B
 
 
-def _node(lab: Lab, role: str) -> Netns:
+def _node(lab: Lab, role: str, invalid_drop_rule: bool = True) -> Netns:
     ns = lab.netns(role)
     ns.sysctl("net.ipv4.ip_forward", 1)
     ns.sysctl("net.ipv4.conf.all.rp_filter", 0)
     ns.sysctl("net.ipv4.conf.default.rp_filter", 0)
-    ns.run("iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP")
+    if invalid_drop_rule:  # as real nodes have; lbctl itself needs no rule
+        ns.run(
+            "iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"
+        )
     return ns
 
 
@@ -60,9 +63,9 @@ def _pod(lab: Lab, node: Netns, name: str, ip: str, gateway: str) -> Pod:
     return Pod(ns=ns, name=name, ip=ip, host_if=host_if)
 
 
-def build(lab: Lab, pods_a: int = 2, pods_b: int = 2) -> World:
+def build(lab: Lab, pods_a: int = 2, pods_b: int = 2, node_a_rules: bool = True) -> World:
     client = lab.netns("client")
-    node_a = _node(lab, "nodea")
+    node_a = _node(lab, "nodea", node_a_rules)
     node_b = _node(lab, "nodeb")
 
     netlab.veth(client, "eth0", node_a, "ext0")

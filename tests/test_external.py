@@ -63,8 +63,15 @@ class Env:
         )
 
 
-def start(tmp_path: Path, pin_dir: Path, lab: Lab, pods_a: int = 2, pods_b: int = 2) -> Env:
-    world = extlab.build(lab, pods_a, pods_b)
+def start(
+    tmp_path: Path,
+    pin_dir: Path,
+    lab: Lab,
+    pods_a: int = 2,
+    pods_b: int = 2,
+    node_a_rules: bool = True,
+) -> Env:
+    world = extlab.build(lab, pods_a, pods_b, node_a_rules)
     for pod in world.pods_a + world.pods_b:
         TcpServer(pod, 8080)
         UdpServer(pod, 5353)
@@ -254,3 +261,27 @@ def test_a_thousand_concurrent_connections_through_snat(tmp_path: Path, pin_dir:
     assert sum(len(ports) for ports in by_pod.values()) == 1000
     assert set(by_pod) == {"b0", "b1"}
     assert nat["nat_exhausted"] == 0
+
+
+def test_no_iptables_or_nftables_rule_on_the_node(tmp_path: Path, pin_dir: Path) -> None:
+    """Masquerade, policy, source ranges and rejects need no rule: node A has none."""
+    with Lab() as lab:
+        env = start(tmp_path, pin_dir, lab, node_a_rules=False)
+        try:
+            run(env, loadBalancerSourceRanges=[f"{CLIENT_IP}/32"])
+            w = env.world
+            everyone = {p.name for p in w.pods_a + w.pods_b}
+            for address, tcp_port, udp_port in (
+                (NODE_IP, NODE_PORT, NODE_PORT + 1),
+                (LB_IP, 80, 53),
+            ):
+                assert {tcp_request(w.client, address, tcp_port).pod for _ in range(40)} == everyone
+                assert {udp_request(w.client, address, udp_port).pod for _ in range(40)} == everyone
+            with pytest.raises(TimeoutError):  # outside the source ranges: dropped
+                bound_tcp(w.client, OTHER_CLIENT_IP, LB_IP, 80, timeout=0.5)
+            ipt = w.node_a.run("iptables-save").stdout
+            nft = w.node_a.run("nft", "list", "ruleset").stdout
+        finally:
+            env.agent.stop()
+    assert not [line for line in ipt.splitlines() if line.startswith("-A")], ipt
+    assert nft.strip() == "", nft
