@@ -78,9 +78,12 @@ static __always_inline int sock4_forward(struct bpf_sock_addr *ctx)
 		return SOCK_ALLOW; /* not a service address: untouched */
 
 	/* The hashes and ClientIP affinity see the node's address as the
-	 * client (the source port is not chosen yet). */
+	 * client.  The source port is not chosen yet: a random one spreads the
+	 * node's own connections under maglev (sh keeps them on one backend,
+	 * as it does any one client). */
 	cfg = lb4_settings();
 	p.saddr = cfg ? cfg->snat_addr : 0;
+	p.sport = (__be16)bpf_get_prandom_u32();
 	be = lb4_choose(svc, &p, bpf_ktime_get_ns(), &backend_id);
 	if (!be) {
 		/* kube-proxy rejects a Service without endpoints, which a local

@@ -44,9 +44,7 @@ def _node(lab: Lab, role: str, invalid_drop_rule: bool = True) -> Netns:
     ns.sysctl("net.ipv4.conf.all.rp_filter", 0)
     ns.sysctl("net.ipv4.conf.default.rp_filter", 0)
     if invalid_drop_rule:  # as real nodes have; lbctl itself needs no rule
-        ns.run(
-            "iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"
-        )
+        ns.run("iptables", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP")
     return ns
 
 

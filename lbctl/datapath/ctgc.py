@@ -7,10 +7,13 @@ in its LRU map until evicted.  This sweep deletes them, so the maps' fill
 free again for sure.  Reverse and NAT entries live and die with their
 forward twin.
 
-A dead flow that still counted for least connections (CT_F_LC, open) is
-counted in lb_conns_expired as it goes: the programs close flows that end
-with a FIN or RST, the sweep those that just stop.  Affinity entries go
-when their timeout has passed or their backend left the frontend.
+Least connections: the programs count flows opened and closed (a FIN or
+RST) in lb_conns; flows that just stop, or whose entry the LRU evicted, are
+never closed there.  The sweep sets lb_conns_expired to the difference
+between what lb_conns says is open and the live forward entries still
+counted, so the count heals on every sweep whatever went missing.
+Affinity entries go when their timeout has passed or their backend left
+the frontend.
 """
 
 from __future__ import annotations
@@ -81,18 +84,21 @@ def sweep(
     out = Swept()
     forward: dict[Tuple, Any] = {}
     reverse, dead = [], []
-    expired: dict[int, int] = {}
+    # lc counts first: a flow opened during the walk then counts as open
+    # (not as expired) until the next sweep.
+    counted = {int(k[0]): int(v.opened) - int(v.closed) for k, v in maps.lb_conns.items()}
+    live_open: dict[int, int] = {}
     # Read everything first: deleting while walking restarts the kernel's walk.
     for key, e in maps.ct4.items():
         if key.dir != _FORWARD:
             reverse.append((key, e))
         elif _alive(settings, key, e, now):
             forward[(key.saddr, key.daddr, key.sport, key.dport, key.proto)] = e
+            if e.flags & _F_LC and e.open:
+                live_open[e.backend_id] = live_open.get(e.backend_id, 0) + 1
         else:
             dead.append(key)
-            if e.flags & _F_LC and e.open:
-                expired[e.backend_id] = expired.get(e.backend_id, 0) + 1
-    _count_expired(maps, expired)
+    _set_expired(maps, counted, live_open)
     for key, e in reverse:
         fwd = forward.get((key.daddr, e.nat_addr, key.dport, e.nat_port, key.proto))
         if fwd is None or fwd.snat_addr or (fwd.nat_addr, fwd.nat_port) != (key.saddr, key.sport):
@@ -110,17 +116,20 @@ def sweep(
     return out
 
 
-def _count_expired(maps: Maps, expired: Mapping[int, int]) -> None:
-    """Add flows that stopped counting to lb_conns_expired (the agent is its
-    only writer, so a read-modify-write is safe)."""
+def _set_expired(maps: Maps, counted: Mapping[int, int], live_open: Mapping[int, int]) -> None:
+    """lb_conns_expired := counted as open - really open (the agent is its
+    only writer)."""
     key = layout.ffi.new("__u32 *")
     value = layout.ffi.new("__u64 *")
-    for backend_id, n in expired.items():
+    for backend_id, n in counted.items():
         key[0] = backend_id
-        if maps.lb_conns.lookup(key) is None:
-            continue  # the backend is gone, and its counts with it
+        gone = max(0, n - live_open.get(backend_id, 0))
         old = maps.lb_conns_expired.lookup(key)
-        value[0] = (int(old[0]) if old is not None else 0) + n
+        if (int(old[0]) if old is not None else 0) == gone:
+            continue
+        if maps.lb_conns.lookup(key) is None:
+            continue  # the backend went meanwhile, and its counts with it
+        value[0] = gone
         maps.lb_conns_expired.update(key, value)
 
 

@@ -107,7 +107,8 @@ class FrontendTable:
                 # unknown), writing only the entries that differ.
                 fe.table = svc.table
                 fe.row = self.rows.read(svc.table, svc.table_len)
-            fe.written = fe.header_state()
+            # the header as the map holds it: a row not adopted makes them differ
+            fe.written = (svc.count, svc.flags, svc.sched, svc.table, svc.table_len, svc.affinity_s)
             self.frontends[fkey] = fe
             for target in clean:
                 self.backends[target].refs += 1
@@ -297,7 +298,7 @@ class FrontendTable:
 
     def matches(self, fe: Frontend) -> bool:
         have = self.frontends.get(fe.key)
-        if have is None or not have.describes(fe):
+        if have is None or not have.describes(fe) or have.written != have.header_state():
             return False
         if sorted(have.slots) != sorted(b.target for b in fe.backends):
             return False
@@ -317,9 +318,10 @@ class FrontendTable:
         try:
             for b in fe.backends:
                 self._hold_backend(b, undo)
-            self._add_slots(fe.key, have, [b.target for b in fe.backends], undo)
-            # The table names only the wanted backends before any leaves.
+            # The table names the wanted backends (all held) before the
+            # header counts them, and before any leaves.
             self._fill_table(fe, have, undo)
+            self._add_slots(fe.key, have, [b.target for b in fe.backends], undo)
         except Exception:
             undo.run()
             raise
@@ -327,6 +329,9 @@ class FrontendTable:
         # were taken twice (backends already in a slot): give back the extras.
         for b in fe.backends:
             self._release_backend(b.target)
+        # The header takes its new scheduler and table before a backend
+        # leaves, so it never names a row that names a deleted backend.
+        self._finish_header(fe, have)
         # Remove only after adding, so replacing every backend never passes
         # through a count of zero.
         wanted = {b.target for b in fe.backends}
@@ -335,7 +340,6 @@ class FrontendTable:
             slot_of = {t: n for n, t in enumerate(have.slots, start=1)}
             for target in leaving:
                 self._remove_slot(fe.key, have, target, slot_of)
-        self._finish_header(fe, have)
 
     def _finish_header(self, fe: Frontend, have: ProgrammedFrontend) -> None:
         """Write the header's settings (flags, scheduler, table, affinity) if
@@ -383,8 +387,21 @@ class FrontendTable:
         )
         ids = [self.backends[target].ident for target, _ in pairs]
         new = [ids[i] for i in picks]
-        self.map_ops += self.rows.write(have.table, have.row, new)
+        old_row, old_spec, row = have.row, have.spec, have.table
+        try:
+            self.map_ops += self.rows.write(row, old_row, new)
+        except OSError:
+            # Part of the batch may be in: know the row as the map holds it.
+            have.row, have.spec = self.rows.read(row, len(new)), None
+            raise
         have.row, have.spec = new, spec
+
+        def restore() -> None:  # a later step failed: the row names the old backends again
+            if have.table == row:
+                self.rows.write(row, have.row, old_row)
+                have.row, have.spec = old_row, old_spec
+
+        undo.push(restore)
 
     def remove(self, key: FrontendKey) -> None:
         have = self.frontends.get(key)
