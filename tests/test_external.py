@@ -123,7 +123,9 @@ def test_cluster_policy_reaches_both_nodes_masqueraded(env: Env) -> None:
             ports = [r.peer_port for r in replies]
             assert all(61000 <= p <= 65535 for p in ports), ports
     counters = env.agent.dump()["counters"]
-    assert counters["snat_new"] >= 320
+    # 320 requests; a client port reused within the conntrack lifetime (the
+    # kernel picks them at random) continues its flow instead of a new one
+    assert counters["snat_new"] >= 300
     assert counters["snat_reverse"] >= 320
 
 
