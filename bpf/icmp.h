@@ -55,74 +55,45 @@ static __always_inline void ip_csum_fill(struct iphdr *ip)
 	ip->check = ~csum_fold(s);
 }
 
-/* Point the quote (and the outer header) where the flow's sender sees it. */
+/* Point the quote (and the outer header) where the flow's sender sees it,
+ * with the decisions tc takes for the flow's own packets (flow.h). */
 static __always_inline int icmp4_translate(const struct lb4_config *cfg, __u64 now,
 					   struct icmp4_rewrite *r)
 {
 	struct icmp4_quote *q = &r->q;
 	struct ct4_key k = {};
-	struct ct4_entry *ct, *fwd;
-	struct nat4_entry *nat;
-	__be32 backend = q->ip.daddr;
+	struct ct4_entry *fwd;
+	struct pkt4 p = {};
+	struct flow4 x = {};
 
-	k.proto = q->ip.protocol;
-	/* About a forward packet we sent to a backend: look it up as its reply. */
-	k.saddr = q->ip.daddr;
-	k.daddr = q->ip.saddr;
-	k.sport = q->dport;
-	k.dport = q->sport;
-	k.dir = CT_DIR_REVERSE;
-	if (cfg && cfg->snat_addr && q->ip.saddr == cfg->snat_addr) {
-		nat = nat4.lookup(&k);
-		if (!nat)
-			return 0;
-		fwd = nat4_forward(nat, k.proto);
-		if (!fwd || fwd->snat_addr != q->ip.saddr || fwd->snat_port != q->sport ||
-		    fwd->nat_addr != backend || !ct_alive(fwd, k.proto, now))
-			return 0;
-		q->ip.saddr = nat->client_addr;
-		q->sport = nat->client_port;
-		q->ip.daddr = nat->vip;
-		q->dport = nat->vport;
-		r->outer_daddr = nat->client_addr;
-		if (r->outer_saddr == backend)
-			r->outer_saddr = nat->vip;
-		return 1;
-	}
-	ct = ct4.lookup(&k);
-	if (ct) {
-		k.saddr = q->ip.saddr;
-		k.daddr = ct->nat_addr;
-		k.sport = q->sport;
-		k.dport = ct->nat_port;
-		k.dir = CT_DIR_FORWARD;
+	/* The quoted packet's answer: the packet that would come back. */
+	p.saddr = q->ip.daddr;
+	p.daddr = q->ip.saddr;
+	p.sport = q->dport;
+	p.dport = q->sport;
+	p.proto = q->ip.protocol;
+	if (flow4_reply(&p, cfg, now, &x) == FLOW_REPLY) {
+		/* The quote is a packet we sent to a backend, p its reply, and x
+		 * that reply as the client gets it.  An error from the backend
+		 * itself comes from the service. */
+		if (r->outer_saddr == p.saddr)
+			r->outer_saddr = x.saddr;
+	} else {
+		/* The quote is a reply we sent to a client, p the client's packet
+		 * of the flow, and x that packet as the backend got it. */
+		ct4_forward_key(&k, &p);
 		fwd = ct4.lookup(&k);
-		if (!fwd || fwd->snat_addr || fwd->nat_addr != backend || fwd->nat_port != q->dport ||
-		    !ct_alive(fwd, k.proto, now))
+		if (!fwd || !ct_alive(fwd, p.proto, now))
 			return 0;
-		q->ip.daddr = ct->nat_addr;
-		q->dport = ct->nat_port;
-		if (r->outer_saddr == backend)
-			r->outer_saddr = ct->nat_addr;
-		return 1;
+		flow4_follow(&p, fwd, &x, FLOW_FOLLOW, LB_STAT_ICMP_ERROR);
 	}
-	/* About a reply we sent from the VIP: the client's flow is the forward
-	 * entry of the quote, reversed. */
-	k.saddr = q->ip.daddr;
-	k.daddr = q->ip.saddr;
-	k.sport = q->dport;
-	k.dport = q->sport;
-	k.dir = CT_DIR_FORWARD;
-	fwd = ct4.lookup(&k);
-	if (!fwd || !ct_alive(fwd, k.proto, now))
-		return 0;
-	q->ip.saddr = fwd->nat_addr;
-	q->sport = fwd->nat_port;
-	if (fwd->snat_addr) {
-		q->ip.daddr = fwd->snat_addr;
-		q->dport = fwd->snat_port;
-	}
-	r->outer_daddr = fwd->nat_addr;
+	/* Either way the quote is x reversed, and the error goes to whoever
+	 * sent what x answers. */
+	q->ip.saddr = x.daddr;
+	q->sport = x.dport;
+	q->ip.daddr = x.saddr;
+	q->dport = x.sport;
+	r->outer_daddr = x.daddr;
 	return 1;
 }
 

@@ -152,3 +152,24 @@ def test_errors_about_other_traffic_pass_untouched(dp: BpfDatapath) -> None:
         result = run(dp, error)
         assert (result.retval, result.data) == (TC_ACT_OK, error)
         assert stat_delta(before, stats(dp)) == {STAT_PASS: 1}
+
+
+def test_an_error_about_a_node_port_reply_reaches_the_backend(dp: BpfDatapath) -> None:
+    """The service address is the node's own, also the masquerade address."""
+    fe = Frontend(
+        FrontendKey(ip(NODE), 30053, Protocol.UDP),
+        ServiceRef("ns", "web"),
+        "udp",
+        "NodePort",
+        (Backend(ip(BACKEND), 5353, Protocol.UDP),),
+    )
+    dp.table.upsert(fe)
+    out = packets.parse(run(dp, packets.ipv4_udp(OUTSIDE, NODE, 40006, 30053, PAYLOAD)).data)
+    assert (out.src, out.dst) == (NODE, BACKEND)
+    sent = packets.ipv4_udp(NODE, OUTSIDE, 30053, 40006, PAYLOAD)
+    meant = packets.ipv4_udp(BACKEND, NODE, 5353, out.sport, PAYLOAD)
+    assert_translated(
+        dp,
+        packets.ipv4_icmp_error("198.51.100.1", NODE, sent),
+        packets.ipv4_icmp_error("198.51.100.1", BACKEND, meant),
+    )
