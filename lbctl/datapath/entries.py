@@ -170,6 +170,7 @@ class ProgrammedFrontend:
     written: tuple[int, ...] = ()  # the header last written, as header_state()
 
     def header_state(self) -> tuple[int, ...]:
+        """The header this frontend needs, as header_fields() reads one."""
         return (
             len(self.slots),
             self.flags,
@@ -246,6 +247,19 @@ def _fill_header(value: Any, fe: ProgrammedFrontend) -> None:
     value.table = fe.table
     value.table_len = len(fe.row) if fe.table else 0
     value.affinity_s = fe.affinity_s
+
+
+def header_fields(value: Any) -> tuple[int, ...]:
+    """A struct lb_service as ProgrammedFrontend.header_state() says it (the
+    frontend id aside), to tell whether a header needs writing."""
+    return (
+        value.count,
+        value.flags,
+        value.sched,
+        value.table,
+        value.table_len,
+        value.affinity_s,
+    )
 
 
 def slot_key(ident: int, slot: int) -> Any:

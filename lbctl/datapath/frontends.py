@@ -108,7 +108,7 @@ class FrontendTable:
                 fe.table = svc.table
                 fe.row = self.rows.read(svc.table, svc.table_len)
             # the header as the map holds it: a row not adopted makes them differ
-            fe.written = (svc.count, svc.flags, svc.sched, svc.table, svc.table_len, svc.affinity_s)
+            fe.written = entries.header_fields(svc)
             self.frontends[fkey] = fe
             for target in clean:
                 self.backends[target].refs += 1
@@ -381,10 +381,8 @@ class FrontendTable:
 
             undo.push(give_back)
         kind, pairs = spec
-        order = [entries.backend_name(target) for target, _ in pairs]
-        picks = scheduling.build_table(
-            kind, list(zip(order, (w for _, w in pairs), strict=True)), self.rows.size
-        )
+        named = [(entries.backend_name(target), weight) for target, weight in pairs]
+        picks = scheduling.build_table(kind, named, self.rows.size)
         ids = [self.backends[target].ident for target, _ in pairs]
         new = [ids[i] for i in picks]
         old_row, old_spec, row = have.row, have.spec, have.table
