@@ -38,6 +38,7 @@ def _interfaces(value: str) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lbctl.kubeproxy_cleanup import parse_node_port_range
     from lbctl.plan import SCHEDULERS
 
     p = argparse.ArgumentParser(
@@ -137,8 +138,24 @@ def _parser() -> argparse.ArgumentParser:
     cleanup = sub.add_parser(
         "cleanup",
         help="detach lbctl's programs from this namespace's interfaces and remove its pins",
+        description="Without --kube-proxy: detach lbctl's programs from this network "
+        "namespace's interfaces and cgroup and remove its pinned maps. With --kube-proxy: "
+        "remove only what kube-proxy left (its iptables chains and the rules jumping to "
+        "them, its nftables tables, its IPVS services and kube-ipvs0), nothing of lbctl's.",
     )
     _bpffs_arg(cleanup)
+    cleanup.add_argument(
+        "--kube-proxy",
+        action="store_true",
+        help="remove kube-proxy's leftovers instead, so the node can migrate to lbctl",
+    )
+    cleanup.add_argument(
+        "--node-port-range",
+        type=_config_value(parse_node_port_range),
+        metavar="MIN-MAX",
+        help="with --kube-proxy: the cluster's NodePort range, for IPVS services on the "
+        "node's addresses (default 30000-32767)",
+    )
     return p
 
 
@@ -368,6 +385,10 @@ def _dump(args: argparse.Namespace) -> int:
 
 
 def _cleanup(args: argparse.Namespace) -> int:
+    if args.kube_proxy:
+        return _cleanup_kube_proxy(args)
+    if args.node_port_range is not None:
+        raise ValueError("--node-port-range goes with --kube-proxy; add it or leave the range out")
     from lbctl.datapath import cgroup, tc, xdp
     from lbctl.datapath.maps import MAP_TYPES
 
@@ -388,3 +409,14 @@ def _cleanup(args: argparse.Namespace) -> int:
     print(f"socket hooks detached: {', '.join(hooks) or 'none'}")
     print(f"removed pinned maps: {', '.join(removed) or 'none'} (under {args.bpffs})")
     return 0
+
+
+def _cleanup_kube_proxy(args: argparse.Namespace) -> int:
+    from lbctl import kubeproxy_cleanup
+
+    report = kubeproxy_cleanup.cleanup(args.node_port_range or kubeproxy_cleanup.NODE_PORT_RANGE)
+    for line in report.lines:
+        print(line)
+    for error in report.errors:
+        print(f"lbctl cleanup --kube-proxy: {error}", file=sys.stderr)
+    return 1 if report.errors else 0
