@@ -101,6 +101,17 @@ class AgentOptions:
     xdp: str = "off"  # off, generic, native
     cgroup_path: str | None = ""  # None: the cgroup2 mount; "": no socket hooks
     scheduler: str = "random"  # the default of Services without lbctl.io/scheduler
+    mode_reason: str = ""  # why this datapath (mode) was chosen, for `lbctl status`
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncRecord:
+    """One write of the plan to the datapath, for `lbctl status`."""
+
+    at: float  # wall-clock time (time.time) it finished
+    seconds: float  # how long it took
+    what: str  # "first sync", "periodic sync" or what a change applied
+    errors: tuple[str, ...] = ()
 
 
 class Agent:
@@ -123,6 +134,10 @@ class Agent:
         self.last_tick = time.monotonic()  # the loop's heartbeat, for health checks
         self.node_config: NodeConfig | None = None  # as last written to the datapath
         self._netns_cookie = cgroup.netns_cookie()  # the socket hooks act in this namespace only
+        self.last_sync: SyncRecord | None = None  # the last full sync (first or periodic)
+        self.last_change: SyncRecord | None = None  # the last change applied as a diff
+        # The newest errors with their wall-clock time, whatever reported them.
+        self.recent_errors: collections.deque[tuple[float, str]] = collections.deque(maxlen=50)
 
     def sync(self, stop: threading.Event | None = None) -> None:
         """First sync: load everything, make the maps match, then attach."""
@@ -148,6 +163,7 @@ class Agent:
             gc.enable()
             _release_free_memory()
         self.sync_seconds = time.monotonic() - started
+        self.last_sync = SyncRecord(time.time(), self.sync_seconds, "first sync", (*self.errors,))
         frontends = self.planner.frontends()
         log.info(
             "synced: %d services, %d frontends, %d backends in %.2f s; %d errors",
@@ -191,6 +207,8 @@ class Agent:
             errors = self.datapath.apply(change)
             done = time.monotonic()
             self._record(errors)
+            what = f"{len(change.upserts)} frontend updates, {len(change.removals)} removals"
+            self.last_change = SyncRecord(time.time(), done - started, what, (*errors,))
             arrived = self.source.arrived
             latency = done - arrived if arrived is not None else None
             if latency is not None:
@@ -238,15 +256,21 @@ class Agent:
                     next_links = now + opts.link_scan_interval_s
                     self._attach()
                 if (self.errors and now >= next_retry) or now >= next_resync:
+                    what = "periodic sync" if now >= next_resync else "retry of failed frontends"
                     next_retry = now + opts.retry_interval_s
                     next_resync = now + opts.sync_period_s
                     self.errors = []
                     desired = self.planner.frontends()
                     remove_stale = not self._sweep_pending
-                    self._record(self.datapath.reconcile(desired, remove_stale))
+                    begun = time.monotonic()
+                    errors = self.datapath.reconcile(desired, remove_stale)
+                    self._record(errors)
+                    seconds = time.monotonic() - begun
+                    self.last_sync = SyncRecord(time.time(), seconds, what, (*errors,))
                     self.datapath.collect_garbage()
-            except Exception:  # one bad tick must not take the agent down
+            except Exception as err:  # one bad tick must not take the agent down
                 log.exception("agent loop error; continuing")
+                self.recent_errors.append((time.time(), f"agent loop error: {err}"))
 
     def _node_view(self) -> tuple[NodeContext, NodeConfig]:
         """Where NodePorts answer, the node's zone and which address masquerades, as of now."""
@@ -308,6 +332,7 @@ class Agent:
     def _record(self, errors: list[str]) -> None:
         for message in errors:
             log.error("%s", message)
+            self.recent_errors.append((time.time(), message))
         self.errors += errors
 
 

@@ -97,6 +97,7 @@ class KubeSource:
         core = client.CoreV1Api(api_client)
         discovery = client.DiscoveryV1Api(api_client)
         self.node_name = node_name
+        self.server = str(getattr(api_client.configuration, "host", ""))  # for `lbctl status`
         lists: dict[str, tuple[Any, dict[str, str]]] = {
             SERVICE: (core.list_service_for_all_namespaces, {}),
             SLICE: (discovery.list_endpoint_slice_for_all_namespaces, {}),

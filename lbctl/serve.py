@@ -9,7 +9,6 @@ mirror of the maps; only the small per-CPU counters map is read from the kernel.
 
 from __future__ import annotations
 
-import datetime
 import errno
 import json
 import logging
@@ -18,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -28,12 +27,14 @@ from lbctl.datapath.bpf import BpfDatapath
 from lbctl.dump import read_counters
 from lbctl.kubesource import KubeSource
 from lbctl.manifests import ManifestSource
+from lbctl.statusz import document as status_document
+from lbctl.statusz import retry as _retry
+from lbctl.statusz import rfc3339 as _rfc3339
 
 log = logging.getLogger(__name__)
 
 Reply = tuple[int, str, bytes]  # status, content type, body
 Routes = dict[str, Callable[[], Reply]]
-T = TypeVar("T")
 # 0.1 ms .. 10 s: one map write, a thousand, a full re-sync of a large cluster
 LATENCY_BUCKETS: tuple[float, ...] = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025)
 LATENCY_BUCKETS += (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -52,21 +53,6 @@ HELP = {  # every metric lbctl exports; a name ending in _total is a counter
     "lbctl_map_operations_total": "BPF map writes and deletes made by lbctl.",
     "lbctl_verdicts_total": "Packets by the verdict of the BPF program.",
 }
-
-
-def _rfc3339(wall: float) -> str:
-    moment = datetime.datetime.fromtimestamp(wall, datetime.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _retry(read: Callable[[], T]) -> T:
-    """Read state the agent's thread mutates: a dict may change while iterated."""
-    for _ in range(10):
-        try:
-            return read()
-        except RuntimeError:  # "dictionary changed size during iteration"
-            time.sleep(0.001)
-    return read()
 
 
 def _metric(name: str, values: float | Mapping[str, float], label: str = "") -> Metric:
@@ -189,6 +175,11 @@ class Observability:
         healthy, body = self.health()
         return 200 if healthy else 503, "application/json", json.dumps(body).encode() + b"\n"
 
+    def _statusz(self) -> Reply:
+        healthy, body = self.health()
+        status = status_document(self.agent, healthy, body["problems"])
+        return 200, "application/json", json.dumps(status, indent=1).encode() + b"\n"
+
     def _metrics(self) -> Reply:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
 
@@ -200,6 +191,7 @@ class Observability:
         metrics: Routes = {"/metrics": self._metrics, "/healthz": self._healthz}
         metrics["/proxyMode"] = lambda: mode
         health: Routes = {"/healthz": self._healthz, "/livez": self._healthz}
+        metrics["/statusz"] = health["/statusz"] = self._statusz  # for `lbctl status`
         problems = []
         for name, flag, address, routes in [
             ("metrics", "metricsBindAddress/--metrics-bind-address", metrics_address, metrics),

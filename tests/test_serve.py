@@ -131,6 +131,9 @@ def test_healthz_fails_until_the_first_sync(agent: Agent, served: Observability,
     # the metrics port answers health checks too, as kube-proxy's does
     assert get(ns, served.addresses["metrics"], "/healthz")[0] == 200
     assert get(ns, served.addresses["metrics"], "/proxyMode")[2] == b"ebpf\n"
+    for server in ("healthz", "metrics"):  # the document `lbctl status` reads
+        status, _, raw = get(ns, served.addresses[server], "/statusz")
+        assert status == 200 and json.loads(raw)["counts"]["frontends"] == 2
     assert get(ns, served.addresses["healthz"], "/nothing")[0] == 404
 
 
