@@ -129,6 +129,32 @@ def _parser() -> argparse.ArgumentParser:
             help=f"capacity for {what} (default {getattr(defaults, field)})",
         )
 
+    status = sub.add_parser(
+        "status",
+        help="is the agent up and healthy, and which programs and maps the kernel holds",
+        description="Show the agent's mode and why, its source, last sync and its result, "
+        "counts and errors (from its /statusz on --address), and what the kernel holds: "
+        "the BPF programs on each interface of this network namespace (tc, XDP), the socket "
+        "hooks and the pinned maps. Exit codes: 0 healthy, 1 the command failed, 2 usage, "
+        "3 the agent does not answer, 4 it is unhealthy, 5 the datapath is absent.",
+    )
+    status.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    status.add_argument(
+        "--address",
+        default="127.0.0.1:10256",
+        metavar="HOST:PORT",
+        help="the agent's health server (its --healthz-bind-address; default 127.0.0.1:10256)",
+    )
+    status.add_argument(
+        "--bpffs",
+        type=Path,
+        metavar="DIR",
+        help=f"lbctl's pinned maps (default: the agent's, else {DEFAULT_PIN_DIR})",
+    )
+    status.add_argument(
+        "--timeout", type=float, default=2.0, metavar="SECONDS", help="for the agent's answer"
+    )
+
     maps = sub.add_parser("maps", help="inspect the datapath's maps")
     maps_sub = maps.add_subparsers(dest="maps_command", required=True, metavar="ACTION")
     dump = maps_sub.add_parser("dump", help="print services, backends and map fill, decoded")
@@ -257,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "maps":
             return _dump(args)
+        if args.command == "status":
+            from lbctl import status
+
+            return status.main(args.address, args.bpffs, args.output, args.timeout)
         return _cleanup(args)
     except Exception as err:  # the CLI's last line of defence
         log.debug("failure", exc_info=True)
@@ -327,6 +357,7 @@ def _run(args: argparse.Namespace) -> int:
         xdp=cfg.xdp,
         cgroup_path=cfg.cgroup_path,
         scheduler=cfg.scheduler,
+        mode_reason=_mode_reason(args, cfg),
     )
     agent = Agent(source, datapath, options)
     observe = Observability(agent)
@@ -349,6 +380,17 @@ def _run(args: argparse.Namespace) -> int:
         observe.stop()
         datapath.close()
     return 0
+
+
+def _mode_reason(args: argparse.Namespace, cfg: Config) -> str:
+    """Why the agent runs this mode (`lbctl status`); ebpf is the only one so far."""
+    if args.mode:
+        chosen = f"--mode {args.mode}"
+    elif args.config:
+        chosen = f"mode in {args.config} (ebpf when it sets none)"
+    else:
+        chosen = "the default (no --mode, no configuration file)"
+    return f"chosen by {chosen}; the eBPF datapath is the only one in this version"
 
 
 def _source(cfg: Config) -> Source:

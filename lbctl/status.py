@@ -1,0 +1,395 @@
+"""`lbctl status`: is the agent up and healthy, and what does the kernel hold.
+
+Two sources, read apart so that either may be missing:
+
+- the agent's status document (`/statusz` on its health port, see
+  lbctl/statusz.py): mode and why, source, last syncs and their result,
+  counts, errors;
+- the kernel, read here: for every interface of this network namespace the
+  BPF programs on its clsact ingress and egress hooks (tc filters) and its XDP
+  programs, through netlink; the socket hooks pinned under the bpffs
+  directory (BPF link info); the pinned maps and the fill of the frontend
+  and backend maps.  This is right even when the agent is down.
+
+Exit codes: kubectl's 0 (healthy), 1 (the command failed) and 2 (usage), then
+3 the agent does not answer, 4 it answers but is unhealthy, 5 the datapath is
+absent; when several hold, the lowest.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+from lbctl.config import parse_bind_address
+from lbctl.datapath.maps import MAP_TYPES
+
+OK, FAILED, USAGE, AGENT_DOWN, UNHEALTHY, NO_DATAPATH = 0, 1, 2, 3, 4, 5
+STATES = {  # the verdict of each exit code `lbctl status` decides
+    OK: "healthy",
+    AGENT_DOWN: "agent down",
+    UNHEALTHY: "agent unhealthy",
+    NO_DATAPATH: "datapath absent",
+}
+
+DEFAULT_ADDRESS = "127.0.0.1:10256"  # the agent's --healthz-bind-address port, from this node
+_TCA_BPF_ID = 11  # <linux/pkt_cls.h>; pyroute2 0.9 does not decode it
+_HOOKS = (("tc ingress", 0xFFFFFFF2), ("tc egress", 0xFFFFFFF3))  # clsact parents
+_COUNTED_MAPS = ("lb4_services", "lb4_backends")  # small enough to count on every status
+
+
+# -- the agent -----------------------------------------------------------------------
+
+
+def fetch(address: str, timeout: float) -> dict[str, Any]:
+    """The agent's status document; OSError or ValueError saying why not."""
+    parsed = parse_bind_address(address)
+    if parsed is None:
+        raise ValueError("--address is empty; give the agent's health address as HOST:PORT")
+    conn = http.client.HTTPConnection(*parsed, timeout=timeout)
+    try:
+        conn.request("GET", "/statusz")
+        resp = conn.getresponse()
+        body = resp.read()
+    except (OSError, http.client.HTTPException) as err:
+        raise OSError(getattr(err, "strerror", None) or str(err) or type(err).__name__) from err
+    finally:
+        conn.close()
+    if resp.status == 404:
+        raise OSError(f"{address} answers but has no /statusz (an lbctl older than this one?)")
+    if resp.status != 200:
+        raise OSError(f"{address} answered /statusz with HTTP {resp.status}")
+    try:
+        doc: dict[str, Any] = json.loads(body)
+    except ValueError as err:
+        raise OSError(f"{address} answered /statusz with something that is not JSON") from err
+    return doc
+
+
+# -- the kernel ----------------------------------------------------------------------
+
+
+def _bpf_prog_id(options: Any) -> int | None:
+    """TCA_BPF_ID from the raw attributes of a bpf filter's options."""
+    raw = bytes(options.data[options.offset + 4 : options.offset + options.length])
+    pos = 0
+    while pos + 4 <= len(raw):
+        length, kind = struct.unpack_from("=HH", raw, pos)
+        if length < 4:
+            break
+        if kind & 0x3FFF == _TCA_BPF_ID and length >= 8:
+            return int(struct.unpack_from("=I", raw, pos + 4)[0])
+        pos += (length + 3) & ~3
+    return None
+
+
+def _tc_programs(ipr: Any, index: int) -> list[dict[str, Any]]:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from lbctl.datapath.compiler import PROGRAM as PROGRAM_NAME
+    from lbctl.datapath.tc import FILTER_PRIO, INGRESS_PARENT_ID
+
+    found = []
+    for hook, parent in _HOOKS:
+        try:
+            filters = ipr.get_filters(index=index, parent=parent)
+        except NetlinkError:  # no clsact qdisc: nothing on this hook
+            continue
+        for f in filters:
+            options = f.get_attr("TCA_OPTIONS")
+            if f.get_attr("TCA_KIND") != "bpf" or options is None:
+                continue
+            name, prio = str(options.get_attr("TCA_BPF_NAME") or ""), int(f["info"]) >> 16
+            ours = name == PROGRAM_NAME and prio == FILTER_PRIO and parent == INGRESS_PARENT_ID
+            found.append(
+                {
+                    "hook": hook,
+                    "program": name,
+                    "id": _bpf_prog_id(options),
+                    "priority": prio,
+                    "owner": "lbctl" if ours else "other",
+                }
+            )
+    return found
+
+
+def interfaces() -> list[dict[str, Any]]:
+    """Every non-loopback interface of this namespace with its tc and XDP programs."""
+    from pyroute2 import IPRoute
+
+    from lbctl.datapath import tc, xdp
+
+    out = []
+    with IPRoute() as ipr:
+        for link in sorted(tc.all_links(), key=lambda x: x.name):
+            programs = _tc_programs(ipr, link.index)
+            for prog in xdp.programs(ipr, link.index):
+                programs.append(
+                    {
+                        "hook": f"xdp {prog.mode}",
+                        "program": prog.name,
+                        "id": prog.prog_id,
+                        "priority": None,
+                        "owner": "lbctl" if prog.ours else "other",
+                    }
+                )
+            out.append({"name": link.name, "ethernet": link.ethernet, "programs": programs})
+    return out
+
+
+def socket_hooks(pin_dir: Path) -> list[dict[str, Any]]:
+    from lbctl.datapath import cgroup
+
+    return [
+        {"hook": a.hook, "program": a.program, "id": a.prog_id, "cgroupId": a.cgroup_id}
+        for a in cgroup.attached(pin_dir)
+    ]
+
+
+def pinned_maps(pin_dir: Path) -> dict[str, Any]:
+    from lbctl.datapath import libbpf
+    from lbctl.datapath.maps import SIZE_FLAGS
+
+    present = [name for name in MAP_TYPES if (pin_dir / name).exists()]
+    fill: dict[str, dict[str, int]] = {}
+    for name in _COUNTED_MAPS:
+        if name in present:
+            key, value = MAP_TYPES[name]
+            pinned = libbpf.BpfMap.open_pinned(str(pin_dir / name), key, value, SIZE_FLAGS[name])
+            try:
+                fill[name] = {"entries": len(pinned), "capacity": pinned.max_entries}
+            finally:
+                pinned.close()
+    return {
+        "directory": str(pin_dir),
+        "present": present,
+        "missing": [name for name in MAP_TYPES if name not in present],
+        "fill": fill,
+    }
+
+
+# -- the verdict ---------------------------------------------------------------------
+
+
+def collect(address: str, pin_dir: Path | None, timeout: float) -> dict[str, Any]:
+    """Everything `lbctl status` shows, and its verdict (`verdict.exitCode`)."""
+    from lbctl.datapath.settings import DEFAULT_PIN_DIR
+
+    agent: dict[str, Any] = {"address": address, "reachable": False, "error": None}
+    try:
+        agent["status"] = fetch(address, timeout)
+        agent["reachable"] = True
+    except (OSError, ValueError) as err:
+        agent["error"] = str(err)
+        agent["status"] = None
+    doc = agent["status"] or {}
+    if pin_dir is None:  # the agent's own directory, when it says
+        pin_dir = Path(doc.get("datapath", {}).get("bpffs") or DEFAULT_PIN_DIR)
+    kernel: dict[str, Any] = {"interfaces": interfaces(), "pinnedMaps": pinned_maps(pin_dir)}
+    try:
+        kernel["socketHooks"] = socket_hooks(pin_dir)
+    except OSError as err:
+        kernel["socketHooks"] = []
+        kernel["socketHooksError"] = str(err)
+    report = {"agent": agent, "kernel": kernel}
+    report["verdict"] = verdict(agent, kernel)
+    return report
+
+
+def verdict(agent: dict[str, Any], kernel: dict[str, Any]) -> dict[str, Any]:
+    """The exit code and the reasons for it; warnings do not change the code."""
+    problems: list[tuple[int, str]] = []
+    warnings: list[str] = []
+    doc = agent["status"]
+    if not agent["reachable"]:
+        problems.append(
+            (AGENT_DOWN, f"agent: not reachable at {agent['address']}: {agent['error']}")
+        )
+    elif not doc.get("healthy"):
+        why = "its first sync is not done" if not doc.get("synced") else "its loop stalled"
+        problems.append((UNHEALTHY, f"agent: unhealthy, {why} (last tick {doc.get('lastTick')})"))
+    maps = kernel["pinnedMaps"]
+    if maps["missing"]:
+        what = (
+            "no lbctl maps are" if not maps["present"] else f"{len(maps['missing'])} maps are not"
+        )
+        problems.append((NO_DATAPATH, f"datapath: {what} pinned under {maps['directory']}"))
+    carrying = {i["name"] for i in kernel["interfaces"] if _ours(i, "tc ingress")}
+    if not carrying:
+        problems.append(
+            (NO_DATAPATH, "datapath: lbctl's tc program is attached to no interface here")
+        )
+    if doc:
+        present = {i["name"]: i for i in kernel["interfaces"]}
+        for name in doc.get("datapath", {}).get("attached", []):
+            if name in present and name not in carrying:
+                warnings.append(
+                    f"interface {name}: the agent attached its program but the kernel shows none"
+                )
+        for name in doc.get("datapath", {}).get("xdpAttached", []):
+            if name in present and not _ours(present[name], "xdp"):
+                warnings.append(
+                    f"interface {name}: the agent attached its XDP program but the kernel "
+                    "shows none"
+                )
+        failing = doc.get("errors", {}).get("current", [])
+        if failing:
+            warnings.append(
+                f"{len(failing)} errors in the agent's last attempt, retried (see ERRORS)"
+            )
+    code = min((c for c, _ in problems), default=OK)
+    return {
+        "exitCode": code,
+        "state": STATES[code],
+        "problems": [text for _, text in problems],
+        "warnings": warnings,
+    }
+
+
+def _ours(interface: dict[str, Any], hook: str) -> bool:
+    return any(p["owner"] == "lbctl" and p["hook"].startswith(hook) for p in interface["programs"])
+
+
+# -- output --------------------------------------------------------------------------
+
+
+def _ago(when: str | None, now: str | None) -> str:
+    if not when or not now:
+        return ""
+    parse = datetime.datetime.fromisoformat
+    seconds = (
+        parse(now.replace("Z", "+00:00")) - parse(when.replace("Z", "+00:00"))
+    ).total_seconds()
+    return f" ({seconds:.0f}s ago)" if seconds >= 1 else " (just now)"
+
+
+def _sync_line(record: dict[str, Any] | None, now: str | None) -> str:
+    if record is None:
+        return "none yet"
+    took = record["seconds"]
+    duration = f"{took * 1000:.2f} ms" if took < 1 else f"{took:.2f} s"
+    line = f"{record['time']}{_ago(record['time'], now)}: {record['what']}, {record['result']}"
+    return (
+        line + f", {duration}" + (f" ({len(record['errors'])} errors)" if record["errors"] else "")
+    )
+
+
+def render_table(report: dict[str, Any]) -> str:
+    agent, kernel, result = report["agent"], report["kernel"], report["verdict"]
+    doc = agent["status"]
+    rows: list[tuple[str, str]] = []
+    if doc is None:
+        rows.append(("AGENT", f"down: not reachable at {agent['address']} ({agent['error']})"))
+    else:
+        now = doc.get("currentTime")
+        health = "healthy" if doc["healthy"] else "UNHEALTHY"
+        rows += [
+            (
+                "AGENT",
+                f"up at {agent['address']} (pid {doc['pid']}, lbctl {doc['version']}), {health}",
+            ),
+            ("NODE", str(doc.get("node") or "-")),
+            ("MODE", f"{doc['mode']}, {doc.get('modeReason') or 'no reason given'}"),
+            (
+                "SOURCE",
+                f"{doc['source']['kind']} {doc['source']['location']}"
+                f" ({'complete' if doc['source']['complete'] else 'INCOMPLETE'})",
+            ),
+            ("LAST SYNC", _sync_line(doc.get("lastSync"), now)),
+            ("LAST CHANGE", _sync_line(doc.get("lastChange"), now)),
+            (
+                "COUNTS",
+                "{services} services, {frontends} frontends, {backends} backends "
+                "({backendSlots} backend slots)".format(**doc["counts"]),
+            ),
+        ]
+    maps = kernel["pinnedMaps"]
+    fill = ", ".join(f"{n} {f['entries']}/{f['capacity']}" for n, f in maps["fill"].items())
+    pinned = f"{maps['directory']}: {len(maps['present'])} of {len(MAP_TYPES)} maps"
+    rows.append(("PINNED MAPS", pinned + (f"; {fill}" if fill else "")))
+    width = max(len(k) for k, _ in rows)
+    parts = ["\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)]
+
+    progs = [["INTERFACE", "HOOK", "PROGRAM", "ID", "OWNER"]]
+    for iface in kernel["interfaces"]:
+        for p in iface["programs"]:
+            progs.append(
+                [iface["name"], p["hook"], p["program"] or "?", str(p["id"] or "?"), p["owner"]]
+            )
+        if not iface["programs"]:
+            progs.append([iface["name"], "-", "(no program)", "-", "-"])
+    parts.append(_columns(progs))
+    hooks = [["SOCKET HOOK", "PROGRAM", "ID", "CGROUP ID"]]
+    hooks += [
+        [h["hook"], h["program"], str(h["id"]), str(h["cgroupId"])] for h in kernel["socketHooks"]
+    ]
+    parts.append(_columns(hooks) if len(hooks) > 1 else "SOCKET HOOKS  none pinned")
+
+    if doc is not None:
+        errors = doc["errors"]
+        lines = [f"  current   {m}" for m in errors["current"]]
+        lines += [f"  rejected  {r['where']}: {r['reason']}" for r in errors["rejected"]]
+        lines += [f"  recent    {e['time']}  {e['message']}" for e in errors["recent"]]
+        lines += [f"  problem   {p}" for p in doc.get("problems", [])]
+        parts.append("ERRORS\n" + ("\n".join(lines) if lines else "  none"))
+    verdict_lines = [f"STATUS  {result['state']} (exit {result['exitCode']})"]
+    verdict_lines += [f"  {p}" for p in result["problems"]]
+    verdict_lines += [f"  warning: {w}" for w in result["warnings"]]
+    parts.append("\n".join(verdict_lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def _columns(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def render(report: dict[str, Any], output: str) -> str:
+    if output == "json":
+        return json.dumps(report, indent=2) + "\n"
+    if output == "yaml":
+        import yaml
+
+        return str(yaml.safe_dump(report, sort_keys=False))
+    return render_table(report)
+
+
+def main(address: str, pin_dir: Path | None, output: str, timeout: float) -> int:
+    """Print the status, problems on stderr; return the exit code the verdict decides."""
+    try:
+        if parse_bind_address(address) is None:
+            raise ValueError("it is empty")
+    except ValueError as err:
+        print(
+            f"lbctl status: --address {address!r}: {err}; give the agent's "
+            "--healthz-bind-address as HOST:PORT",
+            file=sys.stderr,
+        )
+        return USAGE
+    report = collect(address, pin_dir, timeout)
+    sys.stdout.write(render(report, output))
+    result = report["verdict"]
+    for problem in result["problems"]:
+        print(f"lbctl status: {problem}{_fix(problem, address)}", file=sys.stderr)
+    sys.stdout.flush()
+    return int(result["exitCode"])
+
+
+def _fix(problem: str, address: str) -> str:
+    if problem.startswith("agent: not reachable"):
+        return (
+            "; start the agent (`lbctl run`) in this network namespace, or point --address at "
+            f"its --healthz-bind-address if it is not {address}"
+        )
+    if problem.startswith("agent: unhealthy"):
+        return "; see the agent's log"
+    if problem.startswith("datapath:"):
+        return "; the agent creates the datapath when it starts: start it, or check --bpffs"
+    return ""
