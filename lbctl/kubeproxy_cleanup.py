@@ -33,6 +33,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 TABLES = ("nat", "filter", "mangle")
@@ -84,6 +85,12 @@ KUBELET_CHAINS = frozenset(
 IPTABLES_TOOLS = ("iptables-legacy", "iptables-nft", "ip6tables-legacy", "ip6tables-nft")
 NFT_TABLES = ("ip kube-proxy", "ip6 kube-proxy")
 IPVS_LINK = "kube-ipvs0"
+IPVS_PROC = Path("/proc/net/ip_vs")  # per network namespace, while ip_vs is loaded
+# iptables-legacy's tables of this namespace, by family; no file: no legacy tables
+LEGACY_TABLES = {
+    "iptables": Path("/proc/net/ip_tables_names"),
+    "ip6tables": Path("/proc/net/ip6_tables_names"),
+}
 NODE_PORT_RANGE = (30000, 32767)  # kube-apiserver's default --service-node-port-range
 _RETRIES = 3  # re-read and try again when a table changed between reading and writing
 
@@ -360,6 +367,10 @@ def clean_ipvs(node_port_range: tuple[int, int] = NODE_PORT_RANGE) -> IpvsResult
         link_addresses = _addresses(ipr, found[0]) if found else None
         node_addresses = _addresses(ipr) - (link_addresses or set())
     result = IpvsResult(True, [], [], "")
+    if not IPVS_PROC.exists():  # ip_vs is not loaded: opening its family would load it
+        result.available = False
+        result.link = _remove_link(link, len(link_addresses or ()))
+        return result
     try:
         ipvs = IPVS()
     except (NetlinkError, OSError) as err:
@@ -441,6 +452,11 @@ def cleanup(node_port_range: tuple[int, int] = NODE_PORT_RANGE) -> Report:
         if shutil.which(f"{tool}-save") is None:
             report.lines.append(f"{tool}: not installed, skipped")
             continue
+        command, backend = tool.split("-")
+        names = LEGACY_TABLES[command]
+        if backend == "legacy" and (not names.exists() or not names.read_text().strip()):
+            report.lines.append(f"{tool}: no tables")  # and reading would not create any
+            continue
         try:
             results = clean_iptables(tool)
         except CleanupError as err:
@@ -477,7 +493,7 @@ def cleanup(node_port_range: tuple[int, int] = NODE_PORT_RANGE) -> Report:
     else:
         if not ipvs.available:
             report.lines.append(
-                "IPVS: not available in this kernel (no ip_vs module), so no virtual services"
+                "IPVS: not in this kernel (ip_vs is not loaded), so no virtual services"
             )
         else:
             removed = ", ".join(map(str, ipvs.removed)) or "none"
