@@ -153,8 +153,15 @@ def socket_hooks(pin_dir: Path) -> list[dict[str, Any]]:
 
 def pinned_maps(pin_dir: Path) -> dict[str, Any]:
     from lbctl.datapath import libbpf
+    from lbctl.datapath.bpf import check_bpffs
+    from lbctl.datapath.frontends import DatapathError
     from lbctl.datapath.maps import SIZE_FLAGS
 
+    try:
+        check_bpffs(pin_dir)  # e.g. under `ip netns exec`, which hides bpffs
+        unseen = None
+    except DatapathError as err:
+        unseen = str(err)
     present = [name for name in MAP_TYPES if (pin_dir / name).exists()]
     fill: dict[str, dict[str, int]] = {}
     for name in _COUNTED_MAPS:
@@ -170,6 +177,7 @@ def pinned_maps(pin_dir: Path) -> dict[str, Any]:
         "present": present,
         "missing": [name for name in MAP_TYPES if name not in present],
         "fill": fill,
+        "bpffsError": unseen,
     }
 
 
@@ -214,7 +222,9 @@ def verdict(agent: dict[str, Any], kernel: dict[str, Any]) -> dict[str, Any]:
         why = "its first sync is not done" if not doc.get("synced") else "its loop stalled"
         problems.append((UNHEALTHY, f"agent: unhealthy, {why} (last tick {doc.get('lastTick')})"))
     maps = kernel["pinnedMaps"]
-    if maps["missing"]:
+    if maps.get("bpffsError"):
+        problems.append((NO_DATAPATH, f"datapath: {maps['bpffsError']}"))
+    elif maps["missing"]:
         what = (
             "no lbctl maps are" if not maps["present"] else f"{len(maps['missing'])} maps are not"
         )
@@ -323,7 +333,7 @@ def render_table(report: dict[str, Any]) -> str:
             )
         if not iface["programs"]:
             progs.append([iface["name"], "-", "(no program)", "-", "-"])
-    parts.append(_columns(progs))
+    parts.append(_columns(progs) if len(progs) > 1 else "INTERFACES  none but lo")
     hooks = [["SOCKET HOOK", "PROGRAM", "ID", "CGROUP ID"]]
     hooks += [
         [h["hook"], h["program"], str(h["id"]), str(h["cgroupId"])] for h in kernel["socketHooks"]
@@ -390,6 +400,6 @@ def _fix(problem: str, address: str) -> str:
         )
     if problem.startswith("agent: unhealthy"):
         return "; see the agent's log"
-    if problem.startswith("datapath:"):
+    if problem.startswith("datapath:") and "bpf file system" not in problem:
         return "; the agent creates the datapath when it starts: start it, or check --bpffs"
     return ""
