@@ -462,7 +462,9 @@ def cleanup(node_port_range: tuple[int, int] = NODE_PORT_RANGE) -> Report:
         except CleanupError as err:
             report.errors.append(str(err))
             continue
-        if not any(r.chains or r.jumps for r in results):
+        if not results:
+            report.lines.append(f"{tool}: no tables")
+        elif not any(r.chains or r.jumps for r in results):
             report.lines.append(f"{tool}: nothing of kube-proxy's")
         for r in results:
             if r.chains or r.jumps:

@@ -289,6 +289,14 @@ def _sync_line(record: dict[str, Any] | None, now: str | None) -> str:
     )
 
 
+def _counts(counts: dict[str, int]) -> str:
+    def n(key: str, what: str) -> str:
+        return f"{counts[key]} {what}{'' if counts[key] == 1 else 's'}"
+
+    text = f"{n('services', 'service')}, {n('frontends', 'frontend')}, "
+    return text + f"{n('backends', 'backend')} ({n('backendSlots', 'backend slot')})"
+
+
 def render_table(report: dict[str, Any]) -> str:
     agent, kernel, result = report["agent"], report["kernel"], report["verdict"]
     doc = agent["status"]
@@ -312,11 +320,7 @@ def render_table(report: dict[str, Any]) -> str:
             ),
             ("LAST SYNC", _sync_line(doc.get("lastSync"), now)),
             ("LAST CHANGE", _sync_line(doc.get("lastChange"), now)),
-            (
-                "COUNTS",
-                "{services} services, {frontends} frontends, {backends} backends "
-                "({backendSlots} backend slots)".format(**doc["counts"]),
-            ),
+            ("COUNTS", _counts(doc["counts"])),
         ]
     maps = kernel["pinnedMaps"]
     fill = ", ".join(f"{n} {f['entries']}/{f['capacity']}" for n, f in maps["fill"].items())
