@@ -136,8 +136,9 @@ class Agent:
         self._netns_cookie = cgroup.netns_cookie()  # the socket hooks act in this namespace only
         self.last_sync: SyncRecord | None = None  # the last full sync (first or periodic)
         self.last_change: SyncRecord | None = None  # the last change applied as a diff
-        # The newest errors with their wall-clock time, whatever reported them.
-        self.recent_errors: collections.deque[tuple[float, str]] = collections.deque(maxlen=50)
+        # The newest distinct errors, whatever reported them, and when each last happened
+        # (time.time); oldest first.  A retried error moves to the end instead of repeating.
+        self.recent_errors: dict[str, float] = {}
 
     def sync(self, stop: threading.Event | None = None) -> None:
         """First sync: load everything, make the maps match, then attach."""
@@ -270,7 +271,7 @@ class Agent:
                     self.datapath.collect_garbage()
             except Exception as err:  # one bad tick must not take the agent down
                 log.exception("agent loop error; continuing")
-                self.recent_errors.append((time.time(), f"agent loop error: {err}"))
+                self._remember(f"agent loop error: {err}")
 
     def _node_view(self) -> tuple[NodeContext, NodeConfig]:
         """Where NodePorts answer, the node's zone and which address masquerades, as of now."""
@@ -332,8 +333,14 @@ class Agent:
     def _record(self, errors: list[str]) -> None:
         for message in errors:
             log.error("%s", message)
-            self.recent_errors.append((time.time(), message))
+            self._remember(message)
         self.errors += errors
+
+    def _remember(self, message: str) -> None:
+        self.recent_errors.pop(message, None)
+        self.recent_errors[message] = time.time()
+        while len(self.recent_errors) > 50:
+            del self.recent_errors[next(iter(self.recent_errors))]
 
 
 def _release_free_memory() -> None:

@@ -102,7 +102,7 @@ def document(agent: Agent, healthy: bool, problems: list[str]) -> dict[str, Any]
     wall = time.time()
     plans = retry(lambda: list(agent.planner.plans.values()))
     frontends = [fe for plan in plans for fe in plan.values()]
-    recent = list(agent.recent_errors)[-RECENT_ERRORS:]
+    recent = retry(lambda: list(agent.recent_errors.items()))[-RECENT_ERRORS:]
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -129,6 +129,6 @@ def document(agent: Agent, healthy: bool, problems: list[str]) -> dict[str, Any]
         "errors": {
             "current": list(agent.errors),  # of the last attempt; retried every few seconds
             "rejected": retry(lambda: _rejected(agent)),
-            "recent": [{"time": rfc3339(at), "message": m} for at, m in recent],
+            "recent": [{"time": rfc3339(at), "message": m} for m, at in recent],
         },
     }

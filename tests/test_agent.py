@@ -67,3 +67,22 @@ def test_restart_removes_only_stale_frontends(tmp_path: Path, clean_datapath: Bp
     # api's header, slot, membership and metadata; the backend entry stays
     # (web balances to the same pod) and web itself is untouched
     assert dp.table.map_ops == 4
+
+
+def test_what_lbctl_status_reads_of_the_agent(tmp_path: Path, clean_datapath: BpfDatapath) -> None:
+    """Last full sync, last change, and recent errors each once, at their last time."""
+    publish(tmp_path / "a.yaml", "web", "10.96.0.10")
+    agent = Agent(ManifestSource(tmp_path), clean_datapath, AgentOptions(interfaces=["nosuch0"]))
+    agent.sync()
+    assert agent.last_sync is not None and agent.last_sync.what == "first sync"
+    missing = "interface nosuch0: not found in this network namespace"
+    assert agent.last_sync.errors == (missing,) and agent.last_change is None
+    publish(tmp_path / "b.yaml", "api", "10.96.0.11")
+    agent.step()
+    assert agent.last_change is not None and agent.last_change.errors == ()
+    assert agent.last_change.what == "1 frontend updates, 0 removals"
+    first = agent.recent_errors[missing]
+    agent._record(["Service test/x: map lb4_services is full"])
+    agent._record([missing])  # retried: moves to the end, not repeated
+    assert list(agent.recent_errors) == ["Service test/x: map lb4_services is full", missing]
+    assert agent.recent_errors[missing] >= first
