@@ -20,19 +20,33 @@ static __always_inline int ct_alive(const struct ct4_entry *e, __u8 proto, __u64
 
 /* Refresh last_seen at most once per LBCTL_CT_REFRESH_NS, so established
  * flows do not write to a shared cache line on every packet; returns 1 when
- * it did.  A FIN or RST closes the flow: it stops counting for lc. */
-static __always_inline int ct_touch(struct ct4_entry *e, const struct pkt4 *p, __u64 now)
+ * it did.  A FIN or RST closes the flow: it stops counting for lc.  `reply`
+ * says which side sent p; a FIN from each side (or a RST) marks the flow
+ * CT_F_CLOSED, after which its NAT port may go to a new flow (nat4_stale). */
+static __always_inline int ct_touch(struct ct4_entry *e, const struct pkt4 *p, __u64 now,
+				    int reply)
 {
 	int refreshed = 0;
+	__u8 fin;
 
 	if (now - e->last_seen_ns > LBCTL_CT_REFRESH_NS) {
 		e->last_seen_ns = now;
 		refreshed = 1;
 	}
-	if ((p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) && !(e->flags & CT_F_CLOSING)) {
+	if (!(p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+		return refreshed;
+	if (!(e->flags & CT_F_CLOSING)) {
 		e->flags |= CT_F_CLOSING;
 		e->last_seen_ns = now;
 		lb_conn_close(e);
+	}
+	fin = (p->tcp_flags & TCP_FLAG_RST) ? CT_F_CLOSED : reply ? CT_F_FIN_REPLY : CT_F_FIN_ORIG;
+	if ((e->flags & fin) != fin) {
+		if (fin == CT_F_FIN_REPLY && !(e->flags & CT_F_FIN_ORIG))
+			fin |= CT_F_REPLY_CLOSED_FIRST;
+		e->flags |= fin;
+		if ((e->flags & CT_F_CLOSED) == CT_F_CLOSED)
+			e->last_seen_ns = now;
 	}
 	return refreshed;
 }

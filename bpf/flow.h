@@ -200,8 +200,9 @@ static __always_inline int flow4_decide(const struct pkt4 *p, const struct lb4_c
 		 * a UDP flow has no end: both keep their backend only while it is
 		 * still in the service (kube-proxy likewise flushes the UDP
 		 * conntrack of removed endpoints).  The new connection starts
-		 * with clean flags; its NAT binding, if any, stays its own. */
-		if (lb4_backend_member(ct)) {
+		 * with clean flags; its NAT binding, if any, stays its own,
+		 * unless a new flow took it after this one closed. */
+		if (lb4_backend_member(ct) && nat4_held(ct, p)) {
 			if (is_new_tcp(p))
 				return flow4_follow(p, ct, x, FLOW_RESTART, LB_STAT_DNAT_NEW);
 			return flow4_follow(p, ct, x, FLOW_FOLLOW, LB_STAT_DNAT_EST);
@@ -283,7 +284,8 @@ static __always_inline int flow4_commit(const struct pkt4 *p, const struct lb4_c
 			lb_conn_open(ct->backend_id);
 		return FLOW_FOLLOW;
 	}
-	if (ct_touch(ct, p, now) && verdict == FLOW_FOLLOW && (ct->flags & CT_F_AFFINITY))
+	if (ct_touch(ct, p, now, verdict == FLOW_REPLY) && verdict == FLOW_FOLLOW &&
+	    (ct->flags & CT_F_AFFINITY))
 		lb4_affinity_touch(ct, p->saddr, now);
 	if (verdict == FLOW_REPLY && !(ct->flags & CT_F_SEEN_REPLY))
 		ct->flags |= CT_F_SEEN_REPLY;

@@ -62,6 +62,11 @@
 			  * flow is counted in lb_conns while ct4_entry.open */
 #define CT_F_AFFINITY 16 /* its frontend has ClientIP affinity: traffic of the
 			  * flow keeps the client's lb4_affinity entry alive */
+#define CT_F_FIN_ORIG 32  /* TCP: the client sent FIN (or either side RST) */
+#define CT_F_FIN_REPLY 64 /* TCP: the backend sent FIN (or either side RST) */
+#define CT_F_CLOSED 96    /* CT_F_FIN_ORIG | CT_F_FIN_REPLY */
+#define CT_F_REPLY_CLOSED_FIRST 128 /* TCP: the backend's FIN came first, so the
+				     * backend holds the tuple in TIME_WAIT */
 
 /* Indexes of lb_stats: one counter per verdict of the programs.  A packet XDP
  * forwards counts its verdict (new_flows, established, ...) and

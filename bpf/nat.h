@@ -100,7 +100,15 @@ static __always_inline struct ct4_entry *nat4_forward(const struct nat4_entry *e
 }
 
 /* A binding is free for a new flow when the flow that took it is gone:
- * its forward entry is missing, names another binding, or has expired. */
+ * its forward entry is missing, names another binding, or has expired; or
+ * it has closed both ways, the client first (or by a RST), and been quiet
+ * for LBCTL_NAT_REUSE_NS: then the backend holds nothing of the tuple (its
+ * passive close ended with the client's last ACK, which the quiet time lets
+ * arrive), and the client's TIME_WAIT is on its own side of the NAT.  Without
+ * this the range holds every closed flow for the closing timeout, and a busy
+ * NodePort runs out at range / timeout new flows a second per backend.  A
+ * backend that closed first keeps the tuple in TIME_WAIT, where a new SYN
+ * may be refused: that binding waits for the closing timeout. */
 static __always_inline int nat4_stale(const struct nat4_entry *e, const struct ct4_key *nk,
 				      __u64 now)
 {
@@ -109,12 +117,39 @@ static __always_inline int nat4_stale(const struct nat4_entry *e, const struct c
 	if (!fwd || fwd->snat_addr != nk->daddr || fwd->snat_port != nk->dport ||
 	    fwd->nat_addr != nk->saddr || fwd->nat_port != nk->sport)
 		return 1;
-	return !ct_alive(fwd, nk->proto, now);
+	if (!ct_alive(fwd, nk->proto, now))
+		return 1;
+	return nk->proto == IPPROTO_TCP && (fwd->flags & CT_F_CLOSED) == CT_F_CLOSED &&
+	       !(fwd->flags & CT_F_REPLY_CLOSED_FIRST) &&
+	       now - fwd->last_seen_ns > LBCTL_NAT_REUSE_NS;
 }
 
-/* Take a NAT port for the new flow p -> be: random start, then the next
- * ports in turn, so the range fills evenly and a collision costs one try.
- * Two CPUs reclaiming the same stale binding at once is possible but
+/* Does the flow ct of client packet p still hold its NAT binding?  A flow
+ * closed both ways may have lost it to a new flow (nat4_stale); a SYN
+ * reusing its tuple then starts afresh instead of restarting on it. */
+static __always_inline int nat4_held(const struct ct4_entry *ct, const struct pkt4 *p)
+{
+	struct ct4_key k = {};
+	struct nat4_entry *nat;
+
+	if (!ct->snat_addr || (ct->flags & CT_F_CLOSED) != CT_F_CLOSED)
+		return 1;
+	k.saddr = ct->nat_addr;
+	k.daddr = ct->snat_addr;
+	k.sport = ct->nat_port;
+	k.dport = ct->snat_port;
+	k.proto = p->proto;
+	k.dir = CT_DIR_REVERSE;
+	nat = nat4.lookup(&k);
+	return nat && nat->client_addr == p->saddr && nat->client_port == p->sport &&
+	       nat->vip == p->daddr && nat->vport == p->dport;
+}
+
+/* Take a NAT port for the new flow p -> be: a random port per try, so the
+ * range fills evenly and a nearly full range still finds its free ports
+ * (probing the next ports in turn would walk along the runs of taken ports
+ * that random fill makes).  A range no bigger than NAT_TRIES is tried whole,
+ * in turn from a random start.  Two CPUs reclaiming the same stale binding at once is possible but
  * harmless beyond those two flows: the later write wins. */
 static __always_inline int nat4_bind(const struct pkt4 *p, const struct lb4_backend *be,
 				     const struct lb4_config *cfg, __u64 now, __be16 *port)
@@ -128,7 +163,6 @@ static __always_inline int nat4_bind(const struct pkt4 *p, const struct lb4_back
 		return -1;
 	range = max - min + 1;
 	start = bpf_get_prandom_u32() % range;
-	/* A range smaller than NAT_TRIES is tried whole, some ports twice. */
 	e.created_ns = now;
 	e.client_addr = p->saddr;
 	e.client_port = p->sport;
@@ -137,7 +171,7 @@ static __always_inline int nat4_bind(const struct pkt4 *p, const struct lb4_back
 	nat4_key(&k, be, cfg->snat_addr, 0, p->proto);
 	for (i = 0; i < NAT_TRIES; i++) {
 		struct nat4_entry *old;
-		__u32 n = (start + i) % range;
+		__u32 n = range <= NAT_TRIES ? (start + i) % range : bpf_get_prandom_u32() % range;
 
 		k.dport = bpf_htons((__u16)(min + n));
 		if (nat4.insert(&k, &e) == 0) {

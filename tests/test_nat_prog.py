@@ -4,6 +4,7 @@ and the conntrack/NAT sweep of the agent on the entries real packets made."""
 from __future__ import annotations
 
 import ipaddress
+import time
 
 import pytest
 
@@ -39,13 +40,14 @@ def frontend(
     drop_empty: bool = False,
     ranges: tuple[IPNetwork, ...] = (),
     kind: str = "NodePort",
+    proto: Protocol = Protocol.UDP,
 ) -> Frontend:
     return Frontend(
-        FrontendKey(ip(NODE), NODE_PORT, Protocol.UDP, scope),
+        FrontendKey(ip(NODE), NODE_PORT, proto, scope),
         ServiceRef("ns", "dns"),
         "",
         kind,
-        tuple(Backend(ip(b), 5353, Protocol.UDP) for b in backends),
+        tuple(Backend(ip(b), 5353, proto) for b in backends),
         local,
         drop_empty,
         ranges,
@@ -94,6 +96,51 @@ def test_nat_ports_run_out_and_come_back_after_the_sweep(dp: BpfDatapath) -> Non
     assert (swept.conntrack, swept.nat) == (2, 2)
     assert len(dp.maps.ct4) == 0 and len(dp.maps.nat4) == 0
     assert 61000 <= ask(dp, OUTSIDE, 40002).sport <= 61001
+
+
+def test_a_tcp_flow_closed_both_ways_frees_its_nat_port_after_a_quiet_moment(
+    dp: BpfDatapath,
+) -> None:
+    """Without this a NodePort under connection churn holds every closed flow's port
+    for the closing timeout and runs dry at range/timeout new flows a second."""
+    dp.reconcile({fe.key: fe for fe in [frontend([BACKEND], proto=Protocol.TCP)]})
+
+    def syn(sport: int) -> packets.Parsed:
+        return checked(run(dp, packets.ipv4_tcp(OUTSIDE, NODE, sport, NODE_PORT, "S")))
+
+    closed, backend_first = syn(40000), syn(40001)
+    assert {closed.sport, backend_first.sport} == {61000, 61001}
+    # the first closes both ways, the client first; the second too, but the backend
+    # first: the backend keeps that tuple in TIME_WAIT, where a new SYN may be refused
+    checked(run(dp, packets.ipv4_tcp(OUTSIDE, NODE, 40000, NODE_PORT, "FA", seq=1001, ack=1)))
+    checked(run(dp, packets.ipv4_tcp(BACKEND, NODE, 5353, closed.sport, "FA", seq=1, ack=1002)))
+    checked(
+        run(dp, packets.ipv4_tcp(BACKEND, NODE, 5353, backend_first.sport, "FA", seq=1, ack=1001))
+    )
+    checked(run(dp, packets.ipv4_tcp(OUTSIDE, NODE, 40001, NODE_PORT, "FA", seq=1001, ack=2)))
+    before = stats(dp)
+    too_soon = run(dp, packets.ipv4_tcp(OUTSIDE, NODE, 40002, NODE_PORT, "S"))
+    assert too_soon.retval == TC_ACT_SHOT  # a closed flow's last ACK may still be on its way
+    assert stat_delta(before, stats(dp)) == {STAT_NAT_EXHAUSTED: 1}
+    time.sleep(dp.settings.nat_reuse_ms / 1000 + 0.1)
+    reused = syn(40003)
+    assert reused.sport == closed.sport
+    reply = checked(run(dp, packets.ipv4_tcp(BACKEND, NODE, 5353, reused.sport, "SA", ack=1001)))
+    assert (reply.dst, reply.dport) == (OUTSIDE, 40003)
+    # the flow the backend closed first keeps its port
+    before = stats(dp)
+    assert run(dp, packets.ipv4_tcp(OUTSIDE, NODE, 40004, NODE_PORT, "S")).retval == TC_ACT_SHOT
+    assert stat_delta(before, stats(dp)) == {STAT_NAT_EXHAUSTED: 1}
+    # the first client reuses its port: its old binding is someone else's now, so
+    # it must not restart on it (its SYN-ACK would go to 40003); no port is free
+    before = stats(dp)
+    assert run(dp, packets.ipv4_tcp(OUTSIDE, NODE, 40000, NODE_PORT, "S")).retval == TC_ACT_SHOT
+    assert stat_delta(before, stats(dp)) == {STAT_NAT_EXHAUSTED: 1}
+    # while a closed flow whose binding is still its own restarts on it
+    checked(run(dp, packets.ipv4_tcp(OUTSIDE, NODE, 40003, NODE_PORT, "FA", seq=1001, ack=1)))
+    checked(run(dp, packets.ipv4_tcp(BACKEND, NODE, 5353, reused.sport, "FA", seq=1, ack=1002)))
+    again = syn(40003)
+    assert again.sport == reused.sport
 
 
 def test_the_sweep_keeps_live_flows(dp: BpfDatapath) -> None:

@@ -30,6 +30,7 @@ from lbctl.datapath.settings import SECOND_NS, BpfSettings
 _FORWARD = layout.const("CT_DIR_FORWARD")
 _F_SEEN_REPLY = layout.const("CT_F_SEEN_REPLY")
 _F_CLOSING = layout.const("CT_F_CLOSING")
+_F_CLOSED = layout.const("CT_F_CLOSED")
 _F_LC = layout.const("CT_F_LC")
 _TCP = 6
 
@@ -146,6 +147,14 @@ def _sweep_affinity(maps: Maps, frontends: Mapping[int, Affinity], now: int) -> 
     return sum(bool(maps.lb4_affinity.delete(key)) for key in gone)
 
 
+def _state(flags: int) -> str:
+    if flags & _F_CLOSED == _F_CLOSED:
+        return "closed"  # both sides sent FIN, or one RST: its NAT port is free soon
+    if flags & _F_CLOSING:
+        return "closing"
+    return "established" if flags & _F_SEEN_REPLY else "opening"
+
+
 def flows(maps: Maps, limit: int = 1000) -> list[dict[str, Any]]:
     """Balanced flows (forward entries), newest first, for `lbctl maps dump`.
 
@@ -167,9 +176,7 @@ def flows(maps: Maps, limit: int = 1000) -> list[dict[str, Any]]:
                 else None,
                 "age_s": round((now - e.created_ns) / SECOND_NS, 1),
                 "idle_s": round((now - e.last_seen_ns) / SECOND_NS, 1),
-                "state": "closing"
-                if e.flags & _F_CLOSING
-                else ("established" if e.flags & _F_SEEN_REPLY else "opening"),
+                "state": _state(e.flags),
             }
         )
     rows.sort(key=lambda r: float(r["age_s"]))

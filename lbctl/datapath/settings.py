@@ -50,6 +50,7 @@ class BpfSettings:
     ct_tcp_closing_timeout_s: int = 10
     ct_udp_timeout_s: int = 60
     ct_refresh_s: int = 1
+    nat_reuse_ms: int = 1000  # a closed flow's NAT port is free again after this quiet time
     fib_redirect: bool = True
 
     def cflags(self) -> list[str]:
@@ -72,6 +73,7 @@ class BpfSettings:
             "LBCTL_CT_TCP_CLOSING_TIMEOUT_NS": f"{self.ct_tcp_closing_timeout_s * SECOND_NS}ULL",
             "LBCTL_CT_UDP_TIMEOUT_NS": f"{self.ct_udp_timeout_s * SECOND_NS}ULL",
             "LBCTL_CT_REFRESH_NS": f"{self.ct_refresh_s * SECOND_NS}ULL",
+            "LBCTL_NAT_REUSE_NS": f"{self.nat_reuse_ms * SECOND_NS // 1000}ULL",
             "LBCTL_FIB_REDIRECT": int(self.fib_redirect),
         }
         flags = [f"-I{bpf_source_dir()}"]
