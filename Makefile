@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: deps demo test lint unit clean bench bench-control-plane
+.PHONY: deps demo test lint unit clean bench bench-control-plane bench-dataplane
 
 deps:
 	@bash scripts/install-deps.sh
@@ -12,18 +12,23 @@ demo: deps
 	@bash scripts/demo.sh
 
 lint: deps
-	$(BIN)/ruff check lbctl tests
-	$(BIN)/ruff format --check lbctl tests
+	$(BIN)/ruff check lbctl tests bench
+	$(BIN)/ruff format --check lbctl tests bench
 	$(BIN)/mypy --strict lbctl
 
 test: lint
 	$(PY) -m pytest -q tests
 
-bench: bench-control-plane
+bench: bench-control-plane bench-dataplane
 
 # Figures for the README; see the docstring of bench/control_plane.py.
 bench-control-plane: deps
 	$(PY) bench/control_plane.py
+
+# Per-packet cost against no load balancer and kube-proxy's iptables and nftables
+# layouts; writes bench/results/dataplane.{json,png}. See bench/dataplane.py.
+bench-dataplane: deps
+	$(PY) bench/dataplane.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

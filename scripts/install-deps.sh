@@ -9,6 +9,7 @@ DEB_PACKAGES=(
   python3-venv python3-dev                 # the venv that sees bcc
   iproute2 ethtool iptables nftables       # namespaces, veths, tc; netfilter for the tests
   linux-headers-amd64                      # bcc needs kernel headers
+  gcc nginx python3-matplotlib             # make bench: load generator, backends, chart
 )
 
 missing=()
@@ -18,6 +19,14 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "deps: installing Debian packages: ${missing[*]}"
   apt-get update -q
+  # Installing nginx must not start it on the host: deny service starts for the
+  # duration unless a policy is already in place (container images ship one).
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod +x "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 
