@@ -18,7 +18,14 @@ setup(
         "PyYAML>=6",
     ],
     extras_require={
-        "test": ["pytest>=7", "mypy>=1.8", "ruff>=0.4", "types-PyYAML"],
+        "test": [
+            "pytest>=7",
+            "mypy>=1.8",
+            "ruff>=0.4",
+            "types-PyYAML",
+            # the Kubernetes API schemas deploy/ is checked against (tests/test_deploy.py)
+            "kubernetes-validate>=1.37",
+        ],
     },
     entry_points={"console_scripts": ["lbctl=lbctl.cli:main"]},
 )
