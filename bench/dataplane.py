@@ -494,7 +494,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{SCENARIOS[scenario]}: {label}", fontsize=10)
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
+    axes.flat[len(panels) // 2].legend(fontsize=8)  # NodePort's panels have every variant
     info = results["machine"]
     fig.suptitle(
         f"lbctl data plane, median of {results['repetitions']} runs of {results['seconds']} s; "
