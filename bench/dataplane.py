@@ -51,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -287,12 +288,12 @@ APPLIED = re.compile(r"applied (\d+) frontend updates")
 def load(topo: Topology, services: int) -> float:
     """Program `services` services into the variant; seconds it took."""
     started = time.monotonic()
-    ports = ordered(services, topo.pod_ips)
     if topo.variant == "iptables":
+        ports = ordered(services, topo.pod_ips)
         feed(topo.node, iptables_rules(ports, CLUSTER_CIDR), "iptables-legacy-restore")
     elif topo.variant == "nftables":
         feed(topo.node, nftables_base([NODE_IP]), "nft", "-f", "-")
-        for batch in nftables_services(ports, CLUSTER_CIDR):
+        for batch in nftables_services(ordered(services, topo.pod_ips), CLUSTER_CIDR):
             feed(topo.node, batch, "nft", "-f", "-")
     elif topo.variant.startswith("lbctl"):
         load_lbctl(topo, services)
@@ -338,7 +339,7 @@ def load_lbctl(topo: Topology, services: int) -> None:
     wait_log(topo, lambda text: sum(map(int, APPLIED.findall(text))) >= added, 300)
 
 
-def wait_log(topo: Topology, ready: Any, timeout: float) -> None:
+def wait_log(topo: Topology, ready: Callable[[str], bool], timeout: float) -> None:
     assert topo.agent is not None and topo.agent_log is not None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

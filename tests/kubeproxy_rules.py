@@ -52,9 +52,12 @@ class ServicePort:
         return f"{self.namespace}/{self.name}:{self.port_name}"
 
 
+def _digest(text: str) -> str:
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()
+
+
 def _hash(prefix: str, text: str) -> str:
-    digest = base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()
-    return f"{prefix}-{digest[:16]}"
+    return f"{prefix}-{_digest(text)[:16]}"
 
 
 def _iptables_service(svc: ServicePort, cluster_cidr: str) -> tuple[list[str], list[str]]:
@@ -190,8 +193,7 @@ def iptables_service_rewrite(svc: ServicePort, cluster_cidr: str) -> str:
 
 
 def _nft_chain(prefix: str, text: str) -> str:
-    digest = base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()
-    return f"{prefix}-{digest[:8]}-{text}"
+    return f"{prefix}-{_digest(text)[:8]}-{text}"
 
 
 NFT_TABLE = "ip kube-proxy"
