@@ -73,12 +73,12 @@ static __always_inline int lb4_frontend(const struct pkt4 *p, const struct lb4_c
 	return svc ? FRONTEND_OK : FRONTEND_NONE;
 }
 
-static __always_inline void nat4_key(struct ct4_key *k, const struct lb4_backend *be,
+static __always_inline void nat4_key(struct ct4_key *k, __be32 be_addr, __be16 be_port,
 				     __be32 snat_addr, __be16 snat_port, __u8 proto)
 {
-	k->saddr = be->addr;
+	k->saddr = be_addr;
 	k->daddr = snat_addr;
-	k->sport = be->port;
+	k->sport = be_port;
 	k->dport = snat_port;
 	k->proto = proto;
 	k->dir = CT_DIR_REVERSE;
@@ -134,12 +134,7 @@ static __always_inline int nat4_held(const struct ct4_entry *ct, const struct pk
 
 	if (!ct->snat_addr || (ct->flags & CT_F_CLOSED) != CT_F_CLOSED)
 		return 1;
-	k.saddr = ct->nat_addr;
-	k.daddr = ct->snat_addr;
-	k.sport = ct->nat_port;
-	k.dport = ct->snat_port;
-	k.proto = p->proto;
-	k.dir = CT_DIR_REVERSE;
+	nat4_key(&k, ct->nat_addr, ct->nat_port, ct->snat_addr, ct->snat_port, p->proto);
 	nat = nat4.lookup(&k);
 	return nat && nat->client_addr == p->saddr && nat->client_port == p->sport &&
 	       nat->vip == p->daddr && nat->vport == p->dport;
@@ -149,8 +144,9 @@ static __always_inline int nat4_held(const struct ct4_entry *ct, const struct pk
  * range fills evenly and a nearly full range still finds its free ports
  * (probing the next ports in turn would walk along the runs of taken ports
  * that random fill makes).  A range no bigger than NAT_TRIES is tried whole,
- * in turn from a random start.  Two CPUs reclaiming the same stale binding at once is possible but
- * harmless beyond those two flows: the later write wins. */
+ * in turn from a random start.  Two CPUs reclaiming the same stale binding
+ * at once is possible but harmless beyond those two flows: the later write
+ * wins. */
 static __always_inline int nat4_bind(const struct pkt4 *p, const struct lb4_backend *be,
 				     const struct lb4_config *cfg, __u64 now, __be16 *port)
 {
@@ -168,7 +164,7 @@ static __always_inline int nat4_bind(const struct pkt4 *p, const struct lb4_back
 	e.client_port = p->sport;
 	e.vip = p->daddr;
 	e.vport = p->dport;
-	nat4_key(&k, be, cfg->snat_addr, 0, p->proto);
+	nat4_key(&k, be->addr, be->port, cfg->snat_addr, 0, p->proto);
 	for (i = 0; i < NAT_TRIES; i++) {
 		struct nat4_entry *old;
 		__u32 n = range <= NAT_TRIES ? (start + i) % range : bpf_get_prandom_u32() % range;
@@ -192,7 +188,7 @@ static __always_inline void nat4_unbind(const struct lb4_backend *be, __be32 sna
 {
 	struct ct4_key k = {};
 
-	nat4_key(&k, be, snat_addr, snat_port, proto);
+	nat4_key(&k, be->addr, be->port, snat_addr, snat_port, proto);
 	nat4.delete(&k);
 }
 

@@ -149,7 +149,7 @@ def _sweep_affinity(maps: Maps, frontends: Mapping[int, Affinity], now: int) -> 
 
 def _state(flags: int) -> str:
     if flags & _F_CLOSED == _F_CLOSED:
-        return "closed"  # both sides sent FIN, or one RST: its NAT port is free soon
+        return "closed"  # both sides sent FIN, or one RST
     if flags & _F_CLOSING:
         return "closing"
     return "established" if flags & _F_SEEN_REPLY else "opening"
