@@ -157,8 +157,30 @@ def _parser() -> argparse.ArgumentParser:
 
     maps = sub.add_parser("maps", help="inspect the datapath's maps")
     maps_sub = maps.add_subparsers(dest="maps_command", required=True, metavar="ACTION")
-    dump = maps_sub.add_parser("dump", help="print services, backends and map fill, decoded")
-    dump.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    dump = maps_sub.add_parser(
+        "dump",
+        help="print the maps decoded: services, backends, flows, NAT, affinity, fill",
+        description="Read lbctl's pinned maps and print them decoded: services by "
+        "namespace/name and port with their frontends and backends (state, open flows), "
+        "source ranges, the node's NAT settings, conntrack flows and NAT bindings with their "
+        "age, ClientIP affinity entries, each map's capacity and fill, and the packet "
+        "counters. MAP limits the output to one section (services, node, conntrack, nat, "
+        "affinity, maps, counters) or to the section that decodes a map of that name (e.g. "
+        "ct4, nat4, lb4_affinity). Exit codes: 0 printed, 1 no maps or no such service, "
+        "2 usage.",
+    )
+    dump.add_argument(
+        "map",
+        nargs="?",
+        metavar="MAP",
+        help="a section or map name (default: every section)",
+    )
+    dump.add_argument(
+        "--service",
+        metavar="NS/NAME",
+        help="only this Service's frontends and the flows, NAT bindings and affinity of them",
+    )
+    dump.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     _bpffs_arg(dump)
 
     cleanup = sub.add_parser(
@@ -412,17 +434,30 @@ def _node_name(cfg: Config) -> str:
 
 
 def _dump(args: argparse.Namespace) -> int:
-    from lbctl import dump
+    from lbctl import dump, dump_render
 
+    sections: tuple[str, ...] = dump.SECTIONS
+    if args.map is not None:
+        section = dump.MAP_SECTIONS.get(args.map, args.map)
+        if section not in dump.SECTIONS:
+            known = ", ".join([*dump.SECTIONS, *dump.MAP_SECTIONS])
+            raise ValueError(f"no map or section {args.map!r} to dump; choose one of {known}")
+        sections = (section,)
+    if args.service is not None and args.service.count("/") != 1:
+        raise ValueError(f"--service {args.service!r} must be NAMESPACE/NAME, e.g. default/web")
     if not (args.bpffs / "lb4_services").exists():
         raise FileNotFoundError(
             f"no lbctl maps under {args.bpffs}: is the agent running with --bpffs {args.bpffs}?"
         )
-    data = dump.read(args.bpffs)
+    data = dump.read(args.bpffs, sections, args.service)
     if args.output == "json":
         print(json.dumps(data, indent=2))
+    elif args.output == "yaml":
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
     else:
-        sys.stdout.write(dump.render_table(data))
+        sys.stdout.write(dump_render.render_table(data))
     return 0
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 from lbctl.datapath import ctgc, layout, nodeconf
 from lbctl.datapath.entries import SCHED_NAMES, describe_flags, flags_backend
 from lbctl.datapath.maps import Maps
+from lbctl.datapath.settings import SECOND_NS
 from lbctl.model import Protocol
 from lbctl.plan import SCOPE_NAMES
 
@@ -62,147 +63,186 @@ def open_flows(maps: Maps) -> dict[int, int]:
     }
 
 
-def read(pin_dir: Path) -> dict[str, Any]:
-    """Everything the datapath's maps hold, as plain data."""
+SECTIONS = ("services", "node", "conntrack", "nat", "affinity", "maps", "counters")
+# `lbctl maps dump MAP` takes a section or the name of a map it decodes
+MAP_SECTIONS = {
+    "lb4_services": "services",
+    "lb_slots": "services",
+    "lb4_backends": "services",
+    "lb_frontend_meta": "services",
+    "lb4_source_ranges": "services",
+    "lb4_config": "node",
+    "lb4_cluster_cidrs": "node",
+    "ct4": "conntrack",
+    "nat4": "nat",
+    "lb4_affinity": "affinity",
+    "lb_stats": "counters",
+}
+
+
+def read(
+    pin_dir: Path, sections: Iterable[str] = SECTIONS, service: str | None = None
+) -> dict[str, Any]:
+    """What the datapath's maps hold, as plain data: the chosen sections, and
+    for `service` ("namespace/name") only its frontends and their flows."""
+    wanted = set(sections)
     maps = Maps.open_pinned(pin_dir)
     try:
-        backends = {int(k[0]): v for k, v in maps.lb4_backends.items()}
-        metas = {int(k[0]): v for k, v in maps.lb_frontend_meta.items()}
-        slots = {(k.frontend_id, k.slot): v.backend_id for k, v in maps.lb_slots.items()}
-        conns = open_flows(maps)
-        ranges: dict[tuple[int, int, int], list[str]] = {}
-        for k, _ in maps.lb4_source_ranges.items():
-            network = f"{layout.ip4_str(k.saddr)}/{k.prefixlen - 64}"
-            ranges.setdefault((k.vip, k.port, k.proto), []).append(network)
-        frontends = []
-        for key, svc in maps.lb4_services.items():
-            meta = metas.get(svc.frontend_id)
-            rows = []
-            for n in range(1, svc.count + 1):
-                ident = slots.get((svc.frontend_id, n))
-                be = backends.get(ident) if ident is not None else None
-                if be is None:
-                    rows.append({"slot": n, "backend_id": ident, "missing": True})
-                    continue
-                rows.append(
-                    {
-                        "slot": n,
-                        "backend_id": ident,
-                        "address": layout.ip4_str(be.addr),
-                        "port": layout.port_num(be.port),
-                        "state": _state(be.flags),
-                    }
-                )
-                if ident in conns:
-                    rows[-1]["open_flows"] = conns[ident]
-            frontends.append(
-                {
-                    "service": f"{layout.c_string(meta.namespace)}/{layout.c_string(meta.name)}"
-                    if meta
-                    else "?",
-                    "port_name": layout.c_string(meta.port_name) if meta else "",
-                    "address": layout.ip4_str(key.addr),
-                    "port": layout.port_num(key.port),
-                    "protocol": Protocol(key.proto).name,
-                    "scope": SCOPE_NAMES.get(key.scope, str(key.scope)),
-                    "kind": layout.c_string(meta.kind) if meta else "",
-                    "flags": describe_flags(svc.flags),
-                    "source_ranges": ranges.get((key.addr, key.port, key.proto), []),
-                    "frontend_id": svc.frontend_id,
-                    "scheduler": SCHED_NAMES.get(svc.sched, str(svc.sched)),
-                    "affinity_timeout_s": svc.affinity_s,
-                    "table": {"row": svc.table, "entries": svc.table_len} if svc.table else None,
-                    "backends": rows,
-                }
+        frontends = _frontends(maps, service)
+        if service is not None and not frontends:
+            raise LookupError(
+                f"service {service} has no frontend in the maps under {pin_dir}: check its "
+                "namespace and name (kubectl get service -n NAMESPACE NAME) and that it has "
+                "a ClusterIP (headless services are not balanced)"
             )
-        frontends.sort(
-            key=lambda f: (f["service"], f["port_name"], f["kind"], f["address"], f["port"])
-        )
-        stats = read_counters(maps)
-        fill = {
-            name: {"entries": len(m), "capacity": m.max_entries}
-            for name, m in maps.all().items()
-            if name not in ("lb_stats", "lb_tables")
-        }
-        # lb_tables is an array (walking its keys would take a million
-        # lookups): its fill is the entries the frontends' rows use
-        used = {svc.table: svc.table_len for _, svc in maps.lb4_services.items() if svc.table}
-        fill["lb_tables"] = {"entries": sum(used.values()), "capacity": maps.lb_tables.max_entries}
-        return {
-            "frontends": frontends,
-            "node": nodeconf.read(maps),
-            "flows": ctgc.flows(maps),
-            "maps": fill,
-            "counters": stats,
-        }
+        ids = {fe["frontend_id"] for fe in frontends}
+        out: dict[str, Any] = {}
+        if "services" in wanted:
+            out["frontends"] = frontends
+        if "node" in wanted:
+            out["node"] = nodeconf.read(maps)
+        if "conntrack" in wanted:
+            names = {int(k[0]): _service_name(m) for k, m in maps.lb_frontend_meta.items()}
+            out["flows"] = ctgc.flows(maps, frontend_ids=ids if service is not None else None)
+            for f in out["flows"]:
+                f["service"] = names.get(f["frontend_id"], "?")
+        if "nat" in wanted:
+            targets = {(fe["address"], fe["port"]) for fe in frontends}
+            out["nat"] = _nat(maps, targets if service is not None else None)
+        if "affinity" in wanted:
+            out["affinity"] = _affinity(maps, frontends)
+        if "maps" in wanted:
+            out["maps"] = _fill(maps)
+        if "counters" in wanted:
+            out["counters"] = read_counters(maps)
+        return out
     finally:
         maps.close()
 
 
-@dataclasses.dataclass
-class _Table:
-    headers: list[str]
-    rows: list[list[str]] = dataclasses.field(default_factory=list)
-
-    def render(self) -> str:
-        widths = [len(h) for h in self.headers]
-        for row in self.rows:
-            widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-        lines = [self.headers, *self.rows]
-        return "\n".join(
-            "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-            for line in lines
+def _frontends(maps: Maps, service: str | None) -> list[dict[str, Any]]:
+    backends = {int(k[0]): v for k, v in maps.lb4_backends.items()}
+    metas = {int(k[0]): v for k, v in maps.lb_frontend_meta.items()}
+    slots = {(k.frontend_id, k.slot): v.backend_id for k, v in maps.lb_slots.items()}
+    conns = open_flows(maps)
+    ranges: dict[tuple[int, int, int], list[str]] = {}
+    for k, _ in maps.lb4_source_ranges.items():
+        network = f"{layout.ip4_str(k.saddr)}/{k.prefixlen - 64}"
+        ranges.setdefault((k.vip, k.port, k.proto), []).append(network)
+    frontends = []
+    for key, svc in maps.lb4_services.items():
+        meta = metas.get(svc.frontend_id)
+        name = _service_name(meta) if meta else "?"
+        if service is not None and name != service:
+            continue
+        rows = []
+        for n in range(1, svc.count + 1):
+            ident = slots.get((svc.frontend_id, n))
+            be = backends.get(ident) if ident is not None else None
+            if be is None:
+                rows.append({"slot": n, "backend_id": ident, "missing": True})
+                continue
+            rows.append(
+                {
+                    "slot": n,
+                    "backend_id": ident,
+                    "address": layout.ip4_str(be.addr),
+                    "port": layout.port_num(be.port),
+                    "state": _state(be.flags),
+                }
+            )
+            if ident in conns:
+                rows[-1]["open_flows"] = conns[ident]
+        frontends.append(
+            {
+                "service": name,
+                "port_name": layout.c_string(meta.port_name) if meta else "",
+                "address": layout.ip4_str(key.addr),
+                "port": layout.port_num(key.port),
+                "protocol": Protocol(key.proto).name,
+                "scope": SCOPE_NAMES.get(key.scope, str(key.scope)),
+                "kind": layout.c_string(meta.kind) if meta else "",
+                "flags": describe_flags(svc.flags),
+                "source_ranges": ranges.get((key.addr, key.port, key.proto), []),
+                "frontend_id": svc.frontend_id,
+                "scheduler": SCHED_NAMES.get(svc.sched, str(svc.sched)),
+                "affinity_timeout_s": svc.affinity_s,
+                "table": {"row": svc.table, "entries": svc.table_len} if svc.table else None,
+                "backends": rows,
+            }
         )
+    frontends.sort(key=lambda f: (f["service"], f["port_name"], f["kind"], f["address"], f["port"]))
+    return frontends
 
 
-def render_table(data: dict[str, Any]) -> str:
-    services = _Table(
-        [
-            "SERVICE",
-            "PORT",
-            "KIND",
-            "FRONTEND",
-            "PROTO",
-            "SCHED",
-            "FLAGS",
-            "SLOT",
-            "BACKEND",
-            "STATE",
-            "OPEN",
-        ]
-    )
-    for fe in data["frontends"]:
-        first = [fe["service"], fe["port_name"] or "-", fe["kind"] or "-"]
-        first += [f"{fe['address']}:{fe['port']}", fe["protocol"], fe["scheduler"]]
-        flags = [f"scope={fe['scope']}"] if fe["scope"] else []
-        flags += fe["flags"] + [f"from={','.join(fe['source_ranges'])}"] * bool(fe["source_ranges"])
-        if fe["affinity_timeout_s"]:
-            flags.append(f"affinity={fe['affinity_timeout_s']}s")
-        first.append(" ".join(flags) or "-")
-        if not fe["backends"]:
-            services.rows.append([*first, "-", "(no backends)", "", ""])
-        for i, be in enumerate(fe["backends"]):
-            lead = first if i == 0 else [""] * len(first)
-            target = "(missing)" if be.get("missing") else f"{be['address']}:{be['port']}"
-            opened = str(be["open_flows"]) if "open_flows" in be else "-"
-            services.rows.append([*lead, str(be["slot"]), target, be.get("state", ""), opened])
-    maps = _Table(["MAP", "ENTRIES", "CAPACITY"])
-    for name, fill in data["maps"].items():
-        maps.rows.append([name, str(fill["entries"]), str(fill["capacity"])])
-    flows = _Table(["CLIENT", "FRONTEND", "BACKEND", "PROTO", "MASQUERADE", "STATE", "AGE", "IDLE"])
-    for f in data["flows"][:50]:
-        where = [f["client"], f["frontend"], f["backend"], f["protocol"]]
-        flows.rows.append(
-            [*where, f["masquerade"] or "-", f["state"], f"{f['age_s']}s", f"{f['idle_s']}s"]
+def _service_name(meta: Any) -> str:
+    return f"{layout.c_string(meta.namespace)}/{layout.c_string(meta.name)}"
+
+
+def _nat(
+    maps: Maps, frontends: Collection[tuple[str, int]] | None, limit: int = 1000
+) -> list[dict[str, Any]]:
+    """NAT bindings, newest first: the node's address and port a masqueraded
+    flow leaves with, towards which backend, for which client and frontend
+    (only those of `frontends`, (address, port) pairs, when given)."""
+    now = ctgc.now_ns()
+    rows = []
+    for key, e in maps.nat4.items():
+        vip = (layout.ip4_str(e.vip), layout.port_num(e.vport))
+        if frontends is not None and vip not in frontends:
+            continue
+        rows.append(
+            {
+                "masquerade": f"{layout.ip4_str(key.daddr)}:{layout.port_num(key.dport)}",
+                "backend": f"{layout.ip4_str(key.saddr)}:{layout.port_num(key.sport)}",
+                "protocol": Protocol(key.proto).name,
+                "client": f"{layout.ip4_str(e.client_addr)}:{layout.port_num(e.client_port)}",
+                "frontend": f"{vip[0]}:{vip[1]}",
+                "age_s": round((now - e.created_ns) / SECOND_NS, 1),
+            }
         )
-    counters = _Table(["COUNTER", "PACKETS"])
-    for name, value in data["counters"].items():
-        counters.rows.append([name, str(value)])
-    node = data["node"]
-    summary = (
-        f"node: masquerade address {node.get('snat_address') or 'none'}, NAT ports "
-        f"{'-'.join(map(str, node.get('nat_ports', []))) or '-'}, cluster CIDRs "
-        f"{','.join(node['cluster_cidrs']) or 'none'}"
-    )
-    parts = [services.render(), summary, maps.render(), flows.render(), counters.render()]
-    return "\n\n".join(parts) + "\n"
+    rows.sort(key=lambda r: float(r["age_s"]))
+    return rows[:limit]
+
+
+def _affinity(maps: Maps, frontends: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """ClientIP affinity entries of the given frontends: client -> backend,
+    with the seconds left before a new flow of the client is balanced anew."""
+    now = ctgc.now_ns()
+    by_id = {fe["frontend_id"]: fe for fe in frontends}
+    backends = {int(k[0]): v for k, v in maps.lb4_backends.items()}
+    rows = []
+    for key, a in maps.lb4_affinity.items():
+        fe = by_id.get(key.frontend_id)
+        if fe is None:
+            continue
+        be = backends.get(a.backend_id)
+        idle = (now - a.last_seen_ns) / SECOND_NS
+        rows.append(
+            {
+                "service": fe["service"],
+                "frontend": f"{fe['address']}:{fe['port']}",
+                "protocol": fe["protocol"],
+                "client": layout.ip4_str(key.client),
+                "backend": f"{layout.ip4_str(be.addr)}:{layout.port_num(be.port)}"
+                if be is not None
+                else f"(gone: id {a.backend_id})",
+                "idle_s": round(idle, 1),
+                "expires_in_s": max(0.0, round(fe["affinity_timeout_s"] - idle, 1)),
+            }
+        )
+    rows.sort(key=lambda r: (r["service"], r["frontend"], r["client"]))
+    return rows
+
+
+def _fill(maps: Maps) -> dict[str, dict[str, int]]:
+    fill = {
+        name: {"entries": len(m), "capacity": m.max_entries}
+        for name, m in maps.all().items()
+        if name not in ("lb_stats", "lb_tables")
+    }
+    # lb_tables is an array (walking its keys would take a million
+    # lookups): its fill is the entries the frontends' rows use
+    used = {svc.table: svc.table_len for _, svc in maps.lb4_services.items() if svc.table}
+    fill["lb_tables"] = {"entries": sum(used.values()), "capacity": maps.lb_tables.max_entries}
+    return fill

@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests import extlab, k8s_yaml
-from tests.agent_proc import AgentProcess
+from tests.agent_proc import AgentProcess, lbctl
 from tests.extlab import CLIENT_IP, LB_IP, NODE_IP, OTHER_CLIENT_IP, World
 from tests.netlab import (
     Lab,
@@ -127,6 +128,53 @@ def test_cluster_policy_reaches_both_nodes_masqueraded(env: Env) -> None:
     # kernel picks them at random) continues its flow instead of a new one
     assert counters["snat_new"] >= 300
     assert counters["snat_reverse"] >= 320
+
+
+def test_maps_dump_decodes_one_services_flows_nat_and_affinity(env: Env) -> None:
+    """`lbctl maps dump --service` follows one open, masqueraded flow through
+    conntrack, the NAT table and the affinity map, as the backend saw it."""
+    run(env, sessionAffinity="ClientIP")
+    w = env.world
+    ips = {p.name: p.ip for p in w.pods_a + w.pods_b}
+    pin = ["--bpffs", str(env.agent.pin_dir)]
+    session = TcpSession(w.client, NODE_IP, NODE_PORT)
+    try:
+        reply = session.ask()
+        out = lbctl("maps", "dump", "--service", "test/web", "-o", "yaml", *pin).stdout
+    finally:
+        session.close()
+    data = yaml.safe_load(out)
+    assert {fe["service"] for fe in data["frontends"]} == {"test/web"}
+    backend = f"{ips[reply.pod]}:8080"
+    masquerade = f"{NODE_IP}:{reply.peer.split(':')[1]}"
+    [flow] = [f for f in data["flows"] if f["client"] == session.local]
+    assert (flow["service"], flow["frontend"], flow["backend"], flow["protocol"]) == (
+        "test/web",
+        f"{NODE_IP}:{NODE_PORT}",
+        backend,
+        "TCP",
+    )
+    assert (flow["masquerade"], flow["state"]) == (masquerade, "established")
+    [nat] = [n for n in data["nat"] if n["masquerade"] == masquerade]
+    assert (nat["client"], nat["frontend"], nat["backend"]) == (
+        session.local,
+        f"{NODE_IP}:{NODE_PORT}",
+        backend,
+    )
+    assert 0 <= nat["age_s"] < 30
+    [affinity] = [a for a in data["affinity"] if a["frontend"] == f"{NODE_IP}:{NODE_PORT}"]
+    assert (affinity["client"], affinity["backend"]) == (CLIENT_IP, backend)
+    assert 10_700 < affinity["expires_in_s"] <= 10_800  # the default ClientIP timeout
+    # one section by its map's name, as a table
+    table = lbctl("maps", "dump", "nat4", "--service", "test/web", *pin).stdout.splitlines()
+    assert table[0].split() == ["MASQUERADE", "BACKEND", "PROTO", "CLIENT", "FRONTEND", "AGE"]
+    assert any(line.split()[:4] == [masquerade, backend, "TCP", session.local] for line in table)
+    # mistakes name the object and the fix, on stderr, with exit code 1
+    missing = lbctl("maps", "dump", "--service", "test/nope", *pin, check=False)
+    assert missing.returncode == 1 and "service test/nope has no frontend" in missing.stderr
+    unknown = lbctl("maps", "dump", "ct6", *pin, check=False)
+    assert unknown.returncode == 1 and "no map or section 'ct6'" in unknown.stderr
+    assert "nat4" in unknown.stderr
 
 
 def test_local_policy_keeps_the_client_address_and_this_nodes_pods(env: Env) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from lbctl.datapath import layout
@@ -155,15 +155,18 @@ def _state(flags: int) -> str:
     return "established" if flags & _F_SEEN_REPLY else "opening"
 
 
-def flows(maps: Maps, limit: int = 1000) -> list[dict[str, Any]]:
-    """Balanced flows (forward entries), newest first, for `lbctl maps dump`.
+def flows(
+    maps: Maps, limit: int = 1000, frontend_ids: Collection[int] | None = None
+) -> list[dict[str, Any]]:
+    """Balanced flows (forward entries), newest first, for `lbctl maps dump`;
+    only those of `frontend_ids` when given.
 
     Entries past their timeout until the agent's next sweep are included;
     their idle time tells them apart."""
     now = now_ns()
     rows = []
     for key, e in maps.ct4.items():
-        if key.dir != _FORWARD:
+        if key.dir != _FORWARD or (frontend_ids is not None and e.frontend_id not in frontend_ids):
             continue
         rows.append(
             {
@@ -171,6 +174,7 @@ def flows(maps: Maps, limit: int = 1000) -> list[dict[str, Any]]:
                 "frontend": f"{layout.ip4_str(key.daddr)}:{layout.port_num(key.dport)}",
                 "backend": f"{layout.ip4_str(e.nat_addr)}:{layout.port_num(e.nat_port)}",
                 "protocol": "TCP" if key.proto == _TCP else "UDP",
+                "frontend_id": e.frontend_id,
                 "masquerade": f"{layout.ip4_str(e.snat_addr)}:{layout.port_num(e.snat_port)}"
                 if e.snat_addr
                 else None,

@@ -1,0 +1,116 @@
+"""`lbctl maps dump` as text: one table per section that `dump.read` returned."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class _Table:
+    headers: list[str]
+    rows: list[list[str]] = dataclasses.field(default_factory=list)
+
+    def render(self) -> str:
+        widths = [len(h) for h in self.headers]
+        for row in self.rows:
+            widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+        lines = [self.headers, *self.rows]
+        return "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+            for line in lines
+        )
+
+
+def _services(frontends: list[dict[str, Any]]) -> str:
+    headers = "SERVICE PORT KIND FRONTEND PROTO SCHED FLAGS SLOT BACKEND STATE OPEN"
+    table = _Table(headers.split())
+    for fe in frontends:
+        first = [fe["service"], fe["port_name"] or "-", fe["kind"] or "-"]
+        first += [f"{fe['address']}:{fe['port']}", fe["protocol"], fe["scheduler"]]
+        flags = [f"scope={fe['scope']}"] if fe["scope"] else []
+        flags += fe["flags"] + [f"from={','.join(fe['source_ranges'])}"] * bool(fe["source_ranges"])
+        if fe["affinity_timeout_s"]:
+            flags.append(f"affinity={fe['affinity_timeout_s']}s")
+        first.append(" ".join(flags) or "-")
+        if not fe["backends"]:
+            table.rows.append([*first, "-", "(no backends)", "", ""])
+        for i, be in enumerate(fe["backends"]):
+            lead = first if i == 0 else [""] * len(first)
+            target = "(missing)" if be.get("missing") else f"{be['address']}:{be['port']}"
+            opened = str(be["open_flows"]) if "open_flows" in be else "-"
+            table.rows.append([*lead, str(be["slot"]), target, be.get("state", ""), opened])
+    return table.render()
+
+
+def _node(node: dict[str, Any]) -> str:
+    return (
+        f"node: masquerade address {node.get('snat_address') or 'none'}, NAT ports "
+        f"{'-'.join(map(str, node.get('nat_ports', []))) or '-'}, cluster CIDRs "
+        f"{','.join(node['cluster_cidrs']) or 'none'}"
+    )
+
+
+def _flows(flows: list[dict[str, Any]]) -> str:
+    table = _Table(
+        ["SERVICE", "CLIENT", "FRONTEND", "BACKEND", "PROTO", "MASQUERADE", "STATE", "AGE", "IDLE"]
+    )
+    for f in flows[:50]:
+        where = [f["service"], f["client"], f["frontend"], f["backend"], f["protocol"]]
+        table.rows.append(
+            [*where, f["masquerade"] or "-", f["state"], f"{f['age_s']}s", f"{f['idle_s']}s"]
+        )
+    more = f"\n({len(flows) - 50} more flows: -o json lists them)" if len(flows) > 50 else ""
+    return table.render() + more
+
+
+def _nat(nat: list[dict[str, Any]]) -> str:
+    table = _Table(["MASQUERADE", "BACKEND", "PROTO", "CLIENT", "FRONTEND", "AGE"])
+    for n in nat[:50]:
+        row = [n["masquerade"], n["backend"], n["protocol"], n["client"], n["frontend"]]
+        table.rows.append([*row, f"{n['age_s']}s"])
+    more = f"\n({len(nat) - 50} more bindings: -o json lists them)" if len(nat) > 50 else ""
+    return table.render() + more
+
+
+def _affinity(rows: list[dict[str, Any]]) -> str:
+    table = _Table(["SERVICE", "FRONTEND", "PROTO", "CLIENT", "BACKEND", "IDLE", "EXPIRES IN"])
+    for a in rows:
+        where = [a["service"], a["frontend"], a["protocol"], a["client"], a["backend"]]
+        table.rows.append([*where, f"{a['idle_s']}s", f"{a['expires_in_s']}s"])
+    return table.render()
+
+
+def _fill(maps: dict[str, dict[str, int]]) -> str:
+    table = _Table(["MAP", "ENTRIES", "CAPACITY", "FILL"])
+    for name, fill in maps.items():
+        share = f"{100 * fill['entries'] / fill['capacity']:.1f}%" if fill["capacity"] else "-"
+        table.rows.append([name, str(fill["entries"]), str(fill["capacity"]), share])
+    return table.render()
+
+
+def _counters(counters: dict[str, int]) -> str:
+    table = _Table(["COUNTER", "PACKETS"])
+    for name, value in counters.items():
+        table.rows.append([name, str(value)])
+    return table.render()
+
+
+def render_table(data: dict[str, Any]) -> str:
+    """The sections of `data` in the order `dump.read` lists them."""
+    parts = []
+    if "frontends" in data:
+        parts.append(_services(data["frontends"]))
+    if "node" in data:
+        parts.append(_node(data["node"]))
+    if "flows" in data:
+        parts.append(_flows(data["flows"]))
+    if "nat" in data:
+        parts.append(_nat(data["nat"]))
+    if "affinity" in data:
+        parts.append(_affinity(data["affinity"]))
+    if "maps" in data:
+        parts.append(_fill(data["maps"]))
+    if "counters" in data:
+        parts.append(_counters(data["counters"]))
+    return "\n\n".join(parts) + "\n"
