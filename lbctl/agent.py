@@ -80,6 +80,10 @@ class Datapath(Protocol):
 
     def forget_missing(self, present: list[tc.Link]) -> None: ...
 
+    def forget_detached(self) -> list[str]:
+        """Interfaces whose program was removed behind lbctl's back; re-attached next."""
+        ...
+
     def attach_xdp(self, links: list[tc.Link], mode: str) -> list[str]: ...
 
     def attach_cgroup(self, path: str | None) -> list[str]: ...
@@ -269,6 +273,7 @@ class Agent:
                     seconds = time.monotonic() - begun
                     self.last_sync = SyncRecord(time.time(), seconds, what, (*errors,))
                     self.datapath.collect_garbage()
+                    self._repair_hooks()
             except Exception as err:  # one bad tick must not take the agent down
                 log.exception("agent loop error; continuing")
                 self._remember(f"agent loop error: {err}")
@@ -317,6 +322,18 @@ class Agent:
             # an earlier run's XDP program must not linger (interfaces=[]: touch nothing)
             self._xdp_cleared = True
             self._record(self.datapath.attach_xdp([], "off"))
+
+    def _repair_hooks(self) -> None:
+        """A program detached by hand (or by another tool) is put back at the
+        periodic sync, as the maps are."""
+        gone = self.datapath.forget_detached()
+        if gone:
+            self._remember(
+                f"lbctl's program was removed from {', '.join(gone)} by something else; "
+                "attached again (find what removes it: traffic bypassed lbctl meanwhile)"
+            )
+            log.warning("program removed from %s behind lbctl's back; re-attaching", gone)
+            self._attach()
 
     def _external_links(self) -> list[tc.Link]:
         """The external interfaces, or else the one that holds the node's address."""

@@ -314,3 +314,43 @@ def test_service_without_endpoints_is_rejected_at_once(env: Env) -> None:
     assert env.agent.dump()["counters"]["rejected_no_backend"] == 2
     # the service with endpoints is not affected
     assert tcp_request(env.cluster.client, VIP, 80).pod.startswith("pod")
+
+
+def test_a_program_removed_by_hand_is_attached_again_at_the_periodic_sync(
+    tmp_path: Path, pin_dir: Path
+) -> None:
+    config = tmp_path / "lbctl.yaml"
+    config.write_text("apiVersion: lbctl.io/v1alpha1\nkind: LbctlConfiguration\nsyncPeriod: 1s\n")
+    with Lab() as lab:
+        cluster = build_cluster(lab, pods=1)
+        manifests = tmp_path / "manifests"
+        manifests.mkdir()
+        TcpServer(cluster.pods[0], 8080)
+        k8s_yaml.write(
+            manifests / "web.yaml",
+            k8s_yaml.service("web", VIP, PORTS),
+            k8s_yaml.endpoint_slice("web", [cluster.pods[0].ip], TARGET_PORTS),
+        )
+        agent = AgentProcess(
+            cluster.node, manifests, pin_dir, tmp_path / "agent.log", "--config", str(config)
+        )
+        agent.start()
+        try:
+            agent.wait_for_log("synced:")
+            assert tcp_request(cluster.client, VIP, 80).pod == "pod0"
+            node = cluster.node
+            node.run("tc", "filter", "del", "dev", "lxcclient", "ingress")
+            assert (
+                "lbctl_tc_ingress"
+                not in node.run("tc", "filter", "show", "dev", "lxcclient", "ingress").stdout
+            )
+            agent.wait_for_log("re-attaching", timeout=10)
+            assert (
+                "lbctl_tc_ingress"
+                in node.run("tc", "filter", "show", "dev", "lxcclient", "ingress").stdout
+            )
+            assert tcp_request(cluster.client, VIP, 80).pod == "pod0"
+            status = lbctl("status", "-o", "json", "--bpffs", str(pin_dir), node=node, check=False)
+            assert "removed from lxcclient (tc) by something else" in status.stdout
+        finally:
+            agent.stop()

@@ -212,6 +212,22 @@ class BpfDatapath:
         self.interfaces = {n: i for n, i in self.interfaces.items() if (n, i) in alive}
         self.xdp_interfaces = {n: i for n, i in self.xdp_interfaces.items() if (n, i) in alive}
 
+    def forget_detached(self) -> list[str]:
+        """Interfaces whose program someone removed (`tc filter del`, `ip link set
+        xdp off`): forgotten, so the next attach puts it back.  Returns them."""
+        from lbctl.datapath import xdp
+
+        gone = []
+        tc_now = set(tc.attached_interfaces()) if self.interfaces else set()
+        for name in [n for n in self.interfaces if n not in tc_now]:
+            del self.interfaces[name]
+            gone.append(f"{name} (tc)")
+        xdp_now = set(xdp.attached_interfaces()) if self.xdp_interfaces else set()
+        for name in [n for n in self.xdp_interfaces if n not in xdp_now]:
+            del self.xdp_interfaces[name]
+            gone.append(f"{name} (XDP)")
+        return gone
+
     # -- maps -----------------------------------------------------------------------
 
     def collect_garbage(self) -> None:
