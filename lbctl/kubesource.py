@@ -64,7 +64,10 @@ def api_client(kubeconfig: Path | None, in_cluster: bool) -> Any:
     except (kube_config.ConfigException, OSError, ValueError) as err:
         where = "in-cluster configuration" if in_cluster else f"kubeconfig {kubeconfig}"
         fix = (
-            "run lbctl in a pod with a service account, or use --kubeconfig"
+            "run lbctl in a pod with a service account, or use --kubeconfig; "
+            "KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT must name an API server "
+            "address that works without a Service proxy (deploy/configmap.yaml's "
+            "apiServerHost and apiServerPort set them)"
             if in_cluster
             else "check the file, its current context and the files it names"
         )
