@@ -204,6 +204,11 @@ def _parser() -> argparse.ArgumentParser:
         help="with --kube-proxy: the cluster's NodePort range, for IPVS services on the "
         "node's addresses (default 30000-32767)",
     )
+    cleanup.add_argument(
+        "--force",
+        action="store_true",
+        help="remove lbctl's datapath even while a running agent holds its maps",
+    )
     return p
 
 
@@ -469,6 +474,8 @@ def _cleanup(args: argparse.Namespace) -> int:
     from lbctl.datapath import cgroup, tc, xdp
     from lbctl.datapath.maps import MAP_TYPES
 
+    if not args.force:
+        _refuse_while_in_use(args.bpffs)
     hooks = cgroup.detach(args.bpffs)
     links = tc.all_links()
     detached = tc.detach(link.name for link in links)
@@ -486,6 +493,28 @@ def _cleanup(args: argparse.Namespace) -> int:
     print(f"socket hooks detached: {', '.join(hooks) or 'none'}")
     print(f"removed pinned maps: {', '.join(removed) or 'none'} (under {args.bpffs})")
     return 0
+
+
+def _refuse_while_in_use(pin_dir: Path) -> None:
+    """A running agent would go on programming maps no program reads any more,
+    and lose every connection at its next start: stop it first."""
+    from lbctl.datapath import libbpf
+
+    pin = pin_dir / "lb4_services"
+    if not pin.exists():
+        return
+    fd = libbpf.obj_get(str(pin))
+    try:
+        holders = libbpf.map_holders(libbpf.map_info(fd).id)
+    finally:
+        os.close(fd)
+    if holders:
+        who = ", ".join(f"pid {pid} ({command[:60]})" for pid, command in holders)
+        raise RuntimeError(
+            f"the maps under {pin_dir} are in use by {who}: stop the agent first (on a "
+            "cluster, delete or re-target its DaemonSet; see README, rolling back), or pass "
+            "--force to detach and remove them anyway"
+        )
 
 
 def _cleanup_kube_proxy(args: argparse.Namespace) -> int:

@@ -279,6 +279,13 @@ def test_new_interfaces_are_attached_and_cleanup_detaches(env: Env) -> None:
     node.ip("link", "del", "lxcnew")
     node.ip("link", "add", "name", "lxcnew", "type", "veth", "peer", "name", "lxcnewp")
     wait_attached("lxcnew")
+    # while the agent runs, cleanup refuses and names it
+    busy = lbctl("cleanup", "--bpffs", str(env.agent.pin_dir), node=node, check=False)
+    assert env.agent.proc is not None
+    assert busy.returncode == 1, busy
+    assert f"in use by pid {env.agent.proc.pid} " in busy.stderr
+    assert "--force" in busy.stderr
+    assert (env.agent.pin_dir / "lb4_services").exists() and "lxcnew" in filtered()
     env.agent.stop()
     assert filtered() == set()
     assert not env.agent.pin_dir.exists()

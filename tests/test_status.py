@@ -261,7 +261,7 @@ def test_status_follows_the_agent_from_unsynced_to_healthy_to_a_removed_datapath
         assert re.search(rf"^  recent    \S+Z  {missing}$", table.stdout, re.M), table.stdout
 
         # The datapath removed under a running agent: the kernel is what counts.
-        lbctl("cleanup", "--bpffs", str(pin_dir), node=node)
+        lbctl("cleanup", "--force", "--bpffs", str(pin_dir), node=node)
         code, report = status_json(node)
         assert code == 5, report["verdict"]
         assert report["agent"]["status"]["healthy"] is True

@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from lbctl.datapath import layout
@@ -116,6 +117,7 @@ class MapError(OSError):
 
 @dataclasses.dataclass(frozen=True)
 class MapInfo:
+    id: int
     name: str
     type: str
     key_size: int
@@ -143,12 +145,33 @@ def map_info(fd: int) -> MapInfo:
     size = ffi.new("uint32_t *", ffi.sizeof("struct lbctl_map_info"))
     _check(_lib.bpf_obj_get_info_by_fd(fd, info, size), f"map info of fd {fd}")
     return MapInfo(
+        id=info.id,
         name=ffi.string(info.name).decode(),
         type=MAP_TYPE_NAMES.get(info.type, str(info.type)),
         key_size=info.key_size,
         value_size=info.value_size,
         max_entries=info.max_entries,
     )
+
+
+def map_holders(map_id: int) -> list[tuple[int, str]]:
+    """Processes (pid, command) that hold the map open, as far as /proc shows them."""
+    holders = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) != "anon_inode:bpf-map":
+                    continue
+                info = (proc / "fdinfo" / fd.name).read_text()
+                if f"map_id:\t{map_id}\n" in info:
+                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").strip()
+                    holders.append((int(proc.name), command.decode(errors="replace")))
+                    break
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return holders
 
 
 class BpfError(OSError):
