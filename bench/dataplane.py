@@ -384,7 +384,61 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             replies[tag] = replies.get(tag, 0) + count
     out["replies"] = replies
     out["runs"] = len(runs)
+    out["rate_runs"] = [run["rate"] for run in runs]
     return out
+
+
+def spread(values: list[float]) -> float:
+    """The runs' interquartile range relative to their median: how far apart
+    two measurements of the same thing land on this machine now."""
+    if len(values) < 2 or statistics.median(values) <= 0:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(values)
+
+
+def targets(results: dict[str, Any]) -> list[str]:
+    """Issue 7's targets against the figures: new connections and connect p99
+    within 10% of no load balancer at every N (and within noise), and at the
+    largest N ahead of the iptables shape and level with the nftables shape."""
+    lines = ["## targets: new connections (rate and connect p99) against no load balancer"]
+    lines.append(
+        f"{'N':>6} {'scenario':<10} {'variant':<10} {'rate':>6} {'p99':>6} {'noise':>6}  verdict"
+    )
+    sizes = sorted(results["sizes"], key=int)
+    for size in sizes:
+        for scenario, metrics in results["sizes"][size].items():
+            crr = metrics.get("crr", {})
+            base = crr.get("baseline")
+            if base is None:
+                continue
+            noise = spread(base.get("rate_runs", []))
+            for variant, got in crr.items():
+                if not variant.startswith("lbctl"):
+                    continue
+                rate = got["rate"] / base["rate"] if base["rate"] else 0.0
+                p99 = (
+                    got["connect_p99_us"] / base["connect_p99_us"] if base["connect_p99_us"] else 0
+                )
+                ok = rate >= 0.9 and p99 <= 1.1
+                verdict = "within 10%" if ok else "MISSED"
+                if not ok and rate >= 1 - max(noise, 0.1) and p99 <= 1 + max(noise, 0.1):
+                    verdict = "missed by less than the noise"
+                if size == sizes[-1]:
+                    for rival in ("iptables", "nftables"):
+                        other = crr.get(rival)
+                        if other is None:
+                            continue
+                        ahead = got["rate"] >= other["rate"] and (
+                            got["connect_p99_us"] <= other["connect_p99_us"]
+                        )
+                        verdict += f"; {'ahead of' if ahead else 'BEHIND'} {rival}"
+                lines.append(
+                    f"{size:>6} {scenario:<10} {variant:<10} {rate:6.2f} {p99:6.2f} "
+                    f"{noise:6.2f}  {verdict}"
+                )
+    lines.append("(noise: interquartile range of the baseline's runs over their median)")
+    return lines
 
 
 def rotate(items: list[str], by: int) -> list[str]:
@@ -569,6 +623,7 @@ def main() -> int:
                 v: counters(t) for v, t in topos.items() if v.startswith("lbctl")
             }
             print("\n".join(report(size, table)), flush=True)
+    print("\n".join(targets(results)), flush=True)
     (args.out / "dataplane.json").write_text(json.dumps(results, indent=1) + "\n")
     chart(results, args.out / "dataplane.png")
     print(f"results: {args.out / 'dataplane.json'}, {args.out / 'dataplane.png'}")

@@ -39,6 +39,13 @@ def test_smoke_run_balances_every_variant_and_writes_its_results(tmp_path: Path)
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "## 100 services" in done.stdout and "x base" in done.stdout
+    # the verdict on the targets: one row per lbctl variant and scenario it serves
+    verdicts = done.stdout.split("## targets", 1)[1].splitlines()[2:5]
+    assert [row.split()[:3] for row in verdicts] == [
+        ["100", "clusterip", "lbctl-tc"],
+        ["100", "nodeport", "lbctl-tc"],
+        ["100", "nodeport", "lbctl-xdp"],
+    ], verdicts
     results = json.loads((tmp_path / "dataplane.json").read_text())
     table = results["sizes"]["100"]
     for scenario, variants in [
