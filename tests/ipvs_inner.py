@@ -147,9 +147,9 @@ def test_clusterip_and_nodeport_reach_every_backend(env: Env) -> None:
     replies = [tcp_request(env.outside, NODE_IP, NODE_PORT) for _ in range(12)]
     assert {r.pod for r in replies} == pods, "NodePort from outside"
     # from outside the cluster CIDR: masqueraded, the backend sees the node; but
-    # Debian's UML kernel has no nftables NAT (no nft_chain_nat): the agent says
-    # so, and the backend sees the client
-    if "this kernel has no nftables NAT" in env.agent.log_text():
+    # Debian's UML kernel refuses nftables tables of family ip (even an empty one:
+    # "Operation not supported"): the agent says so, and the backend sees the client
+    if no_nftables(env):
         assert {r.peer_ip for r in replies} == {OUTSIDE_IP}, replies[0]
     else:
         assert {r.peer_ip for r in replies} == {"10.244.0.1"}, replies[0]
@@ -216,8 +216,16 @@ def test_hand_made_drift_is_repaired_at_the_next_resync(env: Env) -> None:
     assert seen == {p.name for p in env.cluster.pods}
 
 
+def no_nftables(env: Env) -> bool:
+    """The kernel refused the agent's table (reported as an error, not hidden)."""
+    return "ERROR lbctl.agent: nftables table lbctl_ipvs:" in env.agent.log_text()
+
+
 def test_maps_dump_shows_ipvs_and_the_nftables_sets(env: Env) -> None:
     data = env.dump()
+    if no_nftables(env):
+        assert data["nftables"]["sets"] is None
+        pytest.xfail("this kernel refuses nftables tables of family ip; the sets are absent")
     web = next(v for v in data["virtual_services"] if (v["address"], v["port"]) == (WEB, 80))
     assert web["kind"] == "ClusterIP" and web["scheduler"] == "rr"
     assert {b["forward"] for b in web["backends"]} == {"masq"}
