@@ -23,16 +23,22 @@ class LocalAddress:
     address: ipaddress.IPv4Address
 
 
+SERVICE_LINKS = ("lbctl-ipvs0", "kube-ipvs0")  # dummy links that hold Service addresses
+
+
 def local_ipv4() -> list[LocalAddress]:
-    """Every IPv4 address of this namespace except loopback ones, by interface index."""
+    """Every IPv4 address of this namespace except loopback ones, by interface index.
+
+    The Services' own addresses on the IPVS datapath's dummy link are not the node's."""
     with IPRoute() as ipr:
         names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
         raw = ipr.get_addr(family=socket.AF_INET)
     out = []
     for msg in sorted(raw, key=lambda m: int(m["index"])):
         address = ipaddress.IPv4Address(str(msg.get_attr("IFA_ADDRESS")))
-        if not address.is_loopback:
-            out.append(LocalAddress(names.get(int(msg["index"]), "?"), address))
+        name = names.get(int(msg["index"]), "?")
+        if not address.is_loopback and name not in SERVICE_LINKS:
+            out.append(LocalAddress(name, address))
     return out
 
 

@@ -81,7 +81,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="this node's name in the API (default: $NODE_NAME, else the host name)",
     )
-    run.add_argument("--mode", choices=["ebpf", "ipvs", "auto"], help="datapath (default ebpf)")
+    run.add_argument(
+        "--mode",
+        choices=["ebpf", "ipvs", "auto"],
+        help="datapath: ebpf (fail if the kernel cannot run it), ipvs (the fallback: IPVS "
+        "and an nftables table), or auto (ebpf if every BPF feature probed is there, else "
+        "ipvs; the default)",
+    )
     run.add_argument(
         "--scheduler",
         choices=SCHEDULERS,
@@ -322,8 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lbctl import config
-    from lbctl.datapath.bpf import BpfDatapath
+    from lbctl import config, modes
 
     cfg = config.load(args.config) if args.config else config.Config()
     cfg = config.with_overrides(
@@ -365,12 +370,22 @@ def _run(args: argparse.Namespace) -> int:
     config.validate(cfg, f"{args.config} and the flags" if args.config else "the flags")
     source = _source(cfg)  # not started yet: a bad kubeconfig stops us here
     # bcc compiles in a child process from now on, while the source is read.
-    datapath = BpfDatapath(cfg.bpf_settings(), wait=False)
+    try:
+        chosen = modes.select(cfg, _mode_origin(args))
+    except modes.ModeError as err:
+        raise modes.ModeError(f"no datapath can run: {err}") from None
     # The first sync builds hundreds of thousands of objects that all live on;
     # the cyclic collector would rescan them again and again (3x slower at 10,000
     # Services). Agent.sync freezes them when it is done and turns it back on.
     gc.disable()
     source.start()
+    try:
+        chosen = modes.settle(chosen, cfg)  # auto: a program that fails to load falls back
+    except BaseException:
+        source.stop()
+        raise
+    datapath = chosen.datapath
+    log.info("datapath %s, %s", datapath.mode, chosen.reason)
 
     from lbctl.agent import Agent, AgentOptions
     from lbctl.serve import Observability
@@ -384,7 +399,7 @@ def _run(args: argparse.Namespace) -> int:
         xdp=cfg.xdp,
         cgroup_path=cfg.cgroup_path,
         scheduler=cfg.scheduler,
-        mode_reason=_mode_reason(args, cfg),
+        mode_reason=chosen.reason,
     )
     agent = Agent(source, datapath, options)
     observe = Observability(agent)
@@ -409,15 +424,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mode_reason(args: argparse.Namespace, cfg: Config) -> str:
-    """Why the agent runs this mode (`lbctl status`); ebpf is the only one so far."""
+def _mode_origin(args: argparse.Namespace) -> str:
+    """What set the mode, for the reason `lbctl status` shows."""
     if args.mode:
-        chosen = f"--mode {args.mode}"
-    elif args.config:
-        chosen = f"mode in {args.config} (ebpf when it sets none)"
-    else:
-        chosen = "the default (no --mode, no configuration file)"
-    return f"chosen by {chosen}; the eBPF datapath is the only one in this version"
+        return f"chosen by --mode {args.mode}"
+    if args.config:
+        return f"chosen by mode in {args.config} (auto when it sets none)"
+    return "chosen by the default (no --mode, no configuration file: auto)"
 
 
 def _source(cfg: Config) -> Source:
@@ -451,8 +464,19 @@ def _dump(args: argparse.Namespace) -> int:
     if args.service is not None and args.service.count("/") != 1:
         raise ValueError(f"--service {args.service!r} must be NAMESPACE/NAME, e.g. default/web")
     if not (args.bpffs / "lb4_services").exists():
+        from lbctl import ipvsdump
+        from lbctl.datapath import ipvs
+
+        if ipvs.present():  # the IPVS fallback runs here
+            state = ipvs.read_state()
+            if args.output == "json":
+                print(json.dumps(state, indent=2))
+            else:
+                sys.stdout.write(ipvsdump.render_table(state))
+            return 0
         raise FileNotFoundError(
-            f"no lbctl maps under {args.bpffs}: is the agent running with --bpffs {args.bpffs}?"
+            f"no lbctl maps under {args.bpffs} and no IPVS datapath ({ipvs.LINK}) here: "
+            f"is the agent running in this network namespace, with --bpffs {args.bpffs}?"
         )
     data = dump.read(args.bpffs, sections, args.service)
     if args.output == "json":
@@ -492,6 +516,11 @@ def _cleanup(args: argparse.Namespace) -> int:
     print(f"XDP program detached from: {', '.join(fast) or 'no interface'}")
     print(f"socket hooks detached: {', '.join(hooks) or 'none'}")
     print(f"removed pinned maps: {', '.join(removed) or 'none'} (under {args.bpffs})")
+    from lbctl.datapath import ipvs
+
+    if ipvs.present():  # the IPVS fallback's virtual services, link and table
+        for line in ipvs.cleanup():
+            print(line)
     return 0
 
 

@@ -41,7 +41,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    mode: str = "ebpf"
+    mode: str = "auto"  # ebpf, ipvs, or auto: ebpf if the kernel can run it, else ipvs
     hostname_override: str | None = None  # None: the CLI falls back to $NODE_NAME
     kubeconfig: Path | None = None
     in_cluster: bool = False
@@ -379,12 +379,6 @@ def _check_values(config: Config, source: str, merged: bool = False) -> None:
     def fail(field: str, problem: str) -> ConfigError:
         return ConfigError(f"{source}: {_PATH_OF[field]}: {problem}")
 
-    if merged and config.mode in ("ipvs", "auto"):  # a flag may still say ebpf
-        raise fail(
-            "mode",
-            f"{config.mode!r} needs the IPVS fallback, which is not available in this "
-            "version of lbctl; set mode: ebpf (or leave it out)",
-        )
     if config.xdp not in XDP_MODES:
         raise fail("xdp", f"unknown XDP mode {config.xdp!r}; set xdp: off, generic or native")
     if not is_prime(config.table_size):
@@ -403,7 +397,9 @@ def _check_values(config: Config, source: str, merged: bool = False) -> None:
             f"{', '.join(SCHEDULERS)}",
         )
     if config.mode not in MODES:
-        raise fail("mode", f"unknown mode {config.mode!r}; set mode: ebpf")
+        raise fail(
+            "mode", f"unknown mode {config.mode!r}; set mode: ebpf, ipvs or auto (the default)"
+        )
     if not config.bpffs.is_absolute():
         raise fail("bpffs", f"{str(config.bpffs)!r} is not absolute; use e.g. {DEFAULT_PIN_DIR}")
     if config.external_interfaces is not None:

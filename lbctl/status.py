@@ -181,6 +181,25 @@ def pinned_maps(pin_dir: Path) -> dict[str, Any]:
     }
 
 
+def _ipvs_state() -> dict[str, Any] | None:
+    """The IPVS fallback's link, virtual services and table here; None: not present."""
+    from lbctl.datapath import ipvs
+
+    try:
+        if not ipvs.present():
+            return None
+        state = ipvs.read_state()
+    except Exception as err:  # status must still show the rest
+        return {"present": True, "error": str(err)}
+    return {
+        "present": state["link"]["addresses"] is not None,
+        "virtualServices": len(state["virtual_services"]),
+        "realServers": sum(len(v["backends"]) for v in state["virtual_services"]),
+        "linkAddresses": len(state["link"]["addresses"] or []),
+        "nftablesTable": state["nftables"]["sets"] is not None,
+    }
+
+
 # -- the verdict ---------------------------------------------------------------------
 
 
@@ -199,6 +218,7 @@ def collect(address: str, pin_dir: Path | None, timeout: float) -> dict[str, Any
     if pin_dir is None:  # the agent's own directory, when it says
         pin_dir = Path(doc.get("datapath", {}).get("bpffs") or DEFAULT_PIN_DIR)
     kernel: dict[str, Any] = {"interfaces": interfaces(), "pinnedMaps": pinned_maps(pin_dir)}
+    kernel["ipvs"] = _ipvs_state()
     try:
         kernel["socketHooks"] = socket_hooks(pin_dir)
     except OSError as err:
@@ -222,6 +242,18 @@ def verdict(agent: dict[str, Any], kernel: dict[str, Any]) -> dict[str, Any]:
         why = "its first sync is not done" if not doc.get("synced") else "its loop stalled"
         problems.append((UNHEALTHY, f"agent: unhealthy, {why} (last tick {doc.get('lastTick')})"))
     maps = kernel["pinnedMaps"]
+    if (doc or {}).get("mode") == "ipvs" or (not doc and kernel.get("ipvs")):
+        # the IPVS fallback: no programs or maps to look for, its link and table instead
+        ipvs = kernel.get("ipvs") or {}
+        if not ipvs.get("present"):
+            problems.append((NO_DATAPATH, "datapath: IPVS mode, but no lbctl-ipvs0 link here"))
+        code = min((c for c, _ in problems), default=OK)
+        return {
+            "exitCode": code,
+            "state": STATES[code],
+            "problems": [text for _, text in problems],
+            "warnings": warnings,
+        }
     if maps.get("bpffsError"):
         problems.append((NO_DATAPATH, f"datapath: {maps['bpffsError']}"))
     elif maps["missing"]:
@@ -326,6 +358,17 @@ def render_table(report: dict[str, Any]) -> str:
     fill = ", ".join(f"{n} {f['entries']}/{f['capacity']}" for n, f in maps["fill"].items())
     pinned = f"{maps['directory']}: {len(maps['present'])} of {len(MAP_TYPES)} maps"
     rows.append(("PINNED MAPS", pinned + (f"; {fill}" if fill else "")))
+    held = kernel.get("ipvs")
+    if held is not None:
+        rows.append(
+            (
+                "IPVS",
+                held.get("error")
+                or f"{held['virtualServices']} virtual services, {held['realServers']} real "
+                f"servers, {held['linkAddresses']} addresses on lbctl-ipvs0, nftables table "
+                f"{'present' if held['nftablesTable'] else 'ABSENT'}",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     parts = ["\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)]
 

@@ -10,6 +10,8 @@ DEB_PACKAGES=(
   iproute2 ethtool iptables nftables       # namespaces, veths, tc; netfilter for the tests
   linux-headers-amd64                      # bcc needs kernel headers
   gcc nginx python3-matplotlib             # make bench: load generator, backends, chart
+  user-mode-linux kmod ipvsadm             # a kernel with IPVS for the IPVS fallback's tests
+  libcap2-bin                              # capsh: the mode probe's tests drop capabilities
 )
 
 missing=()
@@ -46,6 +48,19 @@ if [ ! -e "/lib/modules/$kver/build/include" ]; then
   ln -sfn "$arch_dir" "/lib/modules/$kver/build"
   ln -sfn "$common_dir" "/lib/modules/$kver/source"
 fi
+
+# The User-Mode Linux kernel (tests/uml.py) boots with this file system as its
+# root, and its modprobe looks in /lib/modules/<its version>: point that at the
+# modules the package ships, unless something is there already.
+for uml_dir in /usr/lib/uml/modules/*/; do
+  [ -d "$uml_dir" ] || continue
+  uml_ver=$(basename "$uml_dir")
+  if [ ! -e "/lib/modules/$uml_ver" ] && [ ! -L "/lib/modules/$uml_ver" ]; then
+    echo "deps: linking /lib/modules/$uml_ver to $uml_dir (User-Mode Linux's modules)"
+    mkdir -p /lib/modules
+    ln -s "${uml_dir%/}" "/lib/modules/$uml_ver"
+  fi
+done
 
 # bpffs, where the maps are pinned.
 if ! mountpoint -q /sys/fs/bpf; then

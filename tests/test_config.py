@@ -84,7 +84,7 @@ def test_full_file_round_trips_into_config_and_bpf_settings(tmp_path: Path) -> N
 def test_absent_keys_take_the_defaults(tmp_path: Path) -> None:
     cfg = config.load(write(tmp_path, HEADER))
     assert cfg == Config()
-    assert cfg.mode == "ebpf"
+    assert cfg.mode == "auto"
     assert cfg.interfaces is None
     assert cfg.bpffs == DEFAULT_PIN_DIR
     assert cfg.metrics_bind_address == "0.0.0.0:10249"
@@ -307,7 +307,7 @@ def test_validate_rejects_zero_or_several_sources(sources: dict[str, object], pr
     [
         ({"max_services": 0}, "capacity.maxServices"),
         ({"ct_udp_timeout_s": 0}, "conntrack.udpTimeout"),
-        ({"mode": "ipvs"}, "mode"),
+        ({"mode": "iptables"}, "mode"),
         ({"healthz_bind_address": "nowhere"}, "healthzBindAddress"),
         ({"interfaces": []}, "interfaces"),
     ],
@@ -338,7 +338,6 @@ def test_example_file_is_valid_and_shows_the_defaults() -> None:
         (["--config", "{tmp}/missing.yaml"], "missing.yaml: config file not found"),
         (["--kubeconfig", "{tmp}/nothing"], "kubeconfig {tmp}/nothing: "),
         (["--manifests", "{tmp}", "--max-slots", "0"], "capacity.maxSlots: 0 is out of range"),
-        (["--manifests", "{tmp}", "--mode", "ipvs"], "mode: 'ipvs' needs the IPVS fallback"),
     ],
 )
 def test_lbctl_run_refuses_a_bad_configuration_with_the_fix(
@@ -365,7 +364,7 @@ def test_flags_replace_the_files_source_and_mode(tmp_path: Path) -> None:
         f"apiVersion: {config.API_VERSION}\nkind: {config.KIND}\nmode: ipvs\n"
         "clientConnection:\n  inCluster: true\n"
     )
-    cfg = config.load(path)  # ipvs is refused only if nothing overrides it
+    cfg = config.load(path)
     merged = config.with_overrides(cfg, kubeconfig=Path("/etc/kubeconfig"), mode="ebpf")
     config.validate(merged)
     assert (merged.kubeconfig, merged.in_cluster, merged.mode) == (
@@ -373,5 +372,4 @@ def test_flags_replace_the_files_source_and_mode(tmp_path: Path) -> None:
         False,
         "ebpf",
     )
-    with pytest.raises(config.ConfigError, match="mode: 'ipvs' needs the IPVS fallback"):
-        config.validate(cfg)
+    config.validate(cfg)  # ipvs is a mode of its own now

@@ -1,0 +1,88 @@
+"""Choosing the datapath at start-up: ebpf, ipvs, or auto (ebpf when it can run).
+
+`select` probes (lbctl/datapath/probe.py) and starts the BPF compiler in
+the background; `settle` waits for it.  Under auto a missing feature or a
+program that fails to compile or load falls back to IPVS; under ebpf it is
+the error.  The reason, with what was probed, goes to `lbctl status`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from lbctl.agent import Datapath
+from lbctl.config import Config
+from lbctl.datapath import probe
+
+log = logging.getLogger(__name__)
+
+
+class ModeError(Exception):
+    """No datapath can run; the message names what is missing and the fix."""
+
+
+@dataclasses.dataclass
+class Selection:
+    datapath: Datapath
+    reason: str
+    chosen_by: str  # "--mode auto", "mode in FILE", ...
+
+
+def _ipvs(chosen_by: str, why: str) -> Selection:
+    from lbctl.datapath.ipvs import IpvsDatapath
+
+    found = probe.probe_ipvs()
+    if not found.ok:
+        raise ModeError(f"{why}; and the IPVS fallback is unavailable: {found.missing}")
+    return Selection(IpvsDatapath(), f"{chosen_by}: {why}", chosen_by)
+
+
+def select(cfg: Config, chosen_by: str) -> Selection:
+    """The datapath for cfg.mode; a BPF one may still be compiling (see `settle`)."""
+    if cfg.mode == "ipvs":
+        return _ipvs(chosen_by, "IPVS forced, BPF not probed")
+    found = probe.probe_bpf(xdp=cfg.xdp != "off")
+    if not found.ok:
+        why = f"BPF feature missing: {found.missing}"
+        if cfg.mode == "ebpf":
+            raise ModeError(
+                f"the eBPF datapath cannot run on this kernel: {why}; fix that, or run with "
+                "--mode auto (or ipvs) to fall back to IPVS"
+            )
+        log.warning("%s: %s; falling back to IPVS", chosen_by, why)
+        return _ipvs(chosen_by, f"fell back to IPVS, {why}")
+    from lbctl.datapath.bpf import BpfDatapath
+    from lbctl.datapath.frontends import DatapathError
+
+    reason = f"{chosen_by}: BPF features probed, all {found.summary()}"
+    try:
+        datapath = BpfDatapath(cfg.bpf_settings(), wait=False)
+    except DatapathError as err:  # no bpffs to pin the maps on
+        if cfg.mode == "ebpf":
+            raise
+        log.warning("%s: %s; falling back to IPVS", chosen_by, err)
+        return _ipvs(chosen_by, f"fell back to IPVS, {err}")
+    return Selection(datapath, reason, chosen_by)
+
+
+def settle(selection: Selection, cfg: Config) -> Selection:
+    """Wait for the BPF compiler; under auto, fall back to IPVS if it failed."""
+    from lbctl.datapath.bpf import BpfDatapath
+    from lbctl.datapath.frontends import DatapathError
+
+    dp = selection.datapath
+    if not isinstance(dp, BpfDatapath):
+        return selection
+    try:
+        dp.load()
+    except DatapathError as err:
+        dp.close()
+        lines = str(err).splitlines()
+        hint = next((line for line in lines if line.startswith("bcc needs")), "")
+        first = lines[0] + (f" ({hint})" if hint else "")
+        if cfg.mode == "ebpf":
+            raise
+        log.warning("%s: %s; falling back to IPVS", selection.chosen_by, first)
+        return _ipvs(selection.chosen_by, f"fell back to IPVS, BPF programs did not load: {first}")
+    return dataclasses.replace(selection, reason=selection.reason + ", the programs loaded")
