@@ -7,7 +7,7 @@ from typing import Any
 
 
 @dataclasses.dataclass
-class _Table:
+class Table:
     headers: list[str]
     rows: list[list[str]] = dataclasses.field(default_factory=list)
 
@@ -24,7 +24,7 @@ class _Table:
 
 def _services(frontends: list[dict[str, Any]]) -> str:
     headers = "SERVICE PORT KIND FRONTEND PROTO SCHED FLAGS SLOT BACKEND STATE OPEN"
-    table = _Table(headers.split())
+    table = Table(headers.split())
     for fe in frontends:
         first = [fe["service"], fe["port_name"] or "-", fe["kind"] or "-"]
         first += [f"{fe['address']}:{fe['port']}", fe["protocol"], fe["scheduler"]]
@@ -52,7 +52,7 @@ def _node(node: dict[str, Any]) -> str:
 
 
 def _flows(flows: list[dict[str, Any]]) -> str:
-    table = _Table(
+    table = Table(
         ["SERVICE", "CLIENT", "FRONTEND", "BACKEND", "PROTO", "MASQUERADE", "STATE", "AGE", "IDLE"]
     )
     for f in flows[:50]:
@@ -65,7 +65,7 @@ def _flows(flows: list[dict[str, Any]]) -> str:
 
 
 def _nat(nat: list[dict[str, Any]]) -> str:
-    table = _Table(["MASQUERADE", "BACKEND", "PROTO", "CLIENT", "FRONTEND", "AGE"])
+    table = Table(["MASQUERADE", "BACKEND", "PROTO", "CLIENT", "FRONTEND", "AGE"])
     for n in nat[:50]:
         row = [n["masquerade"], n["backend"], n["protocol"], n["client"], n["frontend"]]
         table.rows.append([*row, f"{n['age_s']}s"])
@@ -74,7 +74,7 @@ def _nat(nat: list[dict[str, Any]]) -> str:
 
 
 def _affinity(rows: list[dict[str, Any]]) -> str:
-    table = _Table(["SERVICE", "FRONTEND", "PROTO", "CLIENT", "BACKEND", "IDLE", "EXPIRES IN"])
+    table = Table(["SERVICE", "FRONTEND", "PROTO", "CLIENT", "BACKEND", "IDLE", "EXPIRES IN"])
     for a in rows:
         where = [a["service"], a["frontend"], a["protocol"], a["client"], a["backend"]]
         table.rows.append([*where, f"{a['idle_s']}s", f"{a['expires_in_s']}s"])
@@ -82,7 +82,7 @@ def _affinity(rows: list[dict[str, Any]]) -> str:
 
 
 def _fill(maps: dict[str, dict[str, int]]) -> str:
-    table = _Table(["MAP", "ENTRIES", "CAPACITY", "FILL"])
+    table = Table(["MAP", "ENTRIES", "CAPACITY", "FILL"])
     for name, fill in maps.items():
         share = f"{100 * fill['entries'] / fill['capacity']:.1f}%" if fill["capacity"] else "-"
         table.rows.append([name, str(fill["entries"]), str(fill["capacity"]), share])
@@ -90,7 +90,7 @@ def _fill(maps: dict[str, dict[str, int]]) -> str:
 
 
 def _counters(counters: dict[str, int]) -> str:
-    table = _Table(["COUNTER", "PACKETS"])
+    table = Table(["COUNTER", "PACKETS"])
     for name, value in counters.items():
         table.rows.append([name, str(value)])
     return table.render()

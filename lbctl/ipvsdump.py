@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from lbctl.dump import _Table
+from lbctl.dump_render import Table
 
 
 def render_table(state: dict[str, Any]) -> str:
-    services = _Table(
+    services = Table(
         ["FRONTEND", "PROTO", "KIND", "SCHED", "FLAGS", "BACKEND", "WEIGHT", "ACTIVE", "INACTIVE"]
     )
     for vs in state["virtual_services"]:
@@ -31,7 +31,7 @@ def render_table(state: dict[str, Any]) -> str:
         + (", ".join(addresses) or "no addresses" if addresses is not None else "absent")
         + ("" if state["ipvs_loaded"] else "; ip_vs is not loaded")
     )
-    sets = _Table(["SET", "ELEMENTS"])
+    sets = Table(["SET", "ELEMENTS"])
     table = state["nftables"]
     for name, elements in (table["sets"] or {}).items():
         sets.rows.append([name, ", ".join(elements) or "-"])

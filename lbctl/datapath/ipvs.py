@@ -158,6 +158,9 @@ class IpvsDatapath:
     def forget_missing(self, present: Iterable[tc.Link]) -> None:
         return None
 
+    def forget_detached(self) -> list[str]:
+        return []  # no program is attached; drift in IPVS is repaired by reconcile
+
     def attach_xdp(self, links: Iterable[tc.Link], mode: str) -> list[str]:
         if mode == "off" or self._xdp_reported:
             return []
