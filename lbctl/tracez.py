@@ -20,6 +20,7 @@ from typing import Any
 
 from lbctl.agent import Agent
 from lbctl.datapath.bpf import BpfDatapath
+from lbctl.datapath.settings import BpfSettings
 from lbctl.model import Endpoint, EndpointSlice, Protocol, Service
 from lbctl.plan import (
     CLUSTER_IP,
@@ -172,9 +173,11 @@ def _frontend(agent: Agent, fe: Frontend) -> dict[str, Any]:
 
 def _settings(agent: Agent) -> dict[str, Any] | None:
     dp = agent.datapath
-    if not isinstance(dp, BpfDatapath):
-        return None
-    s = dp.settings
+    return settings_of(dp.settings) if isinstance(dp, BpfDatapath) else None
+
+
+def settings_of(s: BpfSettings) -> dict[str, Any]:
+    """What `lbctl trace` needs of the settings the programs were compiled with."""
     return {
         "conntrackTimeoutsSeconds": {
             "tcpEstablished": s.ct_tcp_timeout_s,

@@ -22,6 +22,7 @@ said the packet passes.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
 import random
 import socket
@@ -34,10 +35,18 @@ from typing import Any
 
 import pytest
 
-from tests import extlab, k8s_yaml
+from lbctl.datapath import ctgc, libbpf
+from lbctl.datapath.bpf import BpfDatapath
+from lbctl.datapath.nodeconf import NodeConfig
+from lbctl.model import Protocol, ServiceRef
+from lbctl.plan import SCOPE_ALL, SCOPE_EXTERNAL, Backend, Frontend, FrontendKey
+from lbctl.trace import Knobs, MapView, Packet, trace
+from lbctl.tracez import settings_of as tracez_settings
+from tests import extlab, k8s_yaml, packets
 from tests.agent_proc import AgentProcess, lbctl
 from tests.extlab import CLIENT_IP, NODE_A, NODE_B, NODE_IP, OTHER_CLIENT_IP, World
 from tests.netlab import Lab, Netns, TcpServer, UdpServer
+from tests.test_bpf_prog import TC_ACT_SHOT
 
 pytestmark = pytest.mark.netns
 
@@ -439,3 +448,131 @@ def test_trace_without_the_agent_and_bad_input(env: Env) -> None:
     )
     assert missing.returncode == 1
     assert "no lbctl maps under /sys/fs/bpf/lbctl-none" in missing.stderr
+
+
+# -- the decision alone, against the program under BPF_PROG_TEST_RUN ---------------------
+
+SNAT = "192.0.2.1"
+CIDR = "10.244.0.0/16"
+
+
+def prog_frontends() -> dict[FrontendKey, Frontend]:
+    def fe(
+        vip: str,
+        port: int,
+        proto: Protocol,
+        backends: list[str],
+        scheduler: str,
+        kind: str = "ClusterIP",
+        scope: int = SCOPE_ALL,
+        **kw: Any,
+    ) -> Frontend:
+        weights = kw.pop("weights", [1] * len(backends))
+        return Frontend(
+            FrontendKey(ipaddress.IPv4Address(vip), port, proto, scope),
+            ServiceRef("ns", f"{scheduler}-{vip}-{port}"),
+            "p",
+            kind,
+            tuple(
+                Backend(ipaddress.IPv4Address(a), 8080, proto, weight=w)
+                for a, w in zip(backends, weights, strict=True)
+            ),
+            scheduler=scheduler,
+            **kw,
+        )
+
+    pods = [f"10.244.1.{i}" for i in range(10, 17)]
+    ranges = (ipaddress.IPv4Network("10.0.0.0/9"), ipaddress.IPv4Network(CIDR))
+    tcp, udp = Protocol.TCP, Protocol.UDP
+    out = [
+        fe("10.96.0.10", 80, tcp, pods[:5], "maglev"),
+        fe("10.96.0.10", 53, udp, pods[:4], "sh"),
+        fe("10.96.0.11", 80, tcp, pods[:3], "wrr", weights=[1, 2, 3]),
+        fe("10.96.0.12", 80, tcp, pods[2:6], "rr"),
+        fe("10.96.0.13", 80, tcp, pods[:4], "lc"),
+        fe("10.96.0.14", 53, udp, pods, "random", affinity_timeout=5),
+        fe("10.96.0.15", 80, tcp, [], "random"),
+        # a LoadBalancer IP with externalTrafficPolicy Local and source ranges
+        fe("203.0.113.1", 80, tcp, pods[:3], "maglev", "LoadBalancer", local=True,
+           source_ranges=ranges),
+        fe("203.0.113.1", 80, tcp, pods[:1], "maglev", "LoadBalancer", SCOPE_EXTERNAL,
+           local=True, source_ranges=ranges),
+        # Local with remote-only endpoints: outside clients are dropped
+        fe("203.0.113.2", 53, udp, pods[3:5], "sh", "LoadBalancer", local=True),
+        fe("203.0.113.2", 53, udp, [], "sh", "LoadBalancer", SCOPE_EXTERNAL, local=True,
+           drop_empty=True),
+        fe("198.51.100.1", 30080, tcp, pods[4:7], "random", "NodePort"),
+    ]  # fmt: skip
+    return {f.key: f for f in out}
+
+
+def program_verdict(dp: BpfDatapath, frame: bytes, client: str) -> tuple[str, str, str]:
+    """(verdict, destination, source) of the frame the program let out."""
+    result = libbpf.prog_test_run(dp.prog_fd, frame)
+    if result.retval == TC_ACT_SHOT:
+        return "drop", "", ""
+    out = packets.parse(result.data)
+    if out.dst == client:
+        return "reject", "", ""
+    if result.data == frame:
+        return "pass", "", ""
+    assert out.dst is not None and out.src is not None
+    return "forward", out.dst, out.src
+
+
+def test_trace_equals_the_program(clean_datapath: BpfDatapath) -> None:
+    dp = clean_datapath
+    dp.configure(
+        NodeConfig(
+            snat_address=ipaddress.IPv4Address(SNAT),
+            cluster_cidrs=(ipaddress.IPv4Network(CIDR),),
+        )
+    )
+    frontends = prog_frontends()
+    assert dp.reconcile(frontends) == []
+    knobs = Knobs.from_agent(tracez_settings(dp.settings))
+    destinations = sorted({(str(k.address), k.port, k.protocol) for k in frontends})
+    destinations.append(("10.96.0.99", 80, Protocol.TCP))
+    clients = ["10.0.0.7", "10.0.0.8", "10.244.0.10", "172.16.0.5"]
+    rng = random.Random(11)
+    done: list[Packet] = []
+    by: dict[str, int] = {}
+    for i in range(600):
+        if i % 4 == 3 and done:
+            p = rng.choice(done)  # the same tuple again: conntrack
+        else:
+            dst, dport, proto = rng.choice(destinations)
+            p = Packet(
+                ipaddress.IPv4Address(rng.choice(clients)),
+                rng.randrange(1024, 65536),
+                ipaddress.IPv4Address(dst),
+                dport,
+                proto,
+            )
+        if i % 50 == 49:  # let affinity entries run out now and then
+            for key, a in list(dp.maps.lb4_affinity.items()):
+                a.last_seen_ns -= 6 * 10**9
+                dp.maps.lb4_affinity.update(key, a)
+        t = trace(MapView(dp.maps), p, ctgc.now_ns(), knobs)
+        assert p.sport is not None
+        if p.protocol is Protocol.TCP:
+            frame = packets.ipv4_tcp(str(p.src), str(p.dst), p.sport, p.dport, "S")
+        else:
+            frame = packets.ipv4_udp(str(p.src), str(p.dst), p.sport, p.dport, b"q")
+        verdict, dst, src = program_verdict(dp, frame, str(p.src))
+        where = f"{p}: trace {t['verdict']} {t['reason']}, program {verdict} to {dst} from {src}"
+        assert verdict == t["verdict"], where
+        done.append(p)
+        how = (t["choice"] or {}).get("by") or t["verdict"]
+        by[how] = by.get(how, 0) + 1
+        if verdict != "forward":
+            continue
+        choice = t["choice"]
+        if choice["deterministic"]:
+            assert dst == choice["backend"]["address"], where
+        else:
+            assert dst in {c["address"] for c in choice["candidates"]}, where
+        masq = t["masquerade"]
+        assert src == (masq["address"].split(":")[0] if masq["applies"] else str(p.src)), where
+    assert {"scheduler", "conntrack", "affinity", "reject", "pass", "drop"} <= set(by), by
+    print(f"600 packets, decided by: {by}")
