@@ -22,6 +22,7 @@ said the packet passes.
 from __future__ import annotations
 
 import errno
+import http.client
 import ipaddress
 import json
 import random
@@ -38,9 +39,10 @@ import pytest
 from lbctl.datapath import ctgc, libbpf
 from lbctl.datapath.bpf import BpfDatapath
 from lbctl.datapath.nodeconf import NodeConfig
+from lbctl.datapath.view import MapView, Packet
 from lbctl.model import Protocol, ServiceRef
 from lbctl.plan import SCOPE_ALL, SCOPE_EXTERNAL, Backend, Frontend, FrontendKey
-from lbctl.trace import Knobs, MapView, Packet, trace
+from lbctl.trace import Knobs, trace
 from lbctl.tracez import settings_of as tracez_settings
 from tests import extlab, k8s_yaml, packets
 from tests.agent_proc import AgentProcess, lbctl
@@ -419,6 +421,14 @@ def test_trace_explains_each_decision(env: Env) -> None:
 def test_trace_without_the_agent_and_bad_input(env: Env) -> None:
     case = Case("pod", 22000, "10.96.0.50", 80, "tcp")
     _, with_agent = env.trace(case)
+    # the agent's /tracez refuses a query that names no frontend address, saying why
+    with env.world.node_a.entered():
+        conn = http.client.HTTPConnection(*HEALTH.split(":"), timeout=5)
+        conn.request("GET", "/tracez?address=10.96.0.300&port=80")
+        resp = conn.getresponse()
+        body = resp.read().decode()
+        conn.close()
+    assert resp.status == 400 and body.startswith("/tracez: address: "), body
     env.agent.kill()
     out = env.run_trace(
         "-o", "yaml", "--src", f"{env.world.pod_client.ip}:22000", "--dst", "10.96.0.50:80",
