@@ -564,6 +564,10 @@ def merge_plan(result: dict[str, Any], plan: dict[str, Any] | None, error: str |
         result["notes"].append(
             "the agent serves this address on " + ", ".join(plan["sameAddressOtherPorts"])
         )
+    if plan is not None and not plan.get("synced", True):
+        result["notes"].append(
+            "the agent has not finished its first sync: the maps may not hold every Service yet"
+        )
     if plan is not None:
         for conflict in plan.get("conflicts", []):
             result["notes"].append(f"Service {conflict['service']}: {conflict['reason']}")

@@ -218,6 +218,7 @@ def document(agent: Agent, query: Mapping[str, Sequence[str]]) -> dict[str, Any]
         "apiVersion": API_VERSION,
         "kind": KIND,
         "node": {"name": node.name, "zone": node.zone},
+        "synced": agent.synced.is_set(),
         "query": {"address": str(address), "port": port, "protocol": protocol.name},
         "frontends": entries,
         "sameAddressOtherPorts": elsewhere,
