@@ -634,6 +634,9 @@ def run(
     if pin_dir is None:  # the agent's own directory, when it says
         pin_dir = Path(settings["bpffs"]) if settings else DEFAULT_PIN_DIR
     if not (pin_dir / "lb4_services").exists():
+        from lbctl.datapath.bpf import check_bpffs
+
+        check_bpffs(pin_dir)  # e.g. under `ip netns exec`, which hides bpffs: says so
         raise FileNotFoundError(
             f"no lbctl maps under {pin_dir}: is the agent running with --bpffs {pin_dir}?"
         )
