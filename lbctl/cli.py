@@ -161,6 +161,47 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=2.0, metavar="SECONDS", help="for the agent's answer"
     )
 
+    trace = sub.add_parser(
+        "trace",
+        help="where the datapath would send a packet, and why",
+        description="Follow the BPF program's decision for the first packet of a flow (a "
+        "SYN for TCP) arriving on an interface lbctl is attached to, over the live maps, in "
+        "the program's order: conntrack, the Service frontend (ClusterIP, NodePort, "
+        "externalIP, LoadBalancer IP; the external-scope entry of externalTrafficPolicy "
+        "Local for clients outside the cluster CIDRs), loadBalancerSourceRanges, ClientIP "
+        "affinity, the scheduler. Nothing is sent and no map is written. Why endpoints are "
+        "or are not backends (readiness, terminating, node locality, topology) comes from "
+        "the agent's /tracez on --address; without the agent the maps alone are shown. "
+        "Exit codes: 0 a backend would get the packet, 1 the command failed, 2 usage, "
+        "3 no frontend matches (the packet passes untouched), 4 a frontend matches but the "
+        "packet would be dropped or rejected.",
+    )
+    trace.add_argument(
+        "--src",
+        required=True,
+        metavar="IP[:PORT]",
+        help="the client; without a port a fresh one is assumed (conntrack is not looked "
+        "up and maglev cannot be computed)",
+    )
+    trace.add_argument("--dst", required=True, metavar="IP:PORT", help="where the packet is sent")
+    trace.add_argument("--proto", choices=["tcp", "udp"], default="tcp", help="default tcp")
+    trace.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    trace.add_argument(
+        "--address",
+        default="127.0.0.1:10256",
+        metavar="HOST:PORT",
+        help="the agent's health server, for its plan (default 127.0.0.1:10256)",
+    )
+    trace.add_argument(
+        "--bpffs",
+        type=Path,
+        metavar="DIR",
+        help=f"lbctl's pinned maps (default: the agent's, else {DEFAULT_PIN_DIR})",
+    )
+    trace.add_argument(
+        "--timeout", type=float, default=2.0, metavar="SECONDS", help="for the agent's answer"
+    )
+
     maps = sub.add_parser("maps", help="inspect the datapath's maps")
     maps_sub = maps.add_subparsers(dest="maps_command", required=True, metavar="ACTION")
     dump = maps_sub.add_parser(
@@ -316,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "maps":
             return _dump(args)
+        if args.command == "trace":
+            from lbctl import trace
+
+            return trace.main(
+                args.bpffs, args.address, args.src, args.dst, args.proto, args.output, args.timeout
+            )
         if args.command == "status":
             from lbctl import status
 

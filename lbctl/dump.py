@@ -38,7 +38,7 @@ STAT_NAMES = {
 }
 
 
-def _state(flags: int) -> str:
+def backend_state(flags: int) -> str:
     b = flags_backend(("", 0, Protocol.TCP), flags)
     if b.terminating:
         return "terminating" if b.serving else "terminating,not-serving"
@@ -148,7 +148,7 @@ def _frontends(maps: Maps, service: str | None) -> list[dict[str, Any]]:
                     "backend_id": ident,
                     "address": layout.ip4_str(be.addr),
                     "port": layout.port_num(be.port),
-                    "state": _state(be.flags),
+                    "state": backend_state(be.flags),
                 }
             )
             if ident in conns:

@@ -15,6 +15,7 @@ import logging
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar, cast
@@ -30,11 +31,14 @@ from lbctl.manifests import ManifestSource
 from lbctl.statusz import document as status_document
 from lbctl.statusz import retry as _retry
 from lbctl.statusz import rfc3339 as _rfc3339
+from lbctl.tracez import QueryError
+from lbctl.tracez import document as trace_document
 
 log = logging.getLogger(__name__)
 
 Reply = tuple[int, str, bytes]  # status, content type, body
 Routes = dict[str, Callable[[], Reply]]
+QueryRoutes = dict[str, Callable[[dict[str, list[str]]], Reply]]  # given the parsed query
 # 0.1 ms .. 10 s: one map write, a thousand, a full re-sync of a large cluster
 LATENCY_BUCKETS: tuple[float, ...] = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025)
 LATENCY_BUCKETS += (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -116,12 +120,18 @@ class _AgentCollector:
 
 class _Handler(BaseHTTPRequestHandler):
     routes: ClassVar[Routes] = {}
+    query_routes: ClassVar[QueryRoutes] = {}
     timeout = 10  # a silent client holds stop() for 10 s at most
 
     def do_GET(self) -> None:
-        route = self.routes.get(self.path.split("?", 1)[0])
+        path, _, query = self.path.partition("?")
+        route = self.routes.get(path)
+        asked = self.query_routes.get(path)
         try:
-            status, ctype, body = route() if route else (404, "text/plain", b"not found\n")
+            if asked is not None:
+                status, ctype, body = asked(urllib.parse.parse_qs(query))
+            else:
+                status, ctype, body = route() if route else (404, "text/plain", b"not found\n")
         except Exception:
             log.exception("serving %s", self.path)
             status, ctype, body = 500, "text/plain", b"internal error\n"
@@ -138,9 +148,12 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = False  # server_close() joins the request threads
 
-    def __init__(self, address: tuple[str, int], routes: Routes) -> None:
+    def __init__(
+        self, address: tuple[str, int], routes: Routes, query_routes: QueryRoutes | None = None
+    ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, type("Handler", (_Handler,), {"routes": routes}))
+        handler = {"routes": routes, "query_routes": query_routes or {}}
+        super().__init__(address, type("Handler", (_Handler,), handler))
 
 
 class Observability:
@@ -180,6 +193,13 @@ class Observability:
         status = status_document(self.agent, healthy, body["problems"])
         return 200, "application/json", json.dumps(status, indent=1).encode() + b"\n"
 
+    def _tracez(self, query: dict[str, list[str]]) -> Reply:
+        try:
+            doc = trace_document(self.agent, query)
+        except QueryError as err:
+            return 400, "text/plain", f"/tracez: {err}\n".encode()
+        return 200, "application/json", json.dumps(doc, indent=1).encode() + b"\n"
+
     def _metrics(self) -> Reply:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
 
@@ -202,7 +222,7 @@ class Observability:
             host, port = address
             shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             try:
-                server = _Server(address, routes)
+                server = _Server(address, routes, {"/tracez": self._tracez})  # lbctl trace
             except OSError as err:
                 why = "address in use" if err.errno == errno.EADDRINUSE else err.strerror
                 problems.append(

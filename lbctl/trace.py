@@ -1,0 +1,772 @@
+"""`lbctl trace`: where the datapath would send a packet, and why.
+
+`trace()` follows flow4_decide() of bpf/flow.h (shared by the tc and XDP
+programs) step by step, in its order, over the live maps:
+
+  1. conntrack: a live forward entry of the exact tuple keeps its backend
+     (a TCP SYN restarts on it, a UDP packet follows it) while that backend
+     is still in the service and the flow holds its NAT binding;
+  2. the frontend: lb4_services at (destination, port, protocol); a frontend
+     with externalTrafficPolicy Local sends clients outside the cluster CIDRs
+     to its external-scope entry (this node's endpoints);
+  3. loadBalancerSourceRanges (lb4_source_ranges);
+  4. sessionAffinity ClientIP: the client's lb4_affinity entry, if it is
+     within its timeout and its backend still in the frontend;
+  5. the scheduler (bpf/sched.h): maglev and sh are computed here with the
+     same hashes (lbctl.scheduling), rr and wrr from the frontend's next turn
+     (lb_rr), lc from the open flows (lb_conns), random among the slots;
+  6. no backend: rejected, or dropped when the backends are on other nodes.
+
+It only reads: nothing is sent through the programs, so no conntrack,
+NAT, affinity or turn is taken.  The packet traced is a flow's first packet
+(a SYN for TCP) arriving on an interface lbctl is attached to (a pod's veth
+or an external interface); the node's own sockets are translated at connect
+time with a random source port instead (bpf/lbctl_sock.c).
+
+The maps hold only the backends the plan made eligible; why the other
+endpoints are not there comes from the agent's `/tracez` (lbctl/tracez.py)
+when it answers.
+
+Exit codes: 0 a backend would get the packet, 1 the command failed, 2 usage,
+3 no frontend matches (the packet passes untouched), 4 a frontend matches
+but the packet would be dropped or rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import ipaddress
+import json
+import sys
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from lbctl import scheduling
+from lbctl.config import parse_bind_address
+from lbctl.datapath import layout
+from lbctl.datapath.entries import SCHED_NAMES, describe_flags
+from lbctl.datapath.maps import Maps
+from lbctl.datapath.settings import SECOND_NS, BpfSettings
+from lbctl.datapath.view import Be, Config, Ct, MapView, Packet, Svc
+from lbctl.model import Protocol
+from lbctl.plan import SCOPE_ALL, SCOPE_EXTERNAL
+
+FORWARD, FAILED, USAGE, PASS, DROP = 0, 1, 2, 3, 4
+VERDICT_CODES = {"forward": FORWARD, "pass": PASS, "drop": DROP, "reject": DROP}
+
+_C = layout.const
+_SVC_F_CLUSTER_IP = _C("LB_SVC_F_CLUSTER_IP")
+_SVC_F_EXTERNAL = _C("LB_SVC_F_EXTERNAL")
+_SVC_F_LOCAL = _C("LB_SVC_F_LOCAL")
+_SVC_F_SOURCE_RANGES = _C("LB_SVC_F_SOURCE_RANGES")
+_SVC_F_DROP_EMPTY = _C("LB_SVC_F_DROP_EMPTY")
+_CFG_F_MASQ_ALL = _C("LB_CFG_F_MASQ_ALL")
+_CFG_F_DETECTOR = _C("LB_CFG_F_DETECTOR")
+_F_SEEN_REPLY = _C("CT_F_SEEN_REPLY")
+_F_CLOSING = _C("CT_F_CLOSING")
+_F_CLOSED = _C("CT_F_CLOSED")
+_MASK32 = 0xFFFFFFFF
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+    """What the programs were compiled with (BpfSettings), as far as a trace needs."""
+
+    tcp_established_s: int
+    tcp_syn_s: int
+    tcp_closing_s: int
+    udp_s: int
+    table_size: int
+    lc_scan: int
+    source: str  # where these came from
+
+    @classmethod
+    def defaults(cls, why: str) -> Knobs:
+        s = BpfSettings()
+        return cls(
+            s.ct_tcp_timeout_s,
+            s.ct_tcp_syn_timeout_s,
+            s.ct_tcp_closing_timeout_s,
+            s.ct_udp_timeout_s,
+            s.table_size,
+            s.lc_scan,
+            f"lbctl's defaults ({why})",
+        )
+
+    @classmethod
+    def from_agent(cls, settings: dict[str, Any]) -> Knobs:
+        ct = settings["conntrackTimeoutsSeconds"]
+        return cls(
+            int(ct["tcpEstablished"]),
+            int(ct["tcpSyn"]),
+            int(ct["tcpClosing"]),
+            int(ct["udp"]),
+            int(settings["tableSize"]),
+            int(settings["lcScan"]),
+            "the agent",
+        )
+
+    def lifetime_ns(self, proto: int, flags: int) -> int:
+        """ct_lifetime() of bpf/conntrack.h."""
+        if proto != Protocol.TCP.number:
+            seconds = self.udp_s
+        elif flags & _F_CLOSING:
+            seconds = self.tcp_closing_s
+        elif not flags & _F_SEEN_REPLY:
+            seconds = self.tcp_syn_s
+        else:
+            seconds = self.tcp_established_s
+        return seconds * SECOND_NS
+
+
+# -- the decision ---------------------------------------------------------------------
+
+
+class _Trace:
+    """The steps taken so far and the outcome."""
+
+    def __init__(self, p: Packet) -> None:
+        self.packet = p
+        self.steps: list[dict[str, str]] = []
+        self.doc: dict[str, Any] = {
+            "packet": {
+                "source": str(p.src),
+                "sourcePort": p.sport,
+                "destination": str(p.dst),
+                "destinationPort": p.dport,
+                "protocol": p.protocol.name,
+            },
+            "verdict": None,
+            "reason": "",
+            "frontend": None,
+            "backends": None,  # the slots of the frontend entry, once the trace reads them
+            "choice": None,
+            "masquerade": None,
+            "notes": [],
+        }
+
+    def step(self, name: str, text: str) -> None:
+        self.steps.append({"step": name, "result": text})
+
+    def note(self, text: str) -> None:
+        self.doc["notes"].append(text)
+
+    def end(self, verdict: str, reason: str) -> dict[str, Any]:
+        self.doc["verdict"] = verdict
+        self.doc["reason"] = reason
+        self.doc["exitCode"] = VERDICT_CODES[verdict]
+        self.doc["steps"] = self.steps
+        return self.doc
+
+
+def _frontend_doc(svc: Svc, p: Packet, view: MapView) -> dict[str, Any]:
+    return {
+        "service": svc.service,
+        "portName": svc.port_name,
+        "kind": svc.kind,
+        "address": str(p.dst),
+        "port": p.dport,
+        "protocol": p.protocol.name,
+        "scope": "external" if svc.scope == SCOPE_EXTERNAL else "all",
+        "frontendId": svc.frontend_id,
+        "flags": describe_flags(svc.flags),
+        "scheduler": SCHED_NAMES.get(svc.sched, str(svc.sched)),
+        "affinityTimeoutSeconds": svc.affinity_s,
+        "sourceRanges": view.source_ranges(p) if svc.flags & _SVC_F_SOURCE_RANGES else [],
+    }
+
+
+def _slots(view: MapView, svc: Svc) -> list[tuple[int, Be | None]]:
+    out = []
+    for n in range(1, svc.count + 1):
+        ident = view.slot(svc.frontend_id, n)
+        out.append((n, view.backend(ident) if ident else None))
+    return out
+
+
+def _masquerade(t: _Trace, svc: Svc, cfg: Config | None, internal: bool, be: Be, p: Packet) -> None:
+    """flow4_new()'s masquerade decision, with lb4_frontend()'s reason."""
+    masq, why = False, ""
+    if svc.flags & _SVC_F_CLUSTER_IP:
+        detector = cfg is not None and bool(cfg.flags & _CFG_F_DETECTOR)
+        masq = detector and not internal
+        why = (
+            "a ClusterIP reached from outside the cluster CIDRs"
+            if masq
+            else "a ClusterIP reached from inside the cluster CIDRs"
+            if detector
+            else "a ClusterIP, and no cluster CIDRs tell outside clients apart"
+        )
+    elif svc.flags & _SVC_F_EXTERNAL:
+        masq = not svc.flags & _SVC_F_LOCAL
+        why = (
+            "an outside-facing frontend with externalTrafficPolicy Cluster"
+            if masq
+            else "externalTrafficPolicy Local keeps the client's address"
+        )
+    if cfg is not None and cfg.flags & _CFG_F_MASQ_ALL:
+        masq, why = True, "masqueradeAll"
+    if be.address == p.src:
+        masq, why = True, "hairpin: the client is the backend"
+    applies = masq and cfg is not None and cfg.snat_addr is not None
+    if masq and not applies:
+        why += ", but no masquerade address is set"
+    t.doc["masquerade"] = {
+        "applies": applies,
+        "address": str(cfg.snat_addr) if applies and cfg and cfg.snat_addr else None,
+        "why": why,
+    }
+
+
+def _table_backend(view: MapView, svc: Svc, i: int, knobs: Knobs) -> tuple[int, str]:
+    """lb_table_backend(): the backend id entry i selects, and which entry it is."""
+    length = svc.table_len
+    if svc.table == 0 or length == 0 or length > knobs.table_size:
+        return 0, "the frontend has no table"
+    entry = (i & _MASK32) % length
+    index = (svc.table - 1) * knobs.table_size + entry
+    return view.table_entry(index), f"entry {entry} of its {length}-entry table"
+
+
+def _schedule(
+    t: _Trace, view: MapView, svc: Svc, p: Packet, knobs: Knobs, slots: list[tuple[int, Be | None]]
+) -> tuple[Be | None, bool, list[Be]]:
+    """lb_schedule() and lb4_select()'s fallback: (backend, deterministic, candidates)."""
+    sched = SCHED_NAMES.get(svc.sched, scheduling.RANDOM)
+    live = [be for _, be in slots if be is not None]
+    slot1 = slots[0][1] if slots else None
+    saddr = layout.ip4(p.src)
+
+    def fallback(ident: int, how: str) -> Be | None:
+        be = view.backend(ident) if ident else None
+        if be is None:
+            t.step("scheduler", f"{how} names no live backend: slot 1 instead")
+            return slot1
+        return be
+
+    if sched == scheduling.RR:
+        turn = view.turn(svc.frontend_id)
+        n = (turn & _MASK32) % svc.count + 1
+        be = fallback(view.slot(svc.frontend_id, n), f"turn {turn} (slot {n})")
+        t.step(
+            "scheduler",
+            f"rr: the frontend's next turn is {turn}: slot {n} of {svc.count} -> {be}; "
+            "another new flow of this frontend first would take that turn",
+        )
+        return be, True, [be] if be else []
+    if sched == scheduling.WRR:
+        turn = view.turn(svc.frontend_id)
+        ident, where = _table_backend(view, svc, turn, knobs)
+        be = fallback(ident, where)
+        t.step(
+            "scheduler",
+            f"wrr: the frontend's next turn is {turn}: {where} -> {be}; "
+            "another new flow of this frontend first would take that turn",
+        )
+        return be, True, [be] if be else []
+    if sched == scheduling.MAGLEV:
+        if p.sport is None:
+            t.step(
+                "scheduler",
+                "maglev: hashes the source port too, which was not given: one of the "
+                f"{len(live)} backends, the same one for every packet of the flow",
+            )
+            return None, False, live
+        h = scheduling.flow_hash(
+            saddr,
+            layout.ip4(p.dst),
+            layout.port(p.sport),
+            layout.port(p.dport),
+            p.protocol.number,
+        )
+        ident, where = _table_backend(view, svc, h, knobs)
+        be = fallback(ident, where)
+        t.step("scheduler", f"maglev: hash of the 5-tuple {h:#010x} -> {where} -> {be}")
+        return be, True, [be] if be else []
+    if sched == scheduling.SH:
+        h = scheduling.source_hash(saddr)
+        ident, where = _table_backend(view, svc, h, knobs)
+        be = fallback(ident, where)
+        t.step("scheduler", f"sh: hash of the source address {h:#010x} -> {where} -> {be}")
+        return be, True, [be] if be else []
+    if sched == scheduling.LC:
+        opened = {be.ident: view.open_flows(be.ident) for be in live}
+        t.doc["openFlows"] = {str(be): opened[be.ident] for be in live}
+        least = min(opened.values(), default=0)
+        best = [be for be in live if opened[be.ident] == least]
+        if svc.count > knobs.lc_scan:
+            t.step(
+                "scheduler",
+                f"lc: the least loaded of {knobs.lc_scan} slots from a random one "
+                f"(of {svc.count}); open flows: "
+                + ", ".join(f"{be} {opened[be.ident]}" for be in live),
+            )
+            return None, False, live
+        chosen = best[0] if len(best) == 1 else None
+        t.step(
+            "scheduler",
+            f"lc: the backend with the fewest open flows ({least}): "
+            + (str(chosen) if chosen else f"one of {len(best)} tied, from a random slot on")
+            + "; open flows: "
+            + ", ".join(f"{be} {opened[be.ident]}" for be in live),
+        )
+        return chosen, chosen is not None, best
+    t.step("scheduler", f"random: one of the {svc.count} slots, each as likely")
+    return None, False, live
+
+
+def trace(view: MapView, p: Packet, now_ns: int, knobs: Knobs) -> dict[str, Any]:
+    """What flow4_decide() and flow4_new() do with the first packet of flow p."""
+    t = _Trace(p)
+    proto = p.protocol.number
+    cfg = view.config()
+    if cfg is None:
+        t.note("lb4_config is empty: the agent has not configured this node yet")
+
+    # 1. conntrack
+    if p.sport is None:
+        t.step(
+            "conntrack",
+            "not looked up (no source port given): a new flow from a fresh port is assumed",
+        )
+    else:
+        ct = view.conntrack(p)
+        if ct is None:
+            t.step("conntrack", "no entry for this tuple: a new flow")
+        else:
+            followed = _follow(t, view, p, ct, now_ns, knobs, proto)
+            if followed is not None:
+                return followed
+
+    # 2. the frontend
+    svc = view.service(p, SCOPE_ALL)
+    if svc is None:
+        t.step("frontend", f"no frontend at {p.dst}:{p.dport}/{p.protocol.name}")
+        return t.end("pass", "no Service frontend matches: the packet passes untouched")
+    t.doc["frontend"] = _frontend_doc(svc, p, view)
+    t.step(
+        "frontend",
+        f"{svc.kind} {p.dst}:{p.dport}/{p.protocol.name} of Service {svc.service}"
+        + (f" (port {svc.port_name})" if svc.port_name else ""),
+    )
+
+    # 3. source ranges
+    if svc.flags & _SVC_F_SOURCE_RANGES:
+        ranges = ", ".join(view.source_ranges(p)) or "none"
+        if not view.source_allowed(p):
+            t.step("source ranges", f"{p.src} is in none of {ranges}: dropped")
+            return t.end("drop", f"{p.src} is outside the loadBalancerSourceRanges ({ranges})")
+        t.step("source ranges", f"{p.src} is in {ranges}: allowed")
+
+    detector = cfg is not None and bool(cfg.flags & _CFG_F_DETECTOR)
+    internal = detector and view.in_cluster_cidrs(p.src)
+    if svc.flags & _SVC_F_EXTERNAL and svc.flags & _SVC_F_LOCAL:
+        if internal:
+            t.step(
+                "traffic policy",
+                f"{p.src} is in the cluster CIDRs: a pod uses every endpoint, as under "
+                "externalTrafficPolicy Cluster",
+            )
+        else:
+            why = "outside the cluster CIDRs" if detector else "not told apart (no cluster CIDRs)"
+            external = view.service(p, SCOPE_EXTERNAL)
+            if external is None:
+                t.step("traffic policy", f"{p.src} is {why}, and no external-scope entry exists")
+                return t.end("pass", "the frontend's external-scope entry is missing")
+            t.step(
+                "traffic policy",
+                f"{p.src} is {why}: externalTrafficPolicy Local, this node's endpoints only",
+            )
+            svc = external
+            t.doc["frontend"] = _frontend_doc(svc, p, view)
+
+    slots = _slots(view, svc)
+    t.doc["backends"] = [
+        {"slot": n, **be.describe()} if be else {"slot": n, "missing": True} for n, be in slots
+    ]
+
+    # 4. ClientIP affinity
+    if svc.affinity_s:
+        entry = view.affinity(svc.frontend_id, p.src)
+        if entry is None:
+            t.step("affinity", f"ClientIP, {svc.affinity_s} s: no entry for {p.src} yet")
+        else:
+            last_seen, ident = entry
+            idle = ((now_ns - last_seen) & _MASK64) / SECOND_NS
+            be = view.backend(ident)
+            if idle > svc.affinity_s:
+                t.step(
+                    "affinity",
+                    f"{p.src}'s entry (backend {be or ident}) expired: idle {idle:.0f} s "
+                    f"> {svc.affinity_s} s",
+                )
+            elif not view.member(svc.frontend_id, ident) or be is None:
+                t.step("affinity", f"{p.src}'s backend (id {ident}) left the frontend")
+            else:
+                t.step(
+                    "affinity",
+                    f"{p.src} goes to {be}, idle {idle:.0f} s of {svc.affinity_s} s",
+                )
+                t.doc["choice"] = {
+                    "by": "affinity",
+                    "backend": be.describe(),
+                    "deterministic": True,
+                    "candidates": [be.describe()],
+                }
+                _masquerade(t, svc, cfg, internal, be, p)
+                return t.end("forward", f"ClientIP affinity: to {be}")
+
+    # 5. the scheduler, 6. no backend
+    if svc.count == 0 or not slots:
+        return _empty(t, svc, p)
+    be, deterministic, candidates = _schedule(t, view, svc, p, knobs, slots)
+    if svc.affinity_s:
+        t.note("the choice becomes the client's affinity entry for later flows")
+    if be is None and not candidates:
+        return _empty(t, svc, p)
+    t.doc["choice"] = {
+        "by": "scheduler",
+        "scheduler": SCHED_NAMES.get(svc.sched, str(svc.sched)),
+        "backend": be.describe() if be and deterministic else None,
+        "deterministic": deterministic and be is not None,
+        "candidates": [c.describe() for c in candidates],
+    }
+    if be is not None and deterministic:
+        _masquerade(t, svc, cfg, internal, be, p)
+        return t.end("forward", f"{t.doc['choice']['scheduler']}: to {be}")
+    masq_for = candidates[0]
+    _masquerade(t, svc, cfg, internal, masq_for, p)
+    if any(c.address == p.src for c in candidates):
+        t.note("a hairpin (the client itself as backend) is always masqueraded")
+    return t.end(
+        "forward",
+        f"{t.doc['choice']['scheduler']}: to one of {', '.join(str(c) for c in candidates)}",
+    )
+
+
+def _empty(t: _Trace, svc: Svc, p: Packet) -> dict[str, Any]:
+    if svc.flags & _SVC_F_DROP_EMPTY:
+        t.step("backends", "none on this node, some elsewhere: new flows are dropped")
+        return t.end("drop", "no backend on this node (its endpoints are on other nodes)")
+    t.step(
+        "backends",
+        "none: "
+        + ("a TCP reset" if p.protocol is Protocol.TCP else "an ICMP port unreachable")
+        + " rejects the flow",
+    )
+    return t.end("reject", "the Service has no eligible backend")
+
+
+def _follow(
+    t: _Trace, view: MapView, p: Packet, ct: Ct, now_ns: int, knobs: Knobs, proto: int
+) -> dict[str, Any] | None:
+    """A live conntrack entry whose backend is still a member keeps the flow there."""
+    idle = ((now_ns - ct.last_seen_ns) & _MASK64) / SECOND_NS
+    lifetime = knobs.lifetime_ns(proto, ct.flags)
+    target = f"{ct.nat_addr}:{ct.nat_port}"
+    if (now_ns - ct.last_seen_ns) & _MASK64 > lifetime:
+        t.step(
+            "conntrack",
+            f"an entry to {target} expired (idle {idle:.0f} s > {lifetime // SECOND_NS} s): "
+            "a new flow",
+        )
+        return None
+    be = view.backend(ct.backend_id)
+    member = (
+        view.member(ct.frontend_id, ct.backend_id)
+        and be is not None
+        and (be.address, be.port) == (ct.nat_addr, ct.nat_port)
+    )
+    held = True
+    if ct.snat_addr is not None and ct.flags & _F_CLOSED == _F_CLOSED:
+        nat = view.nat_client(ct, proto)
+        held = nat == (str(p.src), p.sport, str(p.dst), p.dport)
+    if p.protocol is Protocol.TCP:
+        t.note(f"packets of an established connection on this tuple (not a SYN) go to {target}")
+    if not member:
+        t.step("conntrack", f"a live entry to {target}, whose backend left the service: a new flow")
+        return None
+    if not held:
+        t.step("conntrack", f"a closed flow to {target} whose NAT port went to another flow")
+        return None
+    what = "a SYN restarts on" if p.protocol is Protocol.TCP else "the flow follows"
+    t.step("conntrack", f"a live entry (idle {idle:.0f} s): {what} {target}")
+    svc = view.service(p, SCOPE_ALL)
+    if svc is not None:
+        if svc.frontend_id != ct.frontend_id:
+            svc = view.service(p, SCOPE_EXTERNAL) or svc
+        t.doc["frontend"] = _frontend_doc(svc, p, view)
+        t.doc["backends"] = [
+            {"slot": n, **b.describe()} if b else {"slot": n, "missing": True}
+            for n, b in _slots(view, svc)
+        ]
+    assert be is not None
+    t.doc["choice"] = {
+        "by": "conntrack",
+        "backend": be.describe(),
+        "deterministic": True,
+        "candidates": [be.describe()],
+    }
+    t.doc["masquerade"] = {
+        "applies": ct.snat_addr is not None,
+        "address": f"{ct.snat_addr}:{ct.snat_port}" if ct.snat_addr else None,
+        "why": "as the flow was when it started",
+    }
+    return t.end("forward", f"an existing flow: to {be}")
+
+
+# -- the agent's plan -----------------------------------------------------------------
+
+
+def fetch_plan(address: str, p: Packet, timeout: float) -> dict[str, Any]:
+    """The agent's /tracez for the packet's destination; OSError saying why not."""
+    parsed = parse_bind_address(address)
+    if parsed is None:
+        raise OSError("no agent address given")
+    query = urllib.parse.urlencode(
+        {"address": str(p.dst), "port": p.dport, "protocol": p.protocol.name}
+    )
+    conn = http.client.HTTPConnection(*parsed, timeout=timeout)
+    try:
+        conn.request("GET", f"/tracez?{query}")
+        resp = conn.getresponse()
+        body = resp.read()
+    except (OSError, http.client.HTTPException) as err:
+        raise OSError(getattr(err, "strerror", None) or str(err) or type(err).__name__) from err
+    finally:
+        conn.close()
+    if resp.status == 404:
+        raise OSError(f"{address} answers but has no /tracez (an lbctl older than this one?)")
+    if resp.status != 200:
+        raise OSError(f"{address} answered /tracez with HTTP {resp.status}: {body.decode()[:200]}")
+    try:
+        doc: dict[str, Any] = json.loads(body)
+    except ValueError as err:
+        raise OSError(f"{address} answered /tracez with something that is not JSON") from err
+    return doc
+
+
+def merge_plan(result: dict[str, Any], plan: dict[str, Any] | None, error: str | None) -> None:
+    """Put the agent's reasons beside the backends the maps hold."""
+    fe = result.get("frontend")
+    entry = None
+    if plan is not None and fe is not None:
+        entry = next((e for e in plan["frontends"] if e["scope"] == fe["scope"]), None)
+    result["plan"] = {
+        "available": entry is not None,
+        "error": error,
+        "frontend": entry,
+    }
+    if plan is not None and fe is None and plan["sameAddressOtherPorts"]:
+        result["notes"].append(
+            "the agent serves this address on " + ", ".join(plan["sameAddressOtherPorts"])
+        )
+    if plan is not None and not plan.get("synced", True):
+        result["notes"].append(
+            "the agent has not finished its first sync: the maps may not hold every Service yet"
+        )
+    if plan is not None:
+        for conflict in plan.get("conflicts", []):
+            result["notes"].append(f"Service {conflict['service']}: {conflict['reason']}")
+    if entry is None:
+        if fe is not None and plan is not None:
+            result["notes"].append(
+                "the agent has no plan for this frontend: the maps hold what an earlier plan "
+                "or run wrote"
+            )
+        return
+    result["notBackends"] = [e for e in entry["endpoints"] if not e["eligible"]]
+    if result["backends"] is None:  # decided before the backends mattered
+        return
+    why = {(e["address"], e["port"]): e for e in entry["endpoints"]}
+    for be in result["backends"]:
+        if "address" in be:
+            found = why.get((be["address"], be["port"]))
+            be["why"] = found["why"] if found else "not an endpoint the agent knows now"
+    held = sorted(f"{b['address']}:{b['port']}" for b in result["backends"] if "address" in b)
+    if held != sorted(entry["backends"]):
+        result["notes"].append(
+            "the agent's plan and the maps differ (a change being applied, or one that "
+            f"failed; see lbctl status): plan {sorted(entry['backends'])}, maps {held}"
+        )
+
+
+# -- the command ----------------------------------------------------------------------
+
+
+def parse_endpoint(
+    text: str, what: str, port_required: bool
+) -> tuple[ipaddress.IPv4Address, int | None]:
+    """IP[:PORT] (IPv4; the datapath balances IPv4 only)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, ""
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ipaddress.AddressValueError:
+        raise ValueError(f"{what} {text!r}: {host!r} is not an IPv4 address") from None
+    if not port:
+        if port_required:
+            raise ValueError(f"{what} {text!r}: give the port too, as IP:PORT")
+        return address, None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{what} {text!r}: {port!r} is not a port number (1-65535)")
+    return address, int(port)
+
+
+def run(
+    pin_dir: Path | None, address: str, p: Packet, timeout: float, now_ns: int | None = None
+) -> dict[str, Any]:
+    """The trace of p over the pinned maps, with the agent's reasons when it answers."""
+    from lbctl.datapath import ctgc
+    from lbctl.datapath.settings import DEFAULT_PIN_DIR
+
+    plan: dict[str, Any] | None = None
+    error = None
+    try:
+        plan = fetch_plan(address, p, timeout)
+    except OSError as err:
+        error = f"the agent is not reachable at {address}: {err}"
+    settings = plan.get("settings") if plan else None
+    if pin_dir is None:  # the agent's own directory, when it says
+        pin_dir = Path(settings["bpffs"]) if settings else DEFAULT_PIN_DIR
+    if not (pin_dir / "lb4_services").exists():
+        from lbctl.datapath.bpf import check_bpffs
+
+        check_bpffs(pin_dir)  # e.g. under `ip netns exec`, which hides bpffs: says so
+        raise FileNotFoundError(
+            f"no lbctl maps under {pin_dir}: is the agent running with --bpffs {pin_dir}?"
+        )
+    knobs = (
+        Knobs.from_agent(settings)
+        if settings
+        else Knobs.defaults("conntrack timeouts and table size: the agent did not say")
+    )
+    maps = Maps.open_pinned(pin_dir)
+    try:
+        result = trace(MapView(maps), p, ctgc.now_ns() if now_ns is None else now_ns, knobs)
+    finally:
+        maps.close()
+    merge_plan(result, plan, error)
+    result["settingsFrom"] = knobs.source
+    return result
+
+
+def render_table(r: dict[str, Any]) -> str:
+    pk = r["packet"]
+    sport = f":{pk['sourcePort']}" if pk["sourcePort"] is not None else ""
+    dst = f"{pk['destination']}:{pk['destinationPort']}"
+    rows = [("PACKET", f"{pk['protocol']} {pk['source']}{sport} -> {dst}")]
+    fe = r["frontend"]
+    if fe:
+        extra = [f"scope {fe['scope']}"] if fe["scope"] != "all" else []
+        extra += fe["flags"]
+        extra += [f"scheduler {fe['scheduler']}"]
+        if fe["affinityTimeoutSeconds"]:
+            extra.append(f"ClientIP affinity {fe['affinityTimeoutSeconds']}s")
+        if fe["sourceRanges"]:
+            extra.append("from " + ",".join(fe["sourceRanges"]))
+        port = f" port {fe['portName']}" if fe["portName"] else ""
+        rows.append(("SERVICE", f"{fe['service']}{port}, {fe['kind']} ({', '.join(extra)})"))
+    plan = r.get("plan") or {}
+    entry = plan.get("frontend")
+    if entry and "type" in entry:
+        rows.append(
+            (
+                "POLICY",
+                f"type {entry['type']}, externalTrafficPolicy {entry['externalTrafficPolicy']}, "
+                f"internalTrafficPolicy {entry['internalTrafficPolicy']}, sessionAffinity "
+                f"{entry['sessionAffinity']}, scheduler {entry['scheduler']} from "
+                f"{entry['schedulerFrom']}",
+            )
+        )
+    width = max(len(k) for k, _ in rows)
+    parts = ["\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)]
+    steps = [["STEP", "RESULT"]] + [[s["step"], s["result"]] for s in r["steps"]]
+    parts.append(_columns(steps))
+    if r["backends"]:
+        with_why = plan.get("available")
+        head = ["SLOT", "BACKEND", "STATE"] + (["WHY"] if with_why else [])
+        table = [head]
+        for be in r["backends"]:
+            if be.get("missing"):
+                table.append([str(be["slot"]), "(missing)", "-"] + (["-"] if with_why else []))
+                continue
+            row = [str(be["slot"]), f"{be['address']}:{be['port']}", be["state"]]
+            table.append(row + ([be.get("why", "")] if with_why else []))
+        parts.append(_columns(table))
+    if r.get("notBackends"):
+        table = [["NOT A BACKEND", "NODE", "CONDITION", "WHY"]]
+        for e in r["notBackends"]:
+            table.append(
+                [f"{e['address']}:{e['port']}", e["node"] or "-", e["condition"], e["why"]]
+            )
+        parts.append(_columns(table))
+    lines = []
+    if plan.get("error"):
+        lines.append(f"reasons unavailable: {plan['error']}; the maps alone are shown")
+    lines += r["notes"]
+    if lines:
+        parts.append("NOTES\n" + "\n".join(f"  {line}" for line in lines))
+    verdict = f"VERDICT  {r['verdict']}: {r['reason']}"
+    masq = r.get("masquerade")
+    if masq and r["verdict"] == "forward":
+        verdict += (
+            f", masqueraded as {masq['address']} ({masq['why']})"
+            if masq["applies"]
+            else f", client address kept ({masq['why']})"
+        )
+    parts.append(f"{verdict} (exit {r['exitCode']})")
+    return "\n\n".join(parts) + "\n"
+
+
+def _columns(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def render(result: dict[str, Any], output: str) -> str:
+    if output == "json":
+        return json.dumps(result, indent=2) + "\n"
+    if output == "yaml":
+        import yaml
+
+        return str(yaml.safe_dump(result, sort_keys=False))
+    return render_table(result)
+
+
+def main(
+    pin_dir: Path | None,
+    address: str,
+    src: str,
+    dst: str,
+    proto: str,
+    output: str,
+    timeout: float,
+) -> int:
+    try:
+        saddr, sport = parse_endpoint(src, "--src", port_required=False)
+        daddr, dport = parse_endpoint(dst, "--dst", port_required=True)
+        if parse_bind_address(address) is None:
+            raise ValueError("--address is empty; give the agent's health address as HOST:PORT")
+    except ValueError as err:
+        print(f"lbctl trace: {err}", file=sys.stderr)
+        return USAGE
+    assert dport is not None
+    p = Packet(saddr, sport, daddr, dport, Protocol[proto.upper()])
+    result = run(pin_dir, address, p, timeout)
+    sys.stdout.write(render(result, output))
+    sys.stdout.flush()
+    error = result["plan"]["error"]
+    if error:
+        print(
+            f"lbctl trace: {error}; showing the maps without the plan's reasons (point "
+            "--address at the agent's --healthz-bind-address for them)",
+            file=sys.stderr,
+        )
+    return int(result["exitCode"])
