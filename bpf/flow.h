@@ -37,9 +37,9 @@ struct flow4 {
 	__u8 reply;   /* a reply: the source is rewritten first */
 	__u8 ct_flags; /* NEW: CT_F_LC, CT_F_AFFINITY of the frontend */
 	__u32 stat;   /* LB_STAT_* of the verdict */
+	__u32 frontend_id; /* whose lb_fe_stats count the packet (0: none) */
 	/* What flow4_commit() needs. */
 	__u32 backend_id;
-	__u32 frontend_id;
 	struct ct4_entry *ct;   /* FOLLOW, RESTART: the forward entry; REPLY: the
 				 * flow's forward entry; NEW: the expired or stale
 				 * entry the flow replaces, if any */
@@ -64,6 +64,7 @@ static __always_inline int flow4_follow(const struct pkt4 *p, struct ct4_entry *
 	x->sport = x->snat ? ct->snat_port : p->sport;
 	x->reply = 0;
 	x->stat = stat;
+	x->frontend_id = ct->frontend_id;
 	x->ct = ct;
 	return verdict;
 }
@@ -76,6 +77,7 @@ static __always_inline int flow4_new(const struct pkt4 *p, const struct lb_servi
 	struct lb4_backend *be;
 	__u32 backend_id = 0;
 
+	x->frontend_id = svc->frontend_id; /* for its counters, whatever happens */
 	be = lb4_choose(svc, p, now, &backend_id);
 	if (!be) {
 		if (svc->flags & LB_SVC_F_DROP_EMPTY) {
@@ -84,8 +86,10 @@ static __always_inline int flow4_new(const struct pkt4 *p, const struct lb_servi
 		}
 		/* A new connection is refused at once; anything else of a flow
 		 * that has no backend any more is dropped. */
-		if (p->proto == IPPROTO_UDP || is_new_tcp(p))
+		if (p->proto == IPPROTO_UDP || is_new_tcp(p)) {
+			x->stat = LB_STAT_REJECT;
 			return FLOW_REJECT;
+		}
 		x->stat = LB_STAT_DROP_NO_BACKEND;
 		return FLOW_DROP;
 	}
@@ -140,6 +144,7 @@ static __always_inline int flow4_reply_snat(const struct pkt4 *p, __u64 now, str
 	x->dnat = 1;
 	x->reply = 1;
 	x->stat = LB_STAT_SNAT_REVERSE;
+	x->frontend_id = fwd->frontend_id;
 	x->ct = fwd;
 	return FLOW_REPLY;
 }
@@ -177,6 +182,7 @@ static __always_inline int flow4_reply(const struct pkt4 *p, const struct lb4_co
 	x->dnat = 0;
 	x->reply = 1;
 	x->stat = LB_STAT_RNAT;
+	x->frontend_id = fwd->frontend_id;
 	x->ct = fwd;
 	return FLOW_REPLY;
 }
@@ -212,6 +218,7 @@ static __always_inline int flow4_decide(const struct pkt4 *p, const struct lb4_c
 	rc = lb4_frontend(p, cfg, &svc, &masq);
 	if (rc == FRONTEND_DENIED) {
 		x->stat = LB_STAT_DROP_SOURCE_RANGE;
+		x->frontend_id = svc ? svc->frontend_id : 0;
 		return FLOW_DROP;
 	}
 	if (rc == FRONTEND_OK && svc)

@@ -218,6 +218,27 @@ struct lb_frontend_meta {
 	char kind[16]; /* ClusterIP, NodePort, LoadBalancer, ExternalIP */
 };
 
+/* lb_fe_stats (per-CPU hash): frontend id -> what the programs did with
+ * its traffic.  The agent creates a frontend's entry (zeroed) with the
+ * frontend and deletes it with the frontend; the programs only look it up,
+ * so a frontend without an entry (per-Service counters off) costs one
+ * failed lookup.  Packets and bytes (IP length) are those the programs
+ * translated: forward from clients, reply from backends.  A flow's first
+ * packet counts once whichever program (XDP or tc) translates it. */
+struct lb_fe_stats {
+	__u64 packets;            /* client -> service, translated */
+	__u64 bytes;
+	__u64 reply_packets;      /* backend -> client, translated back */
+	__u64 reply_bytes;
+	__u64 new_flows;          /* connections (UDP flows) started */
+	__u64 rejected;           /* new flows refused: no backend (TCP reset,
+				   * ICMP unreachable) */
+	__u64 drop_no_backend;    /* later packets of a flow without backends */
+	__u64 drop_source_range;  /* outside loadBalancerSourceRanges */
+	__u64 drop_no_local;      /* externalTrafficPolicy Local, no local backend */
+	__u64 drop_nat_exhausted; /* no free NAT port for a masqueraded flow */
+};
+
 /* ct4: the connection table.  A balanced flow has two entries:
  *   forward: (client, VIP, client port, VIP port)     -> backend
  *   reverse: (backend, client, backend port, client port) -> VIP

@@ -33,6 +33,7 @@ static __always_inline int tc_translate4(struct __sk_buff *skb, struct pkt4 *p,
 			return TC_ACT_SHOT;
 	}
 	stat_inc(x->stat);
+	fe_stat(x->frontend_id, x->stat, bpf_ntohs(p->tot_len));
 	return forward4(skb, p);
 }
 
@@ -62,11 +63,14 @@ int lbctl_tc_ingress(struct __sk_buff *skb)
 		stat_inc(LB_STAT_PASS);
 		return TC_ACT_OK;
 	}
-	if (rc == FLOW_REJECT)
+	if (rc == FLOW_REJECT) {
+		fe_stat(x.frontend_id, LB_STAT_REJECT, 0);
 		return reject4(skb, &p);
+	}
 	rc = flow4_commit(&p, cfg, now, rc, &x);
 	if (rc == FLOW_DROP) {
 		stat_inc(x.stat);
+		fe_stat(x.frontend_id, x.stat, 0);
 		return TC_ACT_SHOT;
 	}
 	if (rc == FLOW_PASS) {

@@ -63,6 +63,7 @@ int lbctl_xdp(struct xdp_md *ctx)
 		rc = flow4_commit(&p, cfg, now, rc, &x);
 	if (rc == FLOW_DROP) {
 		stat_inc(x.stat);
+		fe_stat(x.frontend_id, x.stat, 0);
 		return XDP_DROP;
 	}
 	if (rc == FLOW_PASS)
@@ -86,6 +87,7 @@ int lbctl_xdp(struct xdp_md *ctx)
 	if (xdp_rewrite4(ctx, &p, &x, &fib))
 		return xdp_to_tc(&p, rc);
 	stat_inc(x.stat);
+	fe_stat(x.frontend_id, x.stat, bpf_ntohs(p.tot_len));
 	stat_inc(LB_STAT_XDP_REDIRECT);
 	return bpf_redirect(fib.ifindex, 0);
 }

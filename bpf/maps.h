@@ -40,6 +40,8 @@ BPF_TABLE_PINNED("hash", __u32, struct lb_conns, lb_conns, LBCTL_MAX_BACKENDS,
 		 LBCTL_PIN(lb_conns));
 BPF_TABLE_PINNED("hash", __u32, __u64, lb_conns_expired, LBCTL_MAX_BACKENDS,
 		 LBCTL_PIN(lb_conns_expired));
+BPF_TABLE_PINNED7("percpu_hash", __u32, struct lb_fe_stats, lb_fe_stats,
+		  LBCTL_MAX_SERVICES, LBCTL_PIN(lb_fe_stats), BPF_F_NO_PREALLOC);
 
 /* Scratch space of the lc scan (sched.h), one per CPU; not pinned. */
 struct lc_scan {
@@ -55,6 +57,48 @@ static __always_inline void stat_inc(__u32 idx)
 
 	if (v)
 		*v += 1;
+}
+
+/* The frontend's counters for a packet counted as `stat` (LB_STAT_*) with
+ * IP length `len`: one per-CPU lookup, one or two adds. */
+static __always_inline void fe_stat(__u32 frontend_id, __u32 stat, __u16 len)
+{
+	struct lb_fe_stats *s;
+
+	if (!frontend_id)
+		return;
+	s = lb_fe_stats.lookup(&frontend_id);
+	if (!s)
+		return;
+	switch (stat) {
+	case LB_STAT_DNAT_NEW:
+		s->new_flows += 1;
+		/* fall through */
+	case LB_STAT_DNAT_EST:
+		s->packets += 1;
+		s->bytes += len;
+		break;
+	case LB_STAT_RNAT:
+	case LB_STAT_SNAT_REVERSE:
+		s->reply_packets += 1;
+		s->reply_bytes += len;
+		break;
+	case LB_STAT_REJECT:
+		s->rejected += 1;
+		break;
+	case LB_STAT_DROP_NO_BACKEND:
+		s->drop_no_backend += 1;
+		break;
+	case LB_STAT_DROP_SOURCE_RANGE:
+		s->drop_source_range += 1;
+		break;
+	case LB_STAT_DROP_NO_LOCAL:
+		s->drop_no_local += 1;
+		break;
+	case LB_STAT_NAT_EXHAUSTED:
+		s->drop_nat_exhausted += 1;
+		break;
+	}
 }
 
 static __always_inline struct lb4_config *lb4_settings(void)

@@ -56,8 +56,10 @@ static __always_inline int lb4_frontend(const struct pkt4 *p, const struct lb4_c
 	if (!svc)
 		return FRONTEND_NONE;
 	flags = svc->flags;
-	if ((flags & LB_SVC_F_SOURCE_RANGES) && !lb4_source_allowed(p))
+	if ((flags & LB_SVC_F_SOURCE_RANGES) && !lb4_source_allowed(p)) {
+		*out = svc; /* whose counters count the drop */
 		return FRONTEND_DENIED;
+	}
 	*masq = 0;
 	if (flags & LB_SVC_F_CLUSTER_IP) {
 		*masq = cfg && (cfg->flags & LB_CFG_F_DETECTOR) && !lb4_internal(cfg, p->saddr);

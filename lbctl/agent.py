@@ -135,6 +135,11 @@ class Agent:
         # Seconds from a change reaching lbctl to the maps holding it, newest last.
         self.latencies: collections.deque[float] = collections.deque(maxlen=100_000)
         self.observers: list[Callable[[float], None]] = []  # called with each latency
+        # Called with (seconds, full, errors) after each write of the plan to the
+        # datapath: a full reconcile (full) or a diff; and with the services a
+        # poll touched once their changes are in the datapath.
+        self.sync_observers: list[Callable[[float, bool, int], None]] = []
+        self.poll_observers: list[Callable[[set[ServiceRef]], None]] = []
         self.last_tick = time.monotonic()  # the loop's heartbeat, for health checks
         self.node_config: NodeConfig | None = None  # as last written to the datapath
         self._netns_cookie = cgroup.netns_cookie()  # the socket hooks act in this namespace only
@@ -194,7 +199,12 @@ class Agent:
         if self._sweep_pending:
             log.warning("part of the source is unreadable: keeping adopted frontends it may hold")
         remove_stale = not self._sweep_pending
-        self._record(self.datapath.reconcile(self.planner.frontends(), remove_stale))
+        begun = time.monotonic()
+        errors = self.datapath.reconcile(self.planner.frontends(), remove_stale)
+        self._synced(time.monotonic() - begun, True, errors)
+        self._record(errors)
+        for hook in self.poll_observers:
+            hook(refs)
         self._attach()
         self._record(self.datapath.attach_cgroup(self.options.cgroup_path))
 
@@ -211,6 +221,7 @@ class Agent:
             started = time.monotonic()
             errors = self.datapath.apply(change)
             done = time.monotonic()
+            self._synced(done - started, False, errors)
             self._record(errors)
             what = f"{len(change.upserts)} frontend updates, {len(change.removals)} removals"
             self.last_change = SyncRecord(time.time(), done - started, what, (*errors,))
@@ -229,6 +240,9 @@ class Agent:
                 if latency is not None
                 else "",
             )
+        if refs:
+            for hook in self.poll_observers:
+                hook(refs)
         if self._sweep_pending and self.source.complete:
             self._sweep_pending = False
             log.info("the whole source reads again: removing stale frontends")
@@ -269,8 +283,9 @@ class Agent:
                     remove_stale = not self._sweep_pending
                     begun = time.monotonic()
                     errors = self.datapath.reconcile(desired, remove_stale)
-                    self._record(errors)
                     seconds = time.monotonic() - begun
+                    self._synced(seconds, True, errors)
+                    self._record(errors)
                     self.last_sync = SyncRecord(time.time(), seconds, what, (*errors,))
                     self.datapath.collect_garbage()
                     self._repair_hooks()
@@ -346,6 +361,10 @@ class Agent:
             self._record(missing)
             self._missing_external = missing
         return links
+
+    def _synced(self, seconds: float, full: bool, errors: list[str]) -> None:
+        for observe in self.sync_observers:
+            observe(seconds, full, len(errors))
 
     def _record(self, errors: list[str]) -> None:
         for message in errors:

@@ -108,12 +108,19 @@ def _parser() -> argparse.ArgumentParser:
         help=f"directory on bpffs for lbctl's pinned maps (default {DEFAULT_PIN_DIR})",
     )
     for flag, what, default in (
-        ("--metrics-bind-address", "Prometheus metrics", "0.0.0.0:10249"),
+        ("--metrics-bind-address", "Prometheus metrics", "127.0.0.1:10249"),
         ("--healthz-bind-address", "health checks", "0.0.0.0:10256"),
     ):
         run.add_argument(
             flag, metavar="HOST:PORT", help=f'serve {what} here (default {default}; "" disables)'
         )
+    run.add_argument(
+        "--per-service-metrics",
+        action=argparse.BooleanOptionalAction,
+        help="export datapath counters per Service port (packets, bytes, new connections, "
+        "drops by reason); one series set per Service port: turn off for huge clusters "
+        "(default on)",
+    )
     _node_args(run)
     defaults = BpfSettings()
     for flag, field, what in (
@@ -411,6 +418,7 @@ def _run(args: argparse.Namespace) -> int:
                 "cgroup_path",
                 "xdp",
                 "scheduler",
+                "per_service_metrics",
             )
         },
     )

@@ -48,7 +48,7 @@ class Config:
     manifests: Path | None = None
     interfaces: tuple[str, ...] | None = None  # None: every Ethernet interface
     bpffs: Path = DEFAULT_PIN_DIR
-    metrics_bind_address: str = "0.0.0.0:10249"  # "": disabled
+    metrics_bind_address: str = "127.0.0.1:10249"  # kube-proxy's default; "": disabled
     healthz_bind_address: str = "0.0.0.0:10256"  # "": disabled
     max_services: int = _BPF.max_services
     max_backends: int = _BPF.max_backends
@@ -74,12 +74,13 @@ class Config:
     cgroup_path: str | None = None  # None: the cgroup2 mount; "": no socket hooks
     xdp: str = "off"  # off, generic or native: the XDP fast path on the external interfaces
     scheduler: str = "random"  # backend choice of Services without lbctl.io/scheduler
+    per_service_metrics: bool = True  # datapath counters per Service port (lb_fe_stats)
 
     def bpf_settings(self) -> BpfSettings:
         """The datapath's compile-time settings: pin directory, capacities, timeouts."""
         fields = [f for f, kind in _FIELDS.values() if kind in ("size", "duration")]
         shared = {f: getattr(self, f) for f in fields if f != "sync_period_s"}
-        return BpfSettings(pin_dir=self.bpffs, **shared)
+        return BpfSettings(pin_dir=self.bpffs, service_counters=self.per_service_metrics, **shared)
 
     def address_policy(self) -> AddressPolicy:
         """Where NodePorts answer, and the node IP if one is set."""
@@ -133,6 +134,7 @@ _FIELDS: dict[str, tuple[str, str]] = {
     "nodePortAddresses": ("node_port_addresses", "cidrs"),
     "localhostNodePorts": ("localhost_nodeports", "bool"),
     "masqueradeAll": ("masquerade_all", "bool"),
+    "metrics.perService": ("per_service_metrics", "bool"),
     "nodeIP": ("node_ip", "ipv4"),
     "natPortRange": ("nat_port_range", "portrange"),
     "externalInterfaces": ("external_interfaces", "names"),

@@ -89,6 +89,11 @@ class Reflector:
         self.selectors = selectors  # e.g. field_selector="metadata.name=node-a"
         self.resource_version: str | None = None
         self.lists = 0  # how many complete LISTs, for tests and logs
+        self.api_errors = 0  # failed LIST/WATCH requests and watch ERROR events, for metrics
+        # Watches that ended and were started again, by why: "closed" (the server
+        # ended it, e.g. its timeout), "expired" (410: LIST again), "error".
+        self.watch_restarts = {"closed": 0, "expired": 0, "error": 0}
+        self._watching = False
         self._failing = False
         self._gone_in_a_row = 0
         self._response: Any = None
@@ -120,13 +125,20 @@ class Reflector:
                 if self.resource_version is None:
                     self._list()
                 self._watch()
+                if not self._stop.is_set():
+                    self.watch_restarts["closed"] += 1
             except Gone as why:
                 log.info("%s: %s; listing again", self.kind, why)
+                if self._watching:
+                    self.watch_restarts["expired"] += 1
                 self.resource_version = None
                 self._gone_in_a_row += 1
                 if self._gone_in_a_row > 1:  # lists that go stale at once: slow down
                     self._stop.wait(self.backoff.next())
             except Exception as err:  # anything the API or the network throws
+                self.api_errors += 1
+                if self._watching:
+                    self.watch_restarts["error"] += 1
                 delay = self.backoff.next()
                 message = f"{self.kind}: {_describe(err)}; retrying in {delay:.1f} s"
                 log.warning("%s", message)
@@ -143,6 +155,7 @@ class Reflector:
             self._failing = False
 
     def _list(self) -> None:
+        self._watching = False
         items: list[Mapping[str, Any]] = []
         token: str | None = None
         while True:
@@ -170,6 +183,7 @@ class Reflector:
         )
 
     def _watch(self) -> None:
+        self._watching = False
         kwargs: dict[str, Any] = {
             "watch": True,
             "resource_version": self.resource_version,
@@ -184,6 +198,7 @@ class Reflector:
                 raise Gone(f"resourceVersion {self.resource_version} is too old") from err
             raise
         self._response = resp
+        self._watching = True  # from here on, an end is a watch restart
         try:
             if self._stop.is_set():  # stop() came before the response was known
                 return

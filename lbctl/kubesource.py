@@ -17,8 +17,10 @@ are left alone, as kube-proxy does.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,9 @@ from lbctl.objects import (
 log = logging.getLogger(__name__)
 
 SERVICE, SLICE, NODE = "Service", "EndpointSlice", "Node"
+# Set by the EndpointSlice controller: when the Pod or Service change that led
+# to this version of the slice happened (RFC 3339).
+TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
 Key = tuple[str, str]
 Parsed = Service | EndpointSlice | Node | None  # None: the object is gone (or ignored)
 
@@ -82,6 +87,7 @@ class _Change:
     key: Key
     obj: Parsed
     arrived: float
+    triggered: float | None = None  # an EndpointSlice's trigger time (time.time)
 
 
 class KubeSource:
@@ -120,6 +126,12 @@ class KubeSource:
             for kind, (list_func, selectors) in lists.items()
         }
         self.arrived: float | None = None  # when the oldest change of the last poll came
+        # The trigger times (time.time) of the EndpointSlice changes the last poll
+        # applied, for the network programming latency.  Changes made before the
+        # agent started are left out: a first LIST would report their age.
+        self.triggers: list[float] = []
+        self.started_at = time.time()
+        self.changes_total = {SERVICE: 0, SLICE: 0, NODE: 0}  # changes applied, by kind
         self.problems: dict[tuple[str, Key], str] = {}  # invalid objects, by kind and name
         self.trouble_by_kind: dict[str, str] = {}  # resources that cannot be followed now
         self._versions: dict[str, dict[Key, str]] = {kind: {} for kind in _PARSERS}
@@ -170,7 +182,13 @@ class KubeSource:
                     del self._pending[k]
         touched: set[ServiceRef] = set()
         self.arrived = min((c.arrived for c in changes.values()), default=None)
+        self.triggers = [
+            c.triggered
+            for c in changes.values()
+            if c.triggered is not None and c.triggered >= self.started_at
+        ]
         for change in changes.values():
+            self.changes_total[change.kind] += 1
             obj = change.obj
             if change.kind == SERVICE:
                 if isinstance(obj, Service):
@@ -245,7 +263,14 @@ class KubeSource:
             self.problems[(kind, key)] = message
             return None
         self.problems.pop((kind, key), None)
-        return _Change(kind, key, parsed, arrived)
+        triggered = _trigger_time(obj) if kind == SLICE and parsed is not None else None
+        return _Change(kind, key, parsed, arrived, triggered)
+
+    def pending(self) -> dict[str, int]:
+        """Changes queued and not yet applied, by kind."""
+        with self._lock:
+            kinds = [kind for kind, _ in self._pending]
+        return {kind: kinds.count(kind) for kind in (SERVICE, SLICE, NODE)}
 
     def _queue(self, changes: list[_Change]) -> None:
         if not changes:
@@ -256,5 +281,24 @@ class KubeSource:
                 earlier = self._pending.get(slot)
                 if earlier is not None:  # coalesce, keeping when the first one came
                     change.arrived = min(change.arrived, earlier.arrived)
+                    if change.triggered is None or (
+                        earlier.triggered is not None and earlier.triggered < change.triggered
+                    ):
+                        change.triggered = earlier.triggered
                 self._pending[slot] = change
         self._wake.set()
+
+
+def _trigger_time(obj: Mapping[str, Any]) -> float | None:
+    """The EndpointSlice's last-change-trigger-time annotation, or None."""
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    text = annotations.get(TRIGGER_TIME) if isinstance(annotations, Mapping) else None
+    if not isinstance(text, str):
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()

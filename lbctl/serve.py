@@ -23,11 +23,14 @@ from typing import Any, ClassVar, cast
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from lbctl import metrics
 from lbctl.agent import Agent
 from lbctl.datapath.bpf import BpfDatapath
 from lbctl.dump import read_counters
+from lbctl.healthcheck import HealthChecks
 from lbctl.kubesource import KubeSource
 from lbctl.manifests import ManifestSource
+from lbctl.model import ServiceRef
 from lbctl.statusz import document as status_document
 from lbctl.statusz import retry as _retry
 from lbctl.statusz import rfc3339 as _rfc3339
@@ -53,7 +56,10 @@ HELP = {  # every metric lbctl exports; a name ending in _total is a counter
     "lbctl_source_up": "1 once the resource is listed and while it is followed, else 0.",
     "lbctl_source_lists_total": "Complete LISTs of the resource (re-LISTs follow outages).",
     "lbctl_map_capacity": "Entries the BPF map can hold.",
-    "lbctl_map_entries": "Entries of the BPF map in use (from lbctl's mirror of the maps).",
+    "lbctl_map_entries": "Entries of the BPF map in use: services, backends, slots from "
+    "lbctl's mirror of the maps; conntrack (two per flow), nat (one per masqueraded flow), "
+    "affinity (one per ClientIP affinity client) counted in the kernel at most every "
+    f"{metrics.FILL_CACHE_S:.0f} s.",
     "lbctl_map_operations_total": "BPF map writes and deletes made by lbctl.",
     "lbctl_verdicts_total": "Packets by the verdict of the BPF program.",
 }
@@ -74,6 +80,7 @@ class _AgentCollector:
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        self.fill = metrics.FlowMapFill()
 
     def collect(self) -> Iterator[Metric]:
         agent, source, dp = self.agent, self.agent.source, self.agent.datapath
@@ -105,6 +112,11 @@ class _AgentCollector:
         slots = sum(len(fe.slots) for fe in list(table.frontends.values()))
         size = {"services": s.max_services, "backends": s.max_backends, "slots": s.max_slots}
         used = {"services": len(table.frontends), "backends": len(table.backends), "slots": slots}
+        try:
+            for name, (entries, capacity) in self.fill.read(dp).items():
+                used[name], size[name] = entries, capacity
+        except OSError as err:  # the datapath is closing
+            log.warning("counting flow map entries: %s", err)
         yield _metric("lbctl_map_capacity", size, "map")
         yield _metric("lbctl_map_entries", used, "map")
         yield _metric("lbctl_map_operations_total", table.map_ops)
@@ -162,6 +174,10 @@ class Observability:
         self.health_timeout_s = health_timeout_s
         self.registry = CollectorRegistry()  # private: agents in one process never clash
         self.registry.register(_AgentCollector(agent))
+        self.extra = metrics.ExtraCollector(agent)
+        self.registry.register(self.extra)
+        self.health_checks: HealthChecks | None = None
+        self.kube_proxy = metrics.KubeProxyMetrics(agent, self.registry)
         name = "lbctl_change_apply_latency_seconds"
         self.latency = Histogram(name, HELP[name], buckets=LATENCY_BUCKETS, registry=self.registry)
         self._servers: dict[str, tuple[_Server, threading.Thread]] = {}
@@ -204,9 +220,16 @@ class Observability:
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
 
     def start(
-        self, metrics_address: tuple[str, int] | None, healthz_address: tuple[str, int] | None
+        self,
+        metrics_address: tuple[str, int] | None,
+        healthz_address: tuple[str, int] | None,
+        health_check_node_ports: bool = True,
     ) -> list[str]:
-        """Start the servers asked for; one message per server that could not bind."""
+        """Start the servers asked for; one message per server that could not bind.
+
+        With `health_check_node_ports`, the healthCheckNodePort servers of
+        LoadBalancer Services with externalTrafficPolicy Local follow the
+        agent's model from now on (lbctl/healthcheck.py)."""
         mode = (200, "text/plain", f"{self.agent.datapath.mode}\n".encode())
         metrics: Routes = {"/metrics": self._metrics, "/healthz": self._healthz}
         metrics["/proxyMode"] = lambda: mode
@@ -238,7 +261,25 @@ class Observability:
             log.info("%s server listening on %s", name, shown)
         if self.latency.observe not in self.agent.observers:
             self.agent.observers.append(self.latency.observe)
+        self.kube_proxy.attach()
+        if health_check_node_ports and self.health_checks is None:
+            self.health_checks = HealthChecks(
+                lambda: self.health()[0], self.agent.options.node_name, self._node_addresses
+            )
+            self.extra.health_checks = self.health_checks
+            self.agent.poll_observers.append(self._follow_health_checks)
         return problems
+
+    def _follow_health_checks(self, refs: set[ServiceRef]) -> None:
+        if self.health_checks is not None:
+            self.health_checks.update(self.agent.table, refs)
+
+    def _node_addresses(self) -> list[str]:
+        """Where health check ports listen: every address, or the NodePort addresses."""
+        if self.agent.options.addresses.node_port_cidrs is None:
+            return ["0.0.0.0"]
+        found = self.agent.planner.node.node_port_addresses
+        return [str(a) for a in found if a.version == 4 and not a.is_loopback]
 
     def stop(self) -> None:
         """Shut the servers down and wait for their threads."""
@@ -249,6 +290,13 @@ class Observability:
         self._servers = {}
         if self.latency.observe in self.agent.observers:
             self.agent.observers.remove(self.latency.observe)
+        self.kube_proxy.detach()
+        if self.health_checks is not None:
+            if self._follow_health_checks in self.agent.poll_observers:
+                self.agent.poll_observers.remove(self._follow_health_checks)
+            self.health_checks.close()
+            self.health_checks = None
+            self.extra.health_checks = None
 
     @property
     def addresses(self) -> dict[str, tuple[str, int]]:

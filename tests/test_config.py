@@ -87,7 +87,7 @@ def test_absent_keys_take_the_defaults(tmp_path: Path) -> None:
     assert cfg.mode == "auto"
     assert cfg.interfaces is None
     assert cfg.bpffs == DEFAULT_PIN_DIR
-    assert cfg.metrics_bind_address == "0.0.0.0:10249"
+    assert cfg.metrics_bind_address == "127.0.0.1:10249"  # kube-proxy's default
     assert cfg.healthz_bind_address == "0.0.0.0:10256"
     assert cfg.sync_period_s == 30
     assert cfg.bpf_settings() == BpfSettings()

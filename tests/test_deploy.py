@@ -31,6 +31,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -50,7 +51,7 @@ from tests import k8s_yaml
 from tests.agent_proc import LBCTL
 from tests.apiserver import FakeApiServer, Request
 from tests.conftest import BPFFS, PIN_PREFIX, remove_pins
-from tests.netlab import Netns
+from tests.netlab import Netns, link_mac
 from tests.test_cleanup_kube_proxy import TOOLS, build_kube_proxy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -626,7 +627,20 @@ def test_dashboard_is_a_grafana_dashboard() -> None:
         unknown = {v for v in query.variables if not v.startswith("__")} - defined
         assert not unknown, f"{where} uses undefined variables {unknown}"
     titles = " / ".join(p["title"] for p in board["panels"]).lower()
-    for topic in ("verdict", "drops", "latency", "first sync", "map fill", "resources followed"):
+    for topic in (
+        "verdict",
+        "drops",
+        "latency",
+        "first sync",
+        "map fill",
+        "resources followed",
+        "traffic per service",
+        "drops per service",
+        "sync latency",
+        "network programming latency",
+        "mode per node",
+        "nat port exhaustion",
+    ):
         assert topic in titles, f"no panel about {topic}"
 
 
@@ -782,6 +796,8 @@ def agent_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentRun]:
         server.apply(k8s_yaml.service("web", "10.96.0.10", [("http", "TCP", 80)]))
         server.apply(k8s_yaml.endpoint_slice("web", ["10.244.0.20"], [("http", "TCP", 8080)]))
         server.apply(k8s_yaml.node(NODE_NAME))
+        # no endpoints: a datagram to it is refused, so a per-Service drop is exported
+        server.apply(k8s_yaml.service("empty", "10.96.0.11", [("dns", "UDP", 53)]))
         source = ["--kubeconfig", str(server.write_kubeconfig(tmp / "kubeconfig"))]
         cg = new_cgroup("deploy-run")
         args = daemonset_args(configmap_config(tmp), source, pin_dir, cg)
@@ -792,13 +808,21 @@ def agent_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentRun]:
             agent.start(*args).wait_for("synced:")
             # a change after the first sync, so the latency histogram has a sample
             server.apply(k8s_yaml.endpoint_slice("web", ["10.244.0.21"], [("http", "TCP", 8080)]))
+            # real traffic: a datagram out of dep0 enters dep1, where tc refuses it
+            node.ip(
+                "neigh", "replace", "192.168.240.2", "lladdr", link_mac(node, "dep1"), "dev", "dep0"
+            )
+            node.ip("route", "add", "10.96.0.0/16", "via", "192.168.240.2", "dev", "dep0")
+            with node.open_socket(kind=socket.SOCK_DGRAM) as udp:
+                udp.sendto(b"hi", ("10.96.0.11", 53))
             deadline = time.monotonic() + 10
             while True:
                 status, body = http_get(node, METRICS_PORT, "/metrics")
                 applied = re.search(
                     r"^lbctl_change_apply_latency_seconds_count (\S+)$", body.decode(), re.M
                 )
-                if applied and float(applied.group(1)) >= 1:
+                dropped = "lbctl_service_drops_total{" in body.decode()
+                if applied and float(applied.group(1)) >= 1 and dropped:
                     break
                 assert time.monotonic() < deadline, f"the change was never applied:\n{agent.text()}"
                 time.sleep(0.1)

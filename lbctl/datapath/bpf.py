@@ -98,6 +98,7 @@ class BpfDatapath:
             self.close()
             raise
         self.table = FrontendTable(self.maps, self.settings.table_size)
+        self.table.counters.enabled = self.settings.service_counters
         self.table.adopt()
         self.ranges = SourceRangeTable(self.maps)
         self.ranges.adopt()

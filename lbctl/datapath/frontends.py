@@ -38,6 +38,7 @@ from lbctl.datapath.entries import (
 )
 from lbctl.datapath.libbpf import MapError
 from lbctl.datapath.maps import Maps
+from lbctl.datapath.servicecounters import Labels, ServiceCounters
 from lbctl.datapath.tables import RowsExhausted, TableRows
 from lbctl.model import Protocol, ServiceRef
 from lbctl.plan import Backend, Frontend, FrontendKey
@@ -60,6 +61,7 @@ class FrontendTable:
         self._frontend_ids = IdPool()
         self._backend_ids = IdPool()
         self.map_ops = 0  # map writes and deletes, for tests and metrics
+        self.counters = ServiceCounters(maps.lb_fe_stats)  # per-Service packets and drops
 
     # -- reading what is already there (a restart adopts pinned maps) --------
 
@@ -162,6 +164,7 @@ class FrontendTable:
             for key in [int(k[0]) for k in list(bpf_map.keys())]:
                 if key not in alive:
                     self._delete(bpf_map, entries.id_key(key))
+        self.counters.sweep(live)
 
     # -- changes --------------------------------------------------------------
 
@@ -253,12 +256,15 @@ class FrontendTable:
             headers.add_header(fe.key, have)
             have.written = have.header_state()
             made.append(have)
+        self.counters.create_many(idents)  # before the headers: the first packets count
         try:
             for batch in batches:
                 batch.write()
         except MapError as err:
             for batch in reversed(batches):
                 batch.unwrite()
+            for ident in idents:
+                self.counters.discard(ident)
             for ident in idents:
                 self._frontend_ids.release(ident)
             for be in fresh.values():
@@ -285,6 +291,10 @@ class FrontendTable:
             SCHED_CODES[fe.scheduler],
             fe.affinity_timeout,
         )
+
+    def service_labels(self) -> dict[int, Labels]:
+        """The Service port of each frontend id: what its counters are exported under."""
+        return {have.ident: labels_of(key, have) for key, have in list(self.frontends.items())}
 
     def affinities(self) -> dict[int, ctgc.Affinity]:
         """The frontends with ClientIP affinity, by id, for the sweep."""
@@ -407,6 +417,7 @@ class FrontendTable:
             return
         self._delete(self.maps.lb4_services, entries.service_key(key))
         del self.frontends[key]  # only now: a failed delete is retried as stale
+        self.counters.remove(have.ident, labels_of(key, have))
         if have.table:
             self.rows.release(have.table)
         if self.maps.lb_rr.delete(entries.id_key(have.ident)):
@@ -430,6 +441,8 @@ class FrontendTable:
         try:
             self._write_meta(ident, fe.service, fe.port_name, fe.kind)
             undo.push(lambda: self._delete(self.maps.lb_frontend_meta, entries.id_key(ident)))
+            self.counters.create(ident)
+            undo.push(lambda: self.counters.discard(ident))
             for b in fe.backends:
                 self._hold_backend(b, undo)
             for n, b in enumerate(fe.backends, start=1):
@@ -568,3 +581,8 @@ class FrontendTable:
     def _write_backend(self, target: Target, have: ProgrammedBackend) -> None:
         value = entries.backend(target, have.flags)
         self._write(self.maps.lb4_backends, entries.id_key(have.ident), value)
+
+
+def labels_of(key: FrontendKey, have: ProgrammedFrontend) -> Labels:
+    """(namespace, service, port name, protocol): where a frontend's counters add up."""
+    return (have.service.namespace, have.service.name, have.port_name, key.protocol.name)

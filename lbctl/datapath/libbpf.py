@@ -55,6 +55,8 @@ struct bpf_map_batch_opts {
 };
 int bpf_map_update_batch(int fd, const void *keys, const void *values, uint32_t *count,
                          const struct bpf_map_batch_opts *opts);
+int bpf_map_lookup_batch(int fd, void *in_batch, void *out_batch, void *keys, void *values,
+                         uint32_t *count, const struct bpf_map_batch_opts *opts);
 int bpf_map_get_next_key(int fd, const void *key, void *next_key);
 int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len);
 int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
@@ -322,6 +324,11 @@ class BpfMap:
             os.close(self.fd)
         self.fd = -1
 
+    @property
+    def ncpus(self) -> int:
+        """Values per entry: the possible CPUs of a per-CPU map, else 1."""
+        return self._ncpus
+
     def new_key(self, **fields: Any) -> Any:
         return layout.new(self.key_type, **fields)
 
@@ -359,7 +366,7 @@ class BpfMap:
         if rc in (-errno.EINVAL, -errno.EOPNOTSUPP, -524) and done[0] == 0:  # 524: ENOTSUPP
             for i in range(count):
                 try:
-                    self.update(keys + i, values + i)
+                    self.update(keys + i, values + i * self._ncpus)
                 except MapError as err:
                     err.done = i
                     raise
@@ -406,6 +413,54 @@ class BpfMap:
 
     def __len__(self) -> int:
         return sum(1 for _ in self.keys())
+
+    def chunks(self, size: int = 4096) -> Iterator[tuple[Any, Any, int]]:
+        """The map's entries, `size` at a time: (keys, values, count) per call.
+
+        One system call per chunk (BPF_MAP_LOOKUP_BATCH) instead of two per
+        entry; a per-CPU map's values hold `count * ncpus` elements.  Kernels
+        or map types without batch lookups fall back to key iteration.
+        """
+        keys = ffi.new(f"{self.key_type}[]", size)
+        values = ffi.new(f"{self.value_type}[]", size * self._ncpus)
+        # the batch token of a hash map is a bucket index: 4 bytes, never more than a key
+        token_size = max(ffi.sizeof(self.key_type), 8)
+        tokens = (ffi.new("char[]", token_size), ffi.new("char[]", token_size))
+        in_batch: Any = ffi.NULL
+        while True:
+            count = ffi.new("uint32_t *", size)
+            rc = _lib.bpf_map_lookup_batch(
+                self.fd, in_batch, tokens[1], keys, values, count, ffi.NULL
+            )
+            if rc in (-errno.EINVAL, -errno.EOPNOTSUPP, -524) and in_batch == ffi.NULL:
+                yield from self._chunks_by_key(size)
+                return
+            if rc < 0 and rc != -errno.ENOENT:
+                _check(rc, f"batch lookup in map {self.name}")
+            if count[0]:
+                yield keys, values, int(count[0])
+            if rc == -errno.ENOENT:  # the last chunk
+                return
+            ffi.memmove(tokens[0], tokens[1], token_size)
+            in_batch = tokens[0]
+
+    def _chunks_by_key(self, size: int) -> Iterator[tuple[Any, Any, int]]:
+        keys = ffi.new(f"{self.key_type}[]", size)
+        values = ffi.new(f"{self.value_type}[]", size * self._ncpus)
+        n = 0
+        for key, value in self.items():
+            keys[n] = key[0]
+            ffi.memmove(values + n * self._ncpus, value, ffi.sizeof(value))
+            n += 1
+            if n == size:
+                yield keys, values, n
+                n = 0
+        if n:
+            yield keys, values, n
+
+    def count(self) -> int:
+        """Entries in the map, counted with batch lookups (see `chunks`)."""
+        return sum(n for _, _, n in self.chunks())
 
 
 @dataclasses.dataclass

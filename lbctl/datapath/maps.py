@@ -31,6 +31,7 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb4_affinity": ("struct lb4_affinity_key", "struct lb_affinity"),
     "lb_conns": ("__u32", "struct lb_conns"),
     "lb_conns_expired": ("__u32", "__u64"),
+    "lb_fe_stats": ("__u32", "struct lb_fe_stats"),
 }
 
 # What sizes each map: the BpfSettings field, and the `lbctl run` flag that
@@ -48,6 +49,7 @@ MAP_SIZES: dict[str, tuple[str, str]] = {
     "lb_rr": ("max_services", "--max-services"),
     "lb_conns": ("max_backends", "--max-backends"),
     "lb_conns_expired": ("max_backends", "--max-backends"),
+    "lb_fe_stats": ("max_services", "--max-services"),
 }
 SIZE_FLAGS: dict[str, str] = {name: flag for name, (_, flag) in MAP_SIZES.items()}
 
@@ -71,6 +73,7 @@ class Maps:
     lb4_affinity: BpfMap
     lb_conns: BpfMap
     lb_conns_expired: BpfMap
+    lb_fe_stats: BpfMap
 
     @classmethod
     def from_fds(cls, fd_of: Callable[[str], int], owns_fds: bool = False) -> Maps:

@@ -52,6 +52,7 @@ class BpfSettings:
     ct_refresh_s: int = 1
     nat_reuse_ms: int = 1000  # a closed flow's NAT port is free again after this quiet time
     fib_redirect: bool = True
+    service_counters: bool = True  # lb_fe_stats entries: per-Service packets and drops
 
     def cflags(self) -> list[str]:
         defines: dict[str, str | int] = {
