@@ -365,9 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "maps":
             return _dump(args)
         if args.command == "trace":
-            from lbctl import trace
+            from lbctl import trace_command
 
-            return trace.main(
+            return trace_command.main(
                 args.bpffs, args.address, args.src, args.dst, args.proto, args.output, args.timeout
             )
         if args.command == "status":

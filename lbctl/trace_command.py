@@ -1,0 +1,271 @@
+"""`lbctl trace` the command: the agent's plan merged into the decision of
+lbctl.trace, the exit code, and the output (table, JSON, YAML)."""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import sys
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from lbctl.config import parse_bind_address
+from lbctl.datapath.maps import Maps
+from lbctl.datapath.view import MapView, Packet
+from lbctl.model import Protocol
+from lbctl.trace import USAGE, Knobs, trace
+
+# -- the agent's plan -----------------------------------------------------------------
+
+
+def fetch_plan(address: str, p: Packet, timeout: float) -> dict[str, Any]:
+    """The agent's /tracez for the packet's destination; OSError saying why not."""
+    parsed = parse_bind_address(address)
+    if parsed is None:
+        raise OSError("no agent address given")
+    query = urllib.parse.urlencode(
+        {"address": str(p.dst), "port": p.dport, "protocol": p.protocol.name}
+    )
+    conn = http.client.HTTPConnection(*parsed, timeout=timeout)
+    try:
+        conn.request("GET", f"/tracez?{query}")
+        resp = conn.getresponse()
+        body = resp.read()
+    except (OSError, http.client.HTTPException) as err:
+        raise OSError(getattr(err, "strerror", None) or str(err) or type(err).__name__) from err
+    finally:
+        conn.close()
+    if resp.status == 404:
+        raise OSError(f"{address} answers but has no /tracez (an lbctl older than this one?)")
+    if resp.status != 200:
+        raise OSError(f"{address} answered /tracez with HTTP {resp.status}: {body.decode()[:200]}")
+    try:
+        doc: dict[str, Any] = json.loads(body)
+    except ValueError as err:
+        raise OSError(f"{address} answered /tracez with something that is not JSON") from err
+    return doc
+
+
+def merge_plan(result: dict[str, Any], plan: dict[str, Any] | None, error: str | None) -> None:
+    """Put the agent's reasons beside the backends the maps hold."""
+    fe = result.get("frontend")
+    entry = None
+    if plan is not None and fe is not None:
+        entry = next((e for e in plan["frontends"] if e["scope"] == fe["scope"]), None)
+    result["plan"] = {
+        "available": entry is not None,
+        "error": error,
+        "frontend": entry,
+    }
+    if plan is not None and fe is None and plan["sameAddressOtherPorts"]:
+        result["notes"].append(
+            "the agent serves this address on " + ", ".join(plan["sameAddressOtherPorts"])
+        )
+    if plan is not None and not plan.get("synced", True):
+        result["notes"].append(
+            "the agent has not finished its first sync: the maps may not hold every Service yet"
+        )
+    if plan is not None:
+        for conflict in plan.get("conflicts", []):
+            result["notes"].append(f"Service {conflict['service']}: {conflict['reason']}")
+    if entry is None:
+        if fe is not None and plan is not None:
+            result["notes"].append(
+                "the agent has no plan for this frontend: the maps hold what an earlier plan "
+                "or run wrote"
+            )
+        return
+    result["notBackends"] = [e for e in entry["endpoints"] if not e["eligible"]]
+    if result["backends"] is None:  # decided before the backends mattered
+        return
+    why = {(e["address"], e["port"]): e for e in entry["endpoints"]}
+    for be in result["backends"]:
+        if "address" in be:
+            found = why.get((be["address"], be["port"]))
+            be["why"] = found["why"] if found else "not an endpoint the agent knows now"
+    held = sorted(f"{b['address']}:{b['port']}" for b in result["backends"] if "address" in b)
+    if held != sorted(entry["backends"]):
+        result["notes"].append(
+            "the agent's plan and the maps differ (a change being applied, or one that "
+            f"failed; see lbctl status): plan {sorted(entry['backends'])}, maps {held}"
+        )
+
+
+# -- the command ----------------------------------------------------------------------
+
+
+def parse_endpoint(
+    text: str, what: str, port_required: bool
+) -> tuple[ipaddress.IPv4Address, int | None]:
+    """IP[:PORT] (IPv4; the datapath balances IPv4 only)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, ""
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ipaddress.AddressValueError:
+        raise ValueError(f"{what} {text!r}: {host!r} is not an IPv4 address") from None
+    if not port:
+        if port_required:
+            raise ValueError(f"{what} {text!r}: give the port too, as IP:PORT")
+        return address, None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{what} {text!r}: {port!r} is not a port number (1-65535)")
+    return address, int(port)
+
+
+def run(
+    pin_dir: Path | None, address: str, p: Packet, timeout: float, now_ns: int | None = None
+) -> dict[str, Any]:
+    """The trace of p over the pinned maps, with the agent's reasons when it answers."""
+    from lbctl.datapath import ctgc
+    from lbctl.datapath.settings import DEFAULT_PIN_DIR
+
+    plan: dict[str, Any] | None = None
+    error = None
+    try:
+        plan = fetch_plan(address, p, timeout)
+    except OSError as err:
+        error = f"the agent is not reachable at {address}: {err}"
+    settings = plan.get("settings") if plan else None
+    if pin_dir is None:  # the agent's own directory, when it says
+        pin_dir = Path(settings["bpffs"]) if settings else DEFAULT_PIN_DIR
+    if not (pin_dir / "lb4_services").exists():
+        from lbctl.datapath.bpf import check_bpffs
+
+        check_bpffs(pin_dir)  # e.g. under `ip netns exec`, which hides bpffs: says so
+        raise FileNotFoundError(
+            f"no lbctl maps under {pin_dir}: is the agent running with --bpffs {pin_dir}?"
+        )
+    knobs = (
+        Knobs.from_agent(settings)
+        if settings
+        else Knobs.defaults("conntrack timeouts and table size: the agent did not say")
+    )
+    maps = Maps.open_pinned(pin_dir)
+    try:
+        result = trace(MapView(maps), p, ctgc.now_ns() if now_ns is None else now_ns, knobs)
+    finally:
+        maps.close()
+    merge_plan(result, plan, error)
+    result["settingsFrom"] = knobs.source
+    return result
+
+
+def render_table(r: dict[str, Any]) -> str:
+    pk = r["packet"]
+    sport = f":{pk['sourcePort']}" if pk["sourcePort"] is not None else ""
+    dst = f"{pk['destination']}:{pk['destinationPort']}"
+    rows = [("PACKET", f"{pk['protocol']} {pk['source']}{sport} -> {dst}")]
+    fe = r["frontend"]
+    if fe:
+        extra = [f"scope {fe['scope']}"] if fe["scope"] != "all" else []
+        extra += fe["flags"]
+        extra += [f"scheduler {fe['scheduler']}"]
+        if fe["affinityTimeoutSeconds"]:
+            extra.append(f"ClientIP affinity {fe['affinityTimeoutSeconds']}s")
+        if fe["sourceRanges"]:
+            extra.append("from " + ",".join(fe["sourceRanges"]))
+        port = f" port {fe['portName']}" if fe["portName"] else ""
+        rows.append(("SERVICE", f"{fe['service']}{port}, {fe['kind']} ({', '.join(extra)})"))
+    plan = r.get("plan") or {}
+    entry = plan.get("frontend")
+    if entry and "type" in entry:
+        rows.append(
+            (
+                "POLICY",
+                f"type {entry['type']}, externalTrafficPolicy {entry['externalTrafficPolicy']}, "
+                f"internalTrafficPolicy {entry['internalTrafficPolicy']}, sessionAffinity "
+                f"{entry['sessionAffinity']}, scheduler {entry['scheduler']} from "
+                f"{entry['schedulerFrom']}",
+            )
+        )
+    width = max(len(k) for k, _ in rows)
+    parts = ["\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)]
+    steps = [["STEP", "RESULT"]] + [[s["step"], s["result"]] for s in r["steps"]]
+    parts.append(_columns(steps))
+    if r["backends"]:
+        with_why = plan.get("available")
+        head = ["SLOT", "BACKEND", "STATE"] + (["WHY"] if with_why else [])
+        table = [head]
+        for be in r["backends"]:
+            if be.get("missing"):
+                table.append([str(be["slot"]), "(missing)", "-"] + (["-"] if with_why else []))
+                continue
+            row = [str(be["slot"]), f"{be['address']}:{be['port']}", be["state"]]
+            table.append(row + ([be.get("why", "")] if with_why else []))
+        parts.append(_columns(table))
+    if r.get("notBackends"):
+        table = [["NOT A BACKEND", "NODE", "CONDITION", "WHY"]]
+        for e in r["notBackends"]:
+            table.append(
+                [f"{e['address']}:{e['port']}", e["node"] or "-", e["condition"], e["why"]]
+            )
+        parts.append(_columns(table))
+    lines = []
+    if plan.get("error"):
+        lines.append(f"reasons unavailable: {plan['error']}; the maps alone are shown")
+    lines += r["notes"]
+    if lines:
+        parts.append("NOTES\n" + "\n".join(f"  {line}" for line in lines))
+    verdict = f"VERDICT  {r['verdict']}: {r['reason']}"
+    masq = r.get("masquerade")
+    if masq and r["verdict"] == "forward":
+        verdict += (
+            f", masqueraded as {masq['address']} ({masq['why']})"
+            if masq["applies"]
+            else f", client address kept ({masq['why']})"
+        )
+    parts.append(f"{verdict} (exit {r['exitCode']})")
+    return "\n\n".join(parts) + "\n"
+
+
+def _columns(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def render(result: dict[str, Any], output: str) -> str:
+    if output == "json":
+        return json.dumps(result, indent=2) + "\n"
+    if output == "yaml":
+        import yaml
+
+        return str(yaml.safe_dump(result, sort_keys=False))
+    return render_table(result)
+
+
+def main(
+    pin_dir: Path | None,
+    address: str,
+    src: str,
+    dst: str,
+    proto: str,
+    output: str,
+    timeout: float,
+) -> int:
+    try:
+        saddr, sport = parse_endpoint(src, "--src", port_required=False)
+        daddr, dport = parse_endpoint(dst, "--dst", port_required=True)
+        if parse_bind_address(address) is None:
+            raise ValueError("--address is empty; give the agent's health address as HOST:PORT")
+    except ValueError as err:
+        print(f"lbctl trace: {err}", file=sys.stderr)
+        return USAGE
+    assert dport is not None
+    p = Packet(saddr, sport, daddr, dport, Protocol[proto.upper()])
+    result = run(pin_dir, address, p, timeout)
+    sys.stdout.write(render(result, output))
+    sys.stdout.flush()
+    error = result["plan"]["error"]
+    if error:
+        print(
+            f"lbctl trace: {error}; showing the maps without the plan's reasons (point "
+            "--address at the agent's --healthz-bind-address for them)",
+            file=sys.stderr,
+        )
+    return int(result["exitCode"])
