@@ -351,13 +351,26 @@ def test_a_program_removed_by_hand_is_attached_again_at_the_periodic_sync(
                 "lbctl_tc_ingress"
                 not in node.run("tc", "filter", "show", "dev", "lxcclient", "ingress").stdout
             )
-            agent.wait_for_log("re-attaching", timeout=10)
-            assert (
+            agent.wait_for_log("re-attaching", timeout=20)
+            deadline = time.monotonic() + 10  # the warning comes just before the attach
+            while (
                 "lbctl_tc_ingress"
-                in node.run("tc", "filter", "show", "dev", "lxcclient", "ingress").stdout
-            )
+                not in node.run("tc", "filter", "show", "dev", "lxcclient", "ingress").stdout
+            ):
+                assert time.monotonic() < deadline, "the filter was never attached again"
+                time.sleep(0.05)
             assert tcp_request(cluster.client, VIP, 80).pod == "pod0"
-            status = lbctl("status", "-o", "json", "--bpffs", str(pin_dir), node=node, check=False)
+            status = lbctl(
+                "status",
+                "-o",
+                "json",
+                "--timeout",
+                "10",
+                "--bpffs",
+                str(pin_dir),
+                node=node,
+                check=False,
+            )
             assert "removed from lxcclient (tc) by something else" in status.stdout
         finally:
             agent.stop()
