@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import itertools
 import json
 import os
 import platform
@@ -501,6 +502,7 @@ def batch(target: Target, case: Case, runs: int, fib: Fib) -> dict[str, Any]:
         forget_new_flows(target)
     return {
         "median_ns": statistics.median(durations),
+        "resolution_ns": resolution(durations),
         "p10_ns": statistics.quantiles(durations, n=10)[0] if runs > 1 else durations[0],
         "p90_ns": statistics.quantiles(durations, n=10)[-1] if runs > 1 else durations[0],
         "verdicts": {str(k): v for k, v in verdicts.items()},
@@ -525,6 +527,13 @@ def repeat_trap(target: Target, fib: Fib, repeat: int = 1000) -> dict[str, int]:
         libbpf.prog_test_run(case.fd, case.frames[0], repeat=repeat, ctx=case.ctxs[0])
     after = read_counters(target.maps)
     return {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def resolution(durations: list[int]) -> int:
+    """The smallest step between the durations the kernel reported: its clock's grain."""
+    values = sorted(set(durations))
+    steps = [b - a for a, b in itertools.pairwise(values)]
+    return min(steps) if steps else 0
 
 
 def rotate(items: list[Any], by: int) -> list[Any]:
@@ -574,6 +583,7 @@ def measure(
                 "p10_ns": statistics.median(b["p10_ns"] for b in got),
                 "p90_ns": statistics.median(b["p90_ns"] for b in got),
                 "runs": runs * len(got),
+                "resolution_ns": min(b["resolution_ns"] for b in got),
                 "verdicts": dict(sum((Counter(b["verdicts"]) for b in got), Counter())),
                 "counters": dict(sum((Counter(b["counters"]) for b in got), Counter())),
             }
@@ -618,19 +628,24 @@ def flatness(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             continue
         a, b = small[path], large[path]
         delta = b["program_ns"] - a["program_ns"]
-        noise = max(a["iqr_ns"], b["iqr_ns"], 1.0)
+        # The clock's grain (one step of the reported durations) is the floor.
+        grain = max(a["resolution_ns"], b["resolution_ns"], 1)
+        noise = max(a["iqr_ns"], b["iqr_ns"], grain)
+        # Repetitions that do not overlap at all differ whatever the spread.
+        apart = (
+            min(b["batch_medians_ns"]) > max(a["batch_medians_ns"])
+            or max(b["batch_medians_ns"]) < min(a["batch_medians_ns"])
+        ) and abs(delta) > grain
+        moved = abs(delta) > noise or apart
         out[path] = {
             "from": sizes[0],
             "to": sizes[-1],
             "delta_ns": delta,
             "ratio": b["program_ns"] / a["program_ns"] if a["program_ns"] > 0 else None,
             "noise_ns": noise,
-            "flat": abs(delta) <= noise,
-            "verdict": "within noise"
-            if abs(delta) <= noise
-            else "higher"
-            if delta > 0
-            else "lower",
+            "repetitions_apart": apart,
+            "flat": not moved,
+            "verdict": "within noise" if not moved else "higher" if delta > 0 else "lower",
         }
     return out
 
@@ -662,7 +677,8 @@ def report(results: dict[str, Any]) -> list[str]:
         lines.append(f"{path:<{width}}{cells}  {verdict}")
     lines.append(
         "(program cost: median of the repetitions' batch medians, minus the empty program's; "
-        "noise: the larger interquartile range of the repetitions at the two N)"
+        "noise: the larger interquartile range of the repetitions at the two N, at least one "
+        "step of the kernel's clock; higher/lower: beyond the noise, or no repetition overlaps)"
     )
     check = results["method_check"]
     lines.append("## method check")
