@@ -619,34 +619,35 @@ def machine() -> dict[str, Any]:
 
 
 def flatness(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per path: the program cost at the largest N against the smallest, and the noise."""
+    """Per path and larger N: the program cost against the smallest N's, and the noise."""
     sizes = sorted(results["sizes"], key=int)
-    small, large = results["sizes"][sizes[0]], results["sizes"][sizes[-1]]
-    out = {}
+    small = results["sizes"][sizes[0]]
+    out: dict[str, dict[str, Any]] = {}
     for path in PATHS:
         if path.startswith("empty-"):
             continue
-        a, b = small[path], large[path]
-        delta = b["program_ns"] - a["program_ns"]
-        # The clock's grain (one step of the reported durations) is the floor.
-        grain = max(a["resolution_ns"], b["resolution_ns"], 1)
-        noise = max(a["iqr_ns"], b["iqr_ns"], grain)
-        # Repetitions that do not overlap at all differ whatever the spread.
-        apart = (
-            min(b["batch_medians_ns"]) > max(a["batch_medians_ns"])
-            or max(b["batch_medians_ns"]) < min(a["batch_medians_ns"])
-        ) and abs(delta) > grain
-        moved = abs(delta) > noise or apart
-        out[path] = {
-            "from": sizes[0],
-            "to": sizes[-1],
-            "delta_ns": delta,
-            "ratio": b["program_ns"] / a["program_ns"] if a["program_ns"] > 0 else None,
-            "noise_ns": noise,
-            "repetitions_apart": apart,
-            "flat": not moved,
-            "verdict": "within noise" if not moved else "higher" if delta > 0 else "lower",
-        }
+        a = small[path]
+        for size in sizes[1:]:
+            b = results["sizes"][size][path]
+            delta = b["program_ns"] - a["program_ns"]
+            # The clock's grain (one step of the reported durations) is the floor.
+            grain = max(a["resolution_ns"], b["resolution_ns"], 1)
+            noise = max(a["iqr_ns"], b["iqr_ns"], grain)
+            # Repetitions that do not overlap at all differ whatever the spread.
+            apart = (
+                min(b["batch_medians_ns"]) > max(a["batch_medians_ns"])
+                or max(b["batch_medians_ns"]) < min(a["batch_medians_ns"])
+            ) and abs(delta) > grain
+            moved = abs(delta) > noise or apart
+            out.setdefault(path, {})[size] = {
+                "against": sizes[0],
+                "delta_ns": delta,
+                "ratio": b["program_ns"] / a["program_ns"] if a["program_ns"] > 0 else None,
+                "noise_ns": noise,
+                "repetitions_apart": apart,
+                "flat": not moved,
+                "verdict": "within noise" if not moved else "higher" if delta > 0 else "lower",
+            }
     return out
 
 
@@ -657,7 +658,7 @@ def report(results: dict[str, Any]) -> list[str]:
     head = "".join(f" {f'N={int(s):,}':>22}" for s in sizes)
     lines = [
         "## program cost per packet: ns over the empty program (x the no-service path) [raw ns]",
-        f"{'path':<{width}}{head}  {'largest vs smallest N':<32}",
+        f"{'path':<{width}}{head}  vs N={int(sizes[0]):,} (* beyond noise)",
     ]
     for path in PATHS:
         cells = ""
@@ -667,18 +668,15 @@ def report(results: dict[str, Any]) -> list[str]:
             xs = f"x{x:4.2f}" if x is not None and not path.startswith("empty-") else "     "
             cells += f" {fig['program_ns']:7.0f} ({xs}) [{fig['ns']:5.0f}]"
         verdict = ""
-        if path in flat:
-            f = flat[path]
-            sign = "+" if f["delta_ns"] >= 0 else ""
-            pct = f" ({sign}{(f['ratio'] - 1) * 100:.0f}%)" if f["ratio"] else ""
-            verdict = (
-                f"{sign}{f['delta_ns']:.0f} ns{pct}, noise {f['noise_ns']:.0f}: {f['verdict']}"
-            )
+        for f in flat.get(path, {}).values():
+            mark = "" if f["flat"] else "*"
+            verdict += f" {f['delta_ns']:+5.0f} ns{mark:1}"
         lines.append(f"{path:<{width}}{cells}  {verdict}")
     lines.append(
         "(program cost: median of the repetitions' batch medians, minus the empty program's; "
         "noise: the larger interquartile range of the repetitions at the two N, at least one "
-        "step of the kernel's clock; higher/lower: beyond the noise, or no repetition overlaps)"
+        "step of the kernel's clock; beyond noise: a larger difference, or no repetition "
+        "overlaps)"
     )
     check = results["method_check"]
     lines.append("## method check")

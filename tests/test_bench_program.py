@@ -1,4 +1,4 @@
-"""The program-cost benchmark's smoke run: one N, few runs, end to end.
+"""The program-cost benchmark's smoke run: two small N, few runs, end to end.
 
 It proves `make bench-program` still works (compiles, programs N services,
 times every path, writes its report, JSON and text) and, independently of the
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE, REPETITIONS, RUNS = 120, 2, 40
+SIZES, REPETITIONS, RUNS = (100, 200), 2, 40
 
 TC_ACT_OK, TC_ACT_REDIRECT = 0, 7
 XDP_PASS, XDP_REDIRECT = 2, 4
@@ -58,7 +58,7 @@ def test_smoke_run_times_every_path_and_each_took_its_path(tmp_path: Path) -> No
             sys.executable,
             str(ROOT / "bench" / "program.py"),
             "--sizes",
-            str(SIZE),
+            ",".join(map(str, SIZES)),
             "--repetitions",
             str(REPETITIONS),
             "--runs",
@@ -77,21 +77,26 @@ def test_smoke_run_times_every_path_and_each_took_its_path(tmp_path: Path) -> No
     assert (tmp_path / "program.txt").read_text().startswith("machine: ")
     results = json.loads((tmp_path / "program.json").read_text())
     assert set(results["paths"]) == set(EXPECTED)
-    per = results["sizes"][str(SIZE)]
-    assert set(per) == set(EXPECTED)
+    assert set(results["sizes"]) == {str(n) for n in SIZES}
     runs = REPETITIONS * RUNS
-    for path, (verdict, counters) in EXPECTED.items():
-        fig = per[path]
-        assert fig["runs"] == runs, path
-        assert fig["verdicts"] == {str(verdict): runs}, path
-        assert fig["counters"] == {k: v * runs for k, v in counters.items()}, path
-        assert len(fig["batch_medians_ns"]) == REPETITIONS, path
-        assert fig["ns"] > 0 and fig["p90_ns"] >= fig["p10_ns"] > 0, path
-        if not path.startswith("empty-"):
-            assert fig["x_no_service"] is not None, path
-            assert path in results["flatness"], path
-    for path in ("empty-tc", "no-service", "empty-xdp", "xdp-no-service"):
-        assert per[path]["repeat_ns"] > 0, path
+    for size in SIZES:
+        per = results["sizes"][str(size)]
+        assert set(per) == set(EXPECTED)
+        for path, (verdict, counters) in EXPECTED.items():
+            fig, where = per[path], f"{path} at {size}"
+            assert fig["runs"] == runs, where
+            assert fig["verdicts"] == {str(verdict): runs}, where
+            assert fig["counters"] == {k: v * runs for k, v in counters.items()}, where
+            assert len(fig["batch_medians_ns"]) == REPETITIONS, where
+            assert fig["ns"] > 0 and fig["p90_ns"] >= fig["p10_ns"] > 0, where
+            if not path.startswith("empty-"):
+                assert fig["x_no_service"] is not None, where
+        for path in ("empty-tc", "no-service", "empty-xdp", "xdp-no-service"):
+            assert per[path]["repeat_ns"] > 0, path
+    # every path's cost at the larger N is set against the smaller's
+    assert set(results["flatness"]) == {p for p in EXPECTED if not p.startswith("empty-")}
+    for path, against in results["flatness"].items():
+        assert set(against) == {str(SIZES[1])}, path
     # the evidence for timing once per run: repeat re-runs a NAT path on its own output
     trap = results["method_check"]["counters"]
     assert trap.get("established", 0) + trap.get("passed", 0) == 1000
