@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: deps demo test lint unit clean bench bench-control-plane bench-dataplane
+.PHONY: deps demo test lint unit clean bench bench-control-plane bench-dataplane bench-program
 
 deps:
 	@bash scripts/install-deps.sh
@@ -19,7 +19,7 @@ lint: deps
 test: lint
 	$(PY) -m pytest -q tests
 
-bench: bench-control-plane bench-dataplane
+bench: bench-control-plane bench-dataplane bench-program
 
 # Figures for the README; see the docstring of bench/control_plane.py.
 bench-control-plane: deps
@@ -29,6 +29,11 @@ bench-control-plane: deps
 # layouts; writes bench/results/dataplane.{json,png}. See bench/dataplane.py.
 bench-dataplane: deps
 	$(PY) bench/dataplane.py
+
+# The BPF programs' own per-packet cost with BPF_PROG_TEST_RUN, per path and
+# number of services; writes bench/results/program.{json,txt}. See bench/program.py.
+bench-program: deps
+	$(PY) bench/program.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache
