@@ -144,11 +144,14 @@ static __always_inline __u32 lb_least_conns(const struct lb_service *svc)
 		return 0;
 	scan->best = 0x7fffffffffffffffLL;
 	scan->best_id = 0;
-	/* Always LBCTL_LC_SCAN steps (a frontend with fewer slots sees some
-	 * twice): a loop that may end early makes the verifier walk the rest
-	 * of the program once per possible end. */
+	/* Always LBCTL_LC_SCAN steps, the ones past the frontend's slot count
+	 * skipped (they would see the same slots again): a loop that may end
+	 * early makes the verifier walk the rest of the program once per
+	 * possible end, a skipped step converges with a taken one. */
 	start = bpf_get_prandom_u32();
 	for (i = 0; i < LBCTL_LC_SCAN; i++) {
+		if (i >= count)
+			continue;
 		n = (start + i) % count;
 		id = lb_slot_backend(svc->frontend_id, n + 1);
 		if (!id)
