@@ -82,6 +82,16 @@ echo "   ..."
 echo "== which pod answered, out of 30"
 sort "$WORK/replies" | uniq -c | sed 's/^ */   /'
 
-echo "== lbctl maps dump"
-"$LBCTL" maps dump --bpffs "$PIN" | sed 's/^/   /'
+NODE=(nsenter --net="/run/netns/$P-node")
+echo "== lbctl maps dump services"
+"$LBCTL" maps dump services --bpffs "$PIN" | sed 's/^/   /'
+echo "== lbctl maps dump conntrack --service demo/web (the newest 5 flows)"
+"$LBCTL" maps dump conntrack --service demo/web --bpffs "$PIN" | head -n 6 | sed 's/^/   /'
+echo "== lbctl maps dump counters"
+"$LBCTL" maps dump counters --bpffs "$PIN" | awk 'NR == 1 || $2 != 0' | sed 's/^/   /'
+echo "== lbctl trace --src 10.244.0.10:40000 --dst 10.96.0.10:80 (in the node namespace)"
+"${NODE[@]}" "$LBCTL" trace --src 10.244.0.10:40000 --dst 10.96.0.10:80 --bpffs "$PIN" \
+  | sed 's/^/   /'
+echo "== lbctl status (in the node namespace)"
+"${NODE[@]}" "$LBCTL" status --bpffs "$PIN" | sed 's/^/   /'
 echo "== cleaning up"
