@@ -297,3 +297,37 @@ def test_mode_auto_without_bpf_capabilities_falls_back_naming_the_feature(
     assert doc["mode"] == "ipvs", log
     # which map type is refused first depends on the kernel's unprivileged BPF rules
     assert "bpf(BPF_MAP_CREATE) returned EPERM (not permitted" in doc["modeReason"], doc
+
+
+def test_cleanup_kube_proxy_removes_its_ipvs_services_and_kube_ipvs0() -> None:
+    """A node leaving kube-proxy's IPVS mode: its virtual services (ClusterIPs on
+    kube-ipvs0, NodePorts on the node's address) and kube-ipvs0 go; a virtual
+    service that is not kube-proxy's stays."""
+    with Lab() as lab:
+        node = lab.netns("kp")
+        node.ip("link", "add", "eth0", "type", "dummy")
+        node.ip("addr", "add", "192.168.88.1/24", "dev", "eth0")
+        node.ip("link", "set", "eth0", "up")
+        node.ip("link", "add", "kube-ipvs0", "type", "dummy")
+        for vip in ("10.96.0.50", "10.96.0.51"):
+            node.ip("addr", "add", f"{vip}/32", "dev", "kube-ipvs0")
+        kube_proxy = [
+            ("-t", "10.96.0.50:80"),
+            ("-u", "10.96.0.51:53"),
+            ("-t", "192.168.88.1:30080"),  # a NodePort on the node's address
+        ]
+        other = ("-t", "192.168.88.1:8443")  # not in the NodePort range: not kube-proxy's
+        for proto, service in [*kube_proxy, other]:
+            node.run("ipvsadm", "-A", proto, service, "-s", "rr")
+            node.run("ipvsadm", "-a", proto, service, "-r", "10.244.0.5:8080", "-m")
+        before = node.run("ipvsadm", "-Ln").stdout
+        assert all(service in before for _, service in [*kube_proxy, other]), before
+        out = lbctl("cleanup", "--kube-proxy", node=node)
+        assert "IPVS: removed 3 virtual services" in out.stdout, out.stdout
+        assert "kube-ipvs0: deleted" in out.stdout, out.stdout
+        after = node.run("ipvsadm", "-Ln").stdout
+        assert all(service not in after for _, service in kube_proxy), after
+        assert other[1] in after, after
+        assert "kube-ipvs0" not in node.ip("-o", "link", "show").stdout
+        again = lbctl("cleanup", "--kube-proxy", node=node)
+        assert "kube-ipvs0: absent" in again.stdout, again.stdout
