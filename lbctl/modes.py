@@ -29,12 +29,21 @@ class Selection:
     chosen_by: str  # "--mode auto", "mode in FILE", ...
 
 
-def _ipvs(chosen_by: str, why: str) -> Selection:
+def _ipvs(chosen_by: str, why: str, bpf_missing: str | None = None) -> Selection:
+    """The IPVS datapath; bpf_missing: why the eBPF one cannot run (None: forced)."""
     from lbctl.datapath.ipvs import IpvsDatapath
 
     found = probe.probe_ipvs()
     if not found.ok:
-        raise ModeError(f"{why}; and the IPVS fallback is unavailable: {found.missing}")
+        if bpf_missing is None:
+            raise ModeError(
+                f"the IPVS datapath ({chosen_by}) is unavailable: {found.missing}; "
+                "use a kernel with IPVS, or run with --mode auto (or ebpf)"
+            )
+        raise ModeError(
+            f"the eBPF datapath cannot run ({bpf_missing}), and the IPVS fallback "
+            f"({chosen_by}) is unavailable: {found.missing}"
+        )
     return Selection(IpvsDatapath(), f"{chosen_by}: {why}", chosen_by)
 
 
@@ -51,7 +60,7 @@ def select(cfg: Config, chosen_by: str) -> Selection:
                 "--mode auto (or ipvs) to fall back to IPVS"
             )
         log.warning("%s: %s; falling back to IPVS", chosen_by, why)
-        return _ipvs(chosen_by, f"fell back to IPVS, {why}")
+        return _ipvs(chosen_by, f"fell back to IPVS, {why}", why)
     from lbctl.datapath.bpf import BpfDatapath
     from lbctl.datapath.frontends import DatapathError
 
@@ -62,7 +71,7 @@ def select(cfg: Config, chosen_by: str) -> Selection:
         if cfg.mode == "ebpf":
             raise
         log.warning("%s: %s; falling back to IPVS", chosen_by, err)
-        return _ipvs(chosen_by, f"fell back to IPVS, {err}")
+        return _ipvs(chosen_by, f"fell back to IPVS, {err}", str(err))
     return Selection(datapath, reason, chosen_by)
 
 
@@ -84,5 +93,6 @@ def settle(selection: Selection, cfg: Config) -> Selection:
         if cfg.mode == "ebpf":
             raise
         log.warning("%s: %s; falling back to IPVS", selection.chosen_by, first)
-        return _ipvs(selection.chosen_by, f"fell back to IPVS, BPF programs did not load: {first}")
+        why = f"BPF programs did not load: {first}"
+        return _ipvs(selection.chosen_by, f"fell back to IPVS, {why}", why)
     return dataclasses.replace(selection, reason=selection.reason + ", the programs loaded")

@@ -247,6 +247,9 @@ def verdict(agent: dict[str, Any], kernel: dict[str, Any]) -> dict[str, Any]:
         ipvs = kernel.get("ipvs") or {}
         if not ipvs.get("present"):
             problems.append((NO_DATAPATH, "datapath: IPVS mode, but no lbctl-ipvs0 link here"))
+        nft = (doc or {}).get("datapath", {}).get("nftables") or {}
+        if nft.get("unavailable"):
+            warnings.append(nft["unavailable"])
         code = min((c for c, _ in problems), default=OK)
         return {
             "exitCode": code,

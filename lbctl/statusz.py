@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from lbctl import __version__
 from lbctl.agent import Agent, SyncRecord
 from lbctl.datapath.bpf import BpfDatapath
+from lbctl.datapath.ipvs import IpvsDatapath
 from lbctl.kubesource import KubeSource
 from lbctl.manifests import ManifestSource
 
@@ -94,6 +95,8 @@ def _datapath(agent: Agent) -> dict[str, Any]:
             "xdpAttached": sorted(dict(dp.xdp_interfaces)),
             "programsNotLoaded": dict(dp.failed_programs),
         }
+    if isinstance(dp, IpvsDatapath):
+        out["nftables"] = dp.nft.state()  # unavailable: what the node goes without, and why
     return out
 
 

@@ -50,7 +50,7 @@ def _uml_release() -> str | None:
 @dataclasses.dataclass
 class CaseResult:
     name: str
-    outcome: str  # passed, failed, error, skipped
+    outcome: str  # passed, failed, error, skipped, xfailed
     message: str = ""
 
 
@@ -136,6 +136,8 @@ def _cases(report: Path) -> dict[str, CaseResult]:
             node = case.find(tag)
             if node is not None:
                 outcome = {"failure": "failed"}.get(tag, tag)
+                if tag == "skipped" and node.get("type") == "pytest.xfail":
+                    outcome = "xfailed"
                 message = (node.get("message") or "") + "\n" + (node.text or "")
                 break
         cases[name] = CaseResult(name, outcome, message.strip())

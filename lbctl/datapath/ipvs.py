@@ -92,6 +92,56 @@ def wanted(fe: Frontend) -> VirtualService:
     return VirtualService(sched, flags, fe.affinity_timeout, dests)
 
 
+def deciding(frontends: Mapping[FrontendKey, Frontend], key: VsKey) -> Frontend | None:
+    """The frontend that decides a virtual service: the outside twin when there is one."""
+    address, port, proto = key
+    for scope in (SCOPE_EXTERNAL, SCOPE_ALL):
+        fe = frontends.get(
+            FrontendKey(ipaddress.IPv4Address(address), port, Protocol(proto), scope)
+        )
+        if fe is not None:
+            return fe
+    return None
+
+
+def table_content(
+    frontends: Mapping[FrontendKey, Frontend], node: NodeConfig
+) -> nftables.TableContent:
+    """The nftables sets for these frontends (the plan's) and the node's settings."""
+    sets: list[set[nftables.Entry]] = [set() for _ in range(6)]
+    clusterip, external, everyone, reject, drop, ranged = sets
+    allowed: set[tuple[str, str, int, str]] = set()
+    hairpin: set[str] = set()
+    for key in {vs_key(k) for k in frontends}:
+        fe = deciding(frontends, key)
+        if fe is None:
+            continue
+        entry = (key[0], fe.key.protocol.name.lower(), key[1])
+        everyone.add(entry)
+        if fe.kind == CLUSTER_IP:
+            clusterip.add(entry)
+        elif not fe.local:
+            external.add(entry)
+        if not fe.backends:
+            (drop if fe.drop_empty else reject).add(entry)
+        if fe.source_ranges:
+            ranged.add(entry)
+            allowed |= {(*entry, str(net)) for net in fe.source_ranges}
+        hairpin |= {str(b.address) for b in fe.backends}
+    return nftables.TableContent(
+        cluster_cidrs=frozenset(str(c) for c in node.cluster_cidrs),
+        masquerade_all=node.masquerade_all,
+        clusterip=frozenset(clusterip),
+        external=frozenset(external),
+        frontends=frozenset(everyone),
+        reject=frozenset(reject),
+        drop=frozenset(drop),
+        ranged=frozenset(ranged),
+        allowed=frozenset(allowed),
+        hairpin=frozenset(hairpin),
+    )
+
+
 class IpvsDatapath:
     """IPVS virtual services, their VIPs on a dummy link, and one nftables table."""
 
@@ -108,9 +158,9 @@ class IpvsDatapath:
         self.draining: dict[VsKey, set[tuple[str, int]]] = {}  # weight 0 until idle
         self.addresses: set[str] = set()  # on the dummy link
         self.node = NodeConfig()
-        self.table: nftables.TableContent | None = None  # as last written
+        self.nft = nftables.TableWriter()
+        self._pending: list[str] = []  # problems found where nothing returns them
         self._xdp_reported = False
-        self._nat_reported = False
         self._link_index = self._ensure_link()
 
     # -- node ---------------------------------------------------------------------------
@@ -148,7 +198,7 @@ class IpvsDatapath:
 
     def configure(self, conf: NodeConfig) -> None:
         self.node = conf
-        self._write_table()
+        self._pending += self._write_table()  # reported by the next apply or reconcile
 
     # -- hooks: IPVS needs none ---------------------------------------------------------
 
@@ -173,15 +223,7 @@ class IpvsDatapath:
     # -- frontends ----------------------------------------------------------------------
 
     def _desired(self, key: VsKey) -> Frontend | None:
-        """The frontend that decides a virtual service: the outside twin when there is one."""
-        address, port, proto = key
-        for scope in (SCOPE_EXTERNAL, SCOPE_ALL):
-            fe = self.frontends.get(
-                FrontendKey(ipaddress.IPv4Address(address), port, Protocol(proto), scope)
-            )
-            if fe is not None:
-                return fe
-        return None
+        return deciding(self.frontends, key)
 
     def apply(self, change: PlanDiff) -> list[str]:
         touched: set[VsKey] = set()
@@ -218,8 +260,7 @@ class IpvsDatapath:
         for key in sorted(keys):
             errors += self._sync_service(key)
         errors += self._sync_addresses(remove_stale)
-        self.table = None  # rewrite: someone may have changed it
-        errors += self._write_table()
+        errors += self._write_table(retry=True)  # someone may have changed or deleted it
         return errors
 
     def _node_port_addresses(self) -> set[str]:
@@ -324,56 +365,9 @@ class IpvsDatapath:
                 self.addresses.discard(address)
         return errors
 
-    def _write_table(self) -> list[str]:
-        content = self.table_content()
-        if content == self.table:
-            return []
-        try:
-            degraded = nftables.write(content)
-        except nftables.NftError as err:
-            self.table = None
-            return [f"nftables table {nftables.TABLE}: {err}"]
-        self.table = content
-        if degraded and not self._nat_reported:  # once: it stays so
-            self._nat_reported = True
-            return [degraded]
-        return []
-
-    def table_content(self) -> nftables.TableContent:
-        """The nftables sets for the frontends held and the node's settings."""
-        sets: list[set[nftables.Entry]] = [set() for _ in range(6)]
-        clusterip, external, everyone, reject, drop, ranged = sets
-        allowed: set[tuple[str, str, int, str]] = set()
-        hairpin: set[str] = set()
-        for key in {vs_key(k) for k in self.frontends}:
-            fe = self._desired(key)
-            if fe is None:
-                continue
-            entry = (key[0], fe.key.protocol.name.lower(), key[1])
-            everyone.add(entry)
-            if fe.kind == CLUSTER_IP:
-                clusterip.add(entry)
-            elif not fe.local:
-                external.add(entry)
-            if not fe.backends:
-                (drop if fe.drop_empty else reject).add(entry)
-            if fe.source_ranges:
-                ranged.add(entry)
-                allowed |= {(*entry, str(net)) for net in fe.source_ranges}
-            hairpin |= {str(b.address) for b in fe.backends}
-        conf = self.node
-        return nftables.TableContent(
-            cluster_cidrs=frozenset(str(c) for c in conf.cluster_cidrs),
-            masquerade_all=conf.masquerade_all,
-            clusterip=frozenset(clusterip),
-            external=frozenset(external),
-            frontends=frozenset(everyone),
-            reject=frozenset(reject),
-            drop=frozenset(drop),
-            ranged=frozenset(ranged),
-            allowed=frozenset(allowed),
-            hairpin=frozenset(hairpin),
-        )
+    def _write_table(self, retry: bool = False) -> list[str]:
+        errors, self._pending = self._pending, []
+        return errors + self.nft.write(table_content(self.frontends, self.node), retry)
 
     # -- netlink ------------------------------------------------------------------------
 

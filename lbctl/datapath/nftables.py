@@ -19,13 +19,19 @@ them, never a chain per Service:
   --masquerade-all, and hairpin (a pod reaching itself through a frontend:
   `hairpin` holds each backend address twice) leaves with the node's
   address.  The first chains mark such packets with MASQ_MARK before IPVS
-  sees them (input and output, ahead of IPVS's hooks); the postrouting NAT
-  chain masquerades marked packets (IPVS keeps the mark and, with
+  sees them: `prerouting` (at mangle priority, before routing and so before
+  IPVS's LOCAL_IN hooks, as kube-proxy's IPVS mode marks in nat PREROUTING)
+  and `output` (ahead of IPVS's LOCAL_OUT hook); the postrouting NAT chain
+  masquerades marked packets (IPVS keeps the mark and, with
   net.ipv4.vs.conntrack=1, the connection tracking entry NAT needs).
 
 The whole table is written in one `nft -f` transaction (delete, then add
 with every element), so a reader never sees it half made; the agent writes
-it only when its content changes.
+it only when its content changes (`TableWriter`), and reports each distinct
+failure once.  A kernel that refuses nftables tables of family ip (built
+without CONFIG_NF_TABLES_IPV4, as Debian's User-Mode Linux kernel is) makes
+the table unavailable: the agent says so once and in `lbctl status`, and
+tries again only at its periodic sync.
 """
 
 from __future__ import annotations
@@ -33,8 +39,11 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import logging
 import subprocess
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 TABLE = "lbctl_ipvs"
 MASQ_MARK = 0x00400000  # a bit of the packet mark kube-proxy (0x4000, 0x8000) does not use
@@ -44,6 +53,10 @@ Entry = tuple[str, str, int]  # address, protocol ("tcp", "udp"), port
 
 class NftError(Exception):
     """nft refused the table; the message holds what it said."""
+
+
+class FamilyRefused(NftError):
+    """The kernel refuses every nftables table of family ip; the message says what that costs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +120,8 @@ def render(content: TableContent, nat: bool = True) -> str:
         + _set("ranged", _ENTRY, _elements(c.ranged))
         + _set("allowed", f"{_ENTRY} . ipv4_addr", allowed, interval=True)
         + _set("hairpin", "ipv4_addr . ipv4_addr", hairpin)
-        # before IPVS (its LOCAL_IN hooks are at priority 98 and 99)
-        + "  chain input {\n    type filter hook input priority filter; policy accept;\n"
+        # before routing, so before IPVS (its LOCAL_IN hooks are at priority 98 and 99)
+        + "  chain prerouting {\n    type filter hook prerouting priority mangle; policy accept;\n"
         + filters
         + masq_from_outside
         + (
@@ -146,23 +159,108 @@ def _nft(*args: str, script: str | None = None) -> str:
     return done.stdout
 
 
+UNSUPPORTED = "Operation not supported"
+LOST = (
+    "masquerading of traffic from outside the cluster CIDRs and of hairpin, "
+    "loadBalancerSourceRanges and the drops of externalTrafficPolicy Local are unavailable "
+    "on this node"
+)
+
+
 def write(content: TableContent) -> str | None:
     """Replace the table atomically (one transaction: nothing changes if nft refuses).
 
     A kernel without nftables NAT (CONFIG_NFT_NAT: no `nat` chain type) gets
-    the table without its masquerade chain; the returned text says so."""
+    the table without its masquerade chain; the returned text says so.  A
+    kernel that refuses the family ip altogether raises FamilyRefused."""
     try:
         _nft("-f", "-", script=render(content))
     except NftError as err:
-        if "Operation not supported" not in str(err):
+        if UNSUPPORTED not in str(err):
             raise
-        _nft("-f", "-", script=render(content, nat=False))
+        try:
+            _nft("-f", "-", script=render(content, nat=False))
+        except NftError as err2:
+            if UNSUPPORTED in str(err2) and not family_works():
+                said = next(ln for ln in str(err2).splitlines() if UNSUPPORTED in ln)
+                said = said[said.find("Error:") :] if "Error:" in said else said
+                raise FamilyRefused(
+                    f"nftables table ip {TABLE}: this kernel refuses nftables tables of family "
+                    f"ip, even an empty one ({said}; the kernel lacks CONFIG_NF_TABLES_IPV4): "
+                    f"{LOST}"
+                ) from err2
+            raise
         return (
             f"nftables table {TABLE}: this kernel has no nftables NAT (CONFIG_NFT_NAT, "
             "module nft_chain_nat): nothing is masqueraded, hairpin and traffic from outside "
             "the cluster CIDRs may not reach their backends"
         )
     return None
+
+
+def family_works() -> bool:
+    """Whether the kernel takes an empty table of family ip (made and deleted in one batch)."""
+    probe = f"{TABLE}_probe"
+    try:
+        _nft("-f", "-", script=f"table ip {probe}\ndelete table ip {probe}\n")
+    except NftError as err:
+        return UNSUPPORTED not in str(err)
+    return True
+
+
+class TableWriter:
+    """The table as last written; writes only changes and reports each failure once.
+
+    After FamilyRefused it writes nothing on changes; `write(..., retry=True)`
+    (the agent's periodic sync) tries again, quietly while the answer stays the
+    same."""
+
+    def __init__(self) -> None:
+        self.written: TableContent | None = None
+        self.unavailable: str | None = None  # the kernel refuses the family: why
+        self.degraded: str | None = None  # written without its NAT chain: why
+        self.error: str | None = None  # the last write's failure
+        self._reported: set[str] = set()
+
+    def write(self, content: TableContent, retry: bool = False) -> list[str]:
+        """Write when content differs from the table as written; the new problems to report."""
+        if retry:
+            self.written = None  # someone may have changed or deleted it
+        if content == self.written or (self.unavailable is not None and not retry):
+            return []
+        if self.unavailable is not None and not family_works():
+            return []  # still refused: one nft call per periodic sync, said once already
+        was = self.degraded
+        try:
+            self.degraded = write(content)
+        except FamilyRefused as err:
+            self.written, self.unavailable, self.error = None, str(err), str(err)
+            return self._once(str(err))
+        except NftError as err:
+            self.written = None
+            self.error = f"nftables table {TABLE}: {err}"
+            return self._once(self.error)
+        if self.unavailable is not None:
+            log.info("nftables table %s written: the kernel takes it now", TABLE)
+        self.written, self.unavailable, self.error = content, None, None
+        self._reported.clear()  # a failure that comes back is news again
+        return [self.degraded] if self.degraded and self.degraded != was else []
+
+    def _once(self, message: str) -> list[str]:
+        if message in self._reported:
+            return []
+        self._reported.add(message)
+        return [message]
+
+    def state(self) -> dict[str, Any]:
+        """For `lbctl status`."""
+        return {
+            "table": f"ip {TABLE}",
+            "written": self.written is not None,
+            "unavailable": self.unavailable,
+            "degraded": self.degraded,
+            "error": self.error,
+        }
 
 
 def remove() -> bool:
