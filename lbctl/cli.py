@@ -593,7 +593,7 @@ def _refuse_while_in_use(pin_dir: Path) -> None:
     finally:
         os.close(fd)
     if holders:
-        who = ", ".join(f"pid {pid} ({command[:60]})" for pid, command in holders)
+        who = ", ".join(f"pid {pid} ({command[:60].strip()})" for pid, command in holders)
         raise RuntimeError(
             f"the maps under {pin_dir} are in use by {who}: stop the agent first (on a "
             "cluster, delete or re-target its DaemonSet; see README, rolling back), or pass "
