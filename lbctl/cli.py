@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import signal
@@ -507,7 +506,7 @@ def _node_name(cfg: Config) -> str:
 
 
 def _dump(args: argparse.Namespace) -> int:
-    from lbctl import dump, dump_render
+    from lbctl import dump, dump_render, output
 
     sections: tuple[str, ...] = dump.SECTIONS
     if args.map is not None:
@@ -524,24 +523,14 @@ def _dump(args: argparse.Namespace) -> int:
 
         if ipvs.present():  # the IPVS fallback runs here
             state = ipvs.read_state()
-            if args.output == "json":
-                print(json.dumps(state, indent=2))
-            else:
-                sys.stdout.write(ipvsdump.render_table(state))
+            sys.stdout.write(output.render(state, args.output, ipvsdump.render_table))
             return 0
         raise FileNotFoundError(
             f"no lbctl maps under {args.bpffs} and no IPVS datapath ({ipvs.LINK}) here: "
             f"is the agent running in this network namespace, with --bpffs {args.bpffs}?"
         )
     data = dump.read(args.bpffs, sections, args.service)
-    if args.output == "json":
-        print(json.dumps(data, indent=2))
-    elif args.output == "yaml":
-        import yaml
-
-        sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
-    else:
-        sys.stdout.write(dump_render.render_table(data))
+    sys.stdout.write(output.render(data, args.output, dump_render.render_table))
     return 0
 
 

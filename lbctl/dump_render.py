@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
+
+from lbctl.output import columns
 
 
 @dataclasses.dataclass
@@ -12,14 +15,7 @@ class Table:
     rows: list[list[str]] = dataclasses.field(default_factory=list)
 
     def render(self) -> str:
-        widths = [len(h) for h in self.headers]
-        for row in self.rows:
-            widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-        lines = [self.headers, *self.rows]
-        return "\n".join(
-            "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-            for line in lines
-        )
+        return columns([self.headers, *self.rows])
 
 
 def _services(frontends: list[dict[str, Any]]) -> str:
@@ -96,21 +92,18 @@ def _counters(counters: dict[str, int]) -> str:
     return table.render()
 
 
+# each key of `dump.read`'s result, in its order, and what renders it
+_SECTIONS: tuple[tuple[str, Callable[[Any], str]], ...] = (
+    ("frontends", _services),
+    ("node", _node),
+    ("flows", _flows),
+    ("nat", _nat),
+    ("affinity", _affinity),
+    ("maps", _fill),
+    ("counters", _counters),
+)
+
+
 def render_table(data: dict[str, Any]) -> str:
     """The sections of `data` in the order `dump.read` lists them."""
-    parts = []
-    if "frontends" in data:
-        parts.append(_services(data["frontends"]))
-    if "node" in data:
-        parts.append(_node(data["node"]))
-    if "flows" in data:
-        parts.append(_flows(data["flows"]))
-    if "nat" in data:
-        parts.append(_nat(data["nat"]))
-    if "affinity" in data:
-        parts.append(_affinity(data["affinity"]))
-    if "maps" in data:
-        parts.append(_fill(data["maps"]))
-    if "counters" in data:
-        parts.append(_counters(data["counters"]))
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(show(data[key]) for key, show in _SECTIONS if key in data) + "\n"

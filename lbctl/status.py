@@ -28,6 +28,8 @@ from typing import Any
 
 from lbctl.config import parse_bind_address
 from lbctl.datapath.maps import MAP_TYPES
+from lbctl.output import columns
+from lbctl.output import render as output_render
 
 OK, FAILED, USAGE, AGENT_DOWN, UNHEALTHY, NO_DATAPATH = 0, 1, 2, 3, 4, 5
 STATES = {  # the verdict of each exit code `lbctl status` decides
@@ -383,12 +385,12 @@ def render_table(report: dict[str, Any]) -> str:
             )
         if not iface["programs"]:
             progs.append([iface["name"], "-", "(no program)", "-", "-"])
-    parts.append(_columns(progs) if len(progs) > 1 else "INTERFACES  none but lo")
+    parts.append(columns(progs) if len(progs) > 1 else "INTERFACES  none but lo")
     hooks = [["SOCKET HOOK", "PROGRAM", "ID", "CGROUP ID"]]
     hooks += [
         [h["hook"], h["program"], str(h["id"]), str(h["cgroupId"])] for h in kernel["socketHooks"]
     ]
-    parts.append(_columns(hooks) if len(hooks) > 1 else "SOCKET HOOKS  none pinned")
+    parts.append(columns(hooks) if len(hooks) > 1 else "SOCKET HOOKS  none pinned")
 
     if doc is not None:
         errors = doc["errors"]
@@ -404,21 +406,8 @@ def render_table(report: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def _columns(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )
-
-
 def render(report: dict[str, Any], output: str) -> str:
-    if output == "json":
-        return json.dumps(report, indent=2) + "\n"
-    if output == "yaml":
-        import yaml
-
-        return str(yaml.safe_dump(report, sort_keys=False))
-    return render_table(report)
+    return output_render(report, output, render_table)
 
 
 def main(address: str, pin_dir: Path | None, output: str, timeout: float) -> int:

@@ -15,6 +15,8 @@ from lbctl.config import parse_bind_address
 from lbctl.datapath.maps import Maps
 from lbctl.datapath.view import MapView, Packet
 from lbctl.model import Protocol
+from lbctl.output import columns
+from lbctl.output import render as output_render
 from lbctl.trace import USAGE, Knobs, trace
 
 # -- the agent's plan -----------------------------------------------------------------
@@ -185,7 +187,7 @@ def render_table(r: dict[str, Any]) -> str:
     width = max(len(k) for k, _ in rows)
     parts = ["\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)]
     steps = [["STEP", "RESULT"]] + [[s["step"], s["result"]] for s in r["steps"]]
-    parts.append(_columns(steps))
+    parts.append(columns(steps))
     if r["backends"]:
         with_why = plan.get("available")
         head = ["SLOT", "BACKEND", "STATE"] + (["WHY"] if with_why else [])
@@ -196,14 +198,14 @@ def render_table(r: dict[str, Any]) -> str:
                 continue
             row = [str(be["slot"]), f"{be['address']}:{be['port']}", be["state"]]
             table.append(row + ([be.get("why", "")] if with_why else []))
-        parts.append(_columns(table))
+        parts.append(columns(table))
     if r.get("notBackends"):
         table = [["NOT A BACKEND", "NODE", "CONDITION", "WHY"]]
         for e in r["notBackends"]:
             table.append(
                 [f"{e['address']}:{e['port']}", e["node"] or "-", e["condition"], e["why"]]
             )
-        parts.append(_columns(table))
+        parts.append(columns(table))
     lines = []
     if plan.get("error"):
         lines.append(f"reasons unavailable: {plan['error']}; the maps alone are shown")
@@ -222,21 +224,8 @@ def render_table(r: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def _columns(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )
-
-
 def render(result: dict[str, Any], output: str) -> str:
-    if output == "json":
-        return json.dumps(result, indent=2) + "\n"
-    if output == "yaml":
-        import yaml
-
-        return str(yaml.safe_dump(result, sort_keys=False))
-    return render_table(result)
+    return output_render(result, output, render_table)
 
 
 def main(
