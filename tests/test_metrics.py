@@ -23,15 +23,15 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lbctl.agent import Agent, AgentOptions
+from lbctl.agent import Agent
 from lbctl.datapath.bpf import BpfDatapath
-from lbctl.informer import Backoff
 from lbctl.kubesource import TRIGGER_TIME, KubeSource
 from lbctl.serve import Observability
 from tests import extlab, k8s_yaml
 from tests.agent_proc import AgentProcess
 from tests.apiserver import FakeApiServer
 from tests.extlab import CLIENT_IP, LB_IP, NODE_IP, OTHER_CLIENT_IP, World
+from tests.kube_agent import kube_agent as kube_agent_in
 from tests.netlab import Lab, Netns, RequestError, TcpServer, UdpServer, tcp_request, udp_request
 
 pytestmark = pytest.mark.netns
@@ -317,24 +317,8 @@ def ns() -> Iterator[Netns]:
 
 @pytest.fixture
 def kube(ns: Netns, clean_datapath: BpfDatapath) -> Iterator[tuple[Agent, FakeApiServer]]:
-    from kubernetes import client
-
-    sock = ns.open_socket()
-    sock.bind(("127.0.0.1", 0))
-    server = FakeApiServer(sock, bookmark_interval=0.2).start()
-    ns.on_delete(server.stop)
-    server.create(k8s_yaml.service("web", "10.96.0.10", [("http", "TCP", 80)]))
-    server.create(k8s_yaml.endpoint_slice("web", ["10.9.0.1"], [("http", "TCP", 8080)]))
-    conf = client.Configuration()
-    conf.host = server.url
-    conf.retries = False
-    with ns.entered():  # the reflector threads inherit the namespace
-        source = KubeSource(client.ApiClient(conf), "node-a", backoff=lambda: Backoff(0.05, 0.3))
-        source.start()
-    try:
-        yield Agent(source, clean_datapath, AgentOptions(interfaces=[])), server
-    finally:
-        source.stop()
+    with kube_agent_in(ns, clean_datapath) as made:
+        yield made
 
 
 def rfc3339(when: float) -> str:

@@ -23,12 +23,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from lbctl.agent import Agent, AgentOptions
 from lbctl.datapath.bpf import BpfDatapath
 from lbctl.dump import STAT_NAMES
-from lbctl.informer import Backoff
 from lbctl.kubesource import KubeSource
 from lbctl.manifests import ManifestSource
 from lbctl.serve import Observability
 from tests import k8s_yaml
 from tests.apiserver import FakeApiServer
+from tests.kube_agent import kube_agent as kube_agent_in
 from tests.netlab import Netns
 
 pytestmark = pytest.mark.netns
@@ -281,24 +281,8 @@ def test_two_agents_in_one_process_do_not_clash(
 
 @pytest.fixture
 def kube_agent(ns: Netns, clean_datapath: BpfDatapath) -> Iterator[tuple[Agent, FakeApiServer]]:
-    from kubernetes import client
-
-    sock = ns.open_socket()
-    sock.bind(("127.0.0.1", 0))
-    server = FakeApiServer(sock, bookmark_interval=0.2).start()
-    ns.on_delete(server.stop)
-    server.create(k8s_yaml.service("web", "10.96.0.10", PORTS))
-    server.create(k8s_yaml.endpoint_slice("web", ["10.9.0.1"], TARGET))
-    conf = client.Configuration()
-    conf.host = server.url
-    conf.retries = False
-    with ns.entered():  # the reflector threads inherit the namespace
-        source = KubeSource(client.ApiClient(conf), "node-a", backoff=lambda: Backoff(0.05, 0.3))
-        source.start()
-    try:
-        yield Agent(source, clean_datapath, AgentOptions(interfaces=[])), server
-    finally:
-        source.stop()
+    with kube_agent_in(ns, clean_datapath) as made:
+        yield made
 
 
 def test_api_outage_is_a_problem_not_a_failure(
