@@ -33,14 +33,24 @@ static __always_inline int ct_touch(struct ct4_entry *e, const struct pkt4 *p, _
 		e->last_seen_ns = now;
 		refreshed = 1;
 	}
-	if (!(p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))
+	if (!(p->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))) {
+		/* The client's ACK after both FINs, its own first, is its last:
+		 * it acknowledges the backend's FIN, whose socket then closes. */
+		if (!reply && (e->flags & (CT_F_CLOSED | CT_F_REPLY_CLOSED_FIRST)) == CT_F_CLOSED &&
+		    !e->done && (p->tcp_flags & TCP_FLAG_ACK)) {
+			e->done = CT_DONE_ACKED;
+			e->last_seen_ns = now;
+		}
 		return refreshed;
+	}
 	if (!(e->flags & CT_F_CLOSING)) {
 		e->flags |= CT_F_CLOSING;
 		e->last_seen_ns = now;
 		lb_conn_close(e);
 	}
 	fin = (p->tcp_flags & TCP_FLAG_RST) ? CT_F_CLOSED : reply ? CT_F_FIN_REPLY : CT_F_FIN_ORIG;
+	if (p->tcp_flags & TCP_FLAG_RST)
+		e->done = CT_DONE_ACKED; /* whichever side sent it, the backend's socket ends */
 	if ((e->flags & fin) != fin) {
 		if (fin == CT_F_FIN_REPLY && !(e->flags & CT_F_FIN_ORIG))
 			fin |= CT_F_REPLY_CLOSED_FIRST;

@@ -284,6 +284,7 @@ static __always_inline int flow4_commit(const struct pkt4 *p, const struct lb4_c
 		return FLOW_PASS;
 	if (verdict == FLOW_RESTART) {
 		ct->flags &= CT_F_LC | CT_F_AFFINITY;
+		ct->done = 0;
 		ct->created_ns = now;
 		ct->last_seen_ns = now;
 		/* The new connection counts for lc unless the old one still did. */

@@ -68,6 +68,11 @@
 #define CT_F_REPLY_CLOSED_FIRST 128 /* TCP: the backend's FIN came first, so the
 				     * backend holds the tuple in TIME_WAIT */
 
+/* ct_entry.done */
+#define CT_DONE_ACKED 1 /* TCP: closed both ways, the client first, and the client
+			 * has sent its last ACK (or a RST passed): the backend's
+			 * socket is gone, so the tuple may carry a new flow at once */
+
 /* Indexes of lb_stats: one counter per verdict of the programs.  A packet XDP
  * forwards counts its verdict (new_flows, established, ...) and
  * LB_STAT_XDP_REDIRECT; one it passes counts LB_STAT_XDP_PASS or
@@ -261,7 +266,7 @@ struct ct4_entry {
 	__be32 nat_addr;    /* forward: backend; reverse: VIP */
 	__be16 nat_port;
 	__u8 flags;         /* CT_F_* */
-	__u8 pad;
+	__u8 done;          /* CT_DONE_* */
 	__u32 backend_id;
 	__u32 frontend_id;
 	__be32 snat_addr;   /* forward: the source the flow leaves with (0: none) */

@@ -103,14 +103,18 @@ static __always_inline struct ct4_entry *nat4_forward(const struct nat4_entry *e
 
 /* A binding is free for a new flow when the flow that took it is gone:
  * its forward entry is missing, names another binding, or has expired; or
- * it has closed both ways, the client first (or by a RST), and been quiet
- * for LBCTL_NAT_REUSE_NS: then the backend holds nothing of the tuple (its
- * passive close ended with the client's last ACK, which the quiet time lets
- * arrive), and the client's TIME_WAIT is on its own side of the NAT.  Without
+ * it has closed both ways, the client first (or by a RST): then the backend
+ * holds nothing of the tuple once its passive close has ended with the
+ * client's last ACK, and the client's TIME_WAIT is on its own side of the
+ * NAT.  When that last ACK (or the RST) has passed here (CT_DONE_ACKED), the
+ * binding is free after LBCTL_NAT_REUSE_ACKED_NS, time for the ACK to land
+ * before a new SYN on another CPU could overtake it; otherwise after
+ * LBCTL_NAT_REUSE_NS of quiet, time for a lost ACK's retransmission.  Without
  * this the range holds every closed flow for the closing timeout, and a busy
- * NodePort runs out at range / timeout new flows a second per backend.  A
- * backend that closed first keeps the tuple in TIME_WAIT, where a new SYN
- * may be refused: that binding waits for the closing timeout. */
+ * NodePort runs out at range / timeout new flows a second per backend (with
+ * the quiet second alone, at range new flows a second).  A backend that
+ * closed first keeps the tuple in TIME_WAIT, where a new SYN may be refused:
+ * that binding waits for the closing timeout. */
 static __always_inline int nat4_stale(const struct nat4_entry *e, const struct ct4_key *nk,
 				      __u64 now)
 {
@@ -121,9 +125,11 @@ static __always_inline int nat4_stale(const struct nat4_entry *e, const struct c
 		return 1;
 	if (!ct_alive(fwd, nk->proto, now))
 		return 1;
-	return nk->proto == IPPROTO_TCP && (fwd->flags & CT_F_CLOSED) == CT_F_CLOSED &&
-	       !(fwd->flags & CT_F_REPLY_CLOSED_FIRST) &&
-	       now - fwd->last_seen_ns > LBCTL_NAT_REUSE_NS;
+	if (nk->proto != IPPROTO_TCP ||
+	    (fwd->flags & (CT_F_CLOSED | CT_F_REPLY_CLOSED_FIRST)) != CT_F_CLOSED)
+		return 0;
+	return now - fwd->last_seen_ns >
+	       (fwd->done ? LBCTL_NAT_REUSE_ACKED_NS : LBCTL_NAT_REUSE_NS);
 }
 
 /* Does the flow ct of client packet p still hold its NAT binding?  A flow

@@ -143,6 +143,61 @@ def test_a_tcp_flow_closed_both_ways_frees_its_nat_port_after_a_quiet_moment(
     assert again.sport == reused.sport
 
 
+def test_a_closed_flows_port_is_free_at_once_after_the_clients_last_ack(
+    dp: BpfDatapath,
+) -> None:
+    """The last ACK (or a RST) seen here means the backend's socket is gone: the
+    port goes to a new flow after a millisecond, not after the quiet second, so
+    a range of P ports takes far more than P new connections a second."""
+    dp.reconcile({fe.key: fe for fe in [frontend([BACKEND], proto=Protocol.TCP)]})
+
+    def send(src: str, sport: int, dport: int, flags: str, seq: int = 0, ack: int = 0) -> int:
+        return run(dp, packets.ipv4_tcp(src, NODE, sport, dport, flags, seq=seq, ack=ack)).retval
+
+    def syn(sport: int) -> packets.Parsed:
+        return checked(run(dp, packets.ipv4_tcp(OUTSIDE, NODE, sport, NODE_PORT, "S")))
+
+    acked, unacked = syn(40000), syn(40001)
+    assert {acked.sport, unacked.sport} == {61000, 61001}
+    for flow, client_port in ((acked, 40000), (unacked, 40001)):
+        send(OUTSIDE, client_port, NODE_PORT, "FA", seq=1001, ack=1)
+        send(BACKEND, 5353, flow.sport, "FA", seq=1, ack=1002)
+    # only the first flow's client acknowledges the backend's FIN
+    send(OUTSIDE, 40000, NODE_PORT, "A", seq=1002, ack=2)
+    time.sleep(0.01)
+    reused = syn(40002)
+    assert reused.sport == acked.sport
+    reply = checked(run(dp, packets.ipv4_tcp(BACKEND, NODE, 5353, reused.sport, "SA", ack=1)))
+    assert (reply.dst, reply.dport) == (OUTSIDE, 40002)
+    # the other port waits the quiet second: its last ACK may still be on its way
+    before = stats(dp)
+    assert run(dp, packets.ipv4_tcp(OUTSIDE, NODE, 40003, NODE_PORT, "S")).retval == TC_ACT_SHOT
+    assert stat_delta(before, stats(dp)) == {STAT_NAT_EXHAUSTED: 1}
+    # a RST ends the backend's socket as surely
+    send(OUTSIDE, 40002, NODE_PORT, "R", seq=1)
+    time.sleep(0.01)
+    assert syn(40004).sport == reused.sport
+
+
+def test_the_sweep_spares_a_nat_port_taken_over_after_it_looked(dp: BpfDatapath) -> None:
+    """The sweep reads every entry first and deletes later; a port a new flow took
+    over in between must stay, or that flow's replies lose their way back."""
+    dp.configure(NodeConfig(snat_address=ip(NODE), nat_ports=(61000, 61000)))  # one port
+    dp.reconcile({fe.key: fe for fe in [frontend([BACKEND], proto=Protocol.TCP)]})
+    old = checked(run(dp, packets.ipv4_tcp(OUTSIDE, NODE, 40000, NODE_PORT, "S")))
+    run(dp, packets.ipv4_tcp(OUTSIDE, NODE, 40000, NODE_PORT, "FA", seq=1001, ack=1))
+    run(dp, packets.ipv4_tcp(BACKEND, NODE, 5353, old.sport, "FA", seq=1, ack=1002))
+    run(dp, packets.ipv4_tcp(OUTSIDE, NODE, 40000, NODE_PORT, "A", seq=1002, ack=2))
+    ((key, seen),) = list(dp.maps.nat4.items())  # as the sweep's walk read it
+    time.sleep(0.01)
+    new = checked(run(dp, packets.ipv4_tcp(OUTSIDE, NODE, 40001, NODE_PORT, "S")))
+    assert new.sport == old.sport == 61000
+    assert not ctgc._delete_unchanged(dp.maps.nat4, key, seen)
+    reply = checked(run(dp, packets.ipv4_tcp(BACKEND, NODE, 5353, new.sport, "SA", ack=1)))
+    assert (reply.dst, reply.dport) == (OUTSIDE, 40001)
+    assert ctgc._delete_unchanged(dp.maps.nat4, key, dp.maps.nat4.lookup(key))
+
+
 def test_the_sweep_keeps_live_flows(dp: BpfDatapath) -> None:
     dp.reconcile({fe.key: fe for fe in [frontend([BACKEND])]})
     ask(dp, OUTSIDE, 40000)

@@ -98,23 +98,35 @@ def sweep(
             if e.flags & _F_LC and e.open:
                 live_open[e.backend_id] = live_open.get(e.backend_id, 0) + 1
         else:
-            dead.append(key)
+            dead.append((key, e))
     _set_expired(maps, counted, live_open)
     for key, e in reverse:
         fwd = forward.get((key.daddr, e.nat_addr, key.dport, e.nat_port, key.proto))
         if fwd is None or fwd.snat_addr or (fwd.nat_addr, fwd.nat_port) != (key.saddr, key.sport):
-            dead.append(key)
-    out.conntrack = sum(bool(maps.ct4.delete(key)) for key in dead)
+            dead.append((key, e))
+    out.conntrack = sum(_delete_unchanged(maps.ct4, key, e) for key, e in dead)
     unbound = []
     for key, e in maps.nat4.items():
         fwd = forward.get((e.client_addr, e.vip, e.client_port, e.vport, key.proto))
         bound = (key.daddr, key.dport, key.saddr, key.sport)
         if fwd is None or (fwd.snat_addr, fwd.snat_port, fwd.nat_addr, fwd.nat_port) != bound:
-            unbound.append(key)
-    out.nat = sum(bool(maps.nat4.delete(key)) for key in unbound)
+            unbound.append((key, e))
+    out.nat = sum(_delete_unchanged(maps.nat4, key, e) for key, e in unbound)
     if affinity is not None:
         out.affinity = _sweep_affinity(maps, affinity, now)
     return out
+
+
+def _delete_unchanged(bpf_map: Any, key: Any, seen: Any) -> bool:
+    """Delete an entry the walk judged dead, unless the programs have written
+    it since: a NAT port a new flow took over in the meantime (1 ms after the
+    old flow's last ACK), or a flow restarted on its old tuple.  Deleting
+    those would cut a live flow's translation; the window left is the
+    microseconds between this lookup and the delete, not the whole walk."""
+    now_held = bpf_map.lookup(key)
+    if now_held is None or bytes(layout.ffi.buffer(now_held)) != bytes(layout.ffi.buffer(seen)):
+        return False
+    return bool(bpf_map.delete(key))
 
 
 def _set_expired(maps: Maps, counted: Mapping[int, int], live_open: Mapping[int, int]) -> None:

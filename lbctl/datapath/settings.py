@@ -51,6 +51,7 @@ class BpfSettings:
     ct_udp_timeout_s: int = 60
     ct_refresh_s: int = 1
     nat_reuse_ms: int = 1000  # a closed flow's NAT port is free again after this quiet time
+    nat_reuse_acked_ms: int = 1  # ... or this soon after its last ACK (or a RST) passed
     fib_redirect: bool = True
     service_counters: bool = True  # lb_fe_stats entries: per-Service packets and drops
 
@@ -75,6 +76,7 @@ class BpfSettings:
             "LBCTL_CT_UDP_TIMEOUT_NS": f"{self.ct_udp_timeout_s * SECOND_NS}ULL",
             "LBCTL_CT_REFRESH_NS": f"{self.ct_refresh_s * SECOND_NS}ULL",
             "LBCTL_NAT_REUSE_NS": f"{self.nat_reuse_ms * SECOND_NS // 1000}ULL",
+            "LBCTL_NAT_REUSE_ACKED_NS": f"{self.nat_reuse_acked_ms * SECOND_NS // 1000}ULL",
             "LBCTL_FIB_REDIRECT": int(self.fib_redirect),
         }
         flags = [f"-I{bpf_source_dir()}"]
