@@ -33,6 +33,9 @@ Measurements (bench/loadgen.c, one client thread with epoll):
 - rr: HTTP requests on established connections, requests/s and p50/p99;
 - udp: request/reply datagrams over many sockets, replies/s and p50/p99;
 for ClusterIP from the client pod and for NodePort from the external client.
+Operations still in flight when a run ends count with their time so far, and
+`stalls` counts operations slower than 200 ms (TCP's least retransmission
+timeout: a packet was lost), so a dropped SYN shows in p99 and is counted.
 
 Every figure is the median of REPETITIONS runs; each repetition runs every
 variant in turn, starting with a different one each time.  Results are printed
@@ -374,9 +377,10 @@ FIGURES = ["rate", "connect_p50_us", "connect_p99_us", "latency_p50_us", "latenc
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians of the runs' figures; errors and replies per backend summed."""
+    """Medians of the runs' figures; errors, stalls and replies per backend summed."""
     out: dict[str, Any] = {name: statistics.median(run[name] for run in runs) for name in FIGURES}
     out["errors"] = sum(run["errors"] for run in runs)
+    out["stalls"] = sum(run["stalls"] for run in runs)
     out["ok"] = sum(run["ok"] for run in runs)
     replies: dict[str, int] = {}
     for run in runs:
@@ -503,7 +507,7 @@ def report(size: int, table: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
             lines.append(
                 f"{SCENARIOS[scenario]}, {METRICS[metric]}: "
                 f"{'variant':<10} {'per s':>9} {'x base':>6} {lat + ' p50 us':>15} "
-                f"{'x base':>6} {lat + ' p99 us':>15} {'x base':>6} {'errors':>6}"
+                f"{'x base':>6} {lat + ' p99 us':>15} {'x base':>6} {'errors':>6} {'stalls':>6}"
             )
             for variant, got in variants.items():
                 rate, p50, p99 = got["rate"], got[f"{lat}_p50_us"], got[f"{lat}_p99_us"]
@@ -512,7 +516,7 @@ def report(size: int, table: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
                     f"{'':{len(SCENARIOS[scenario]) + len(METRICS[metric]) + 3}}"
                     f"{variant:<10} {rate:>9.0f} {ratio(rate, b['rate'])} {p50:>15.0f} "
                     f"{ratio(p50, b[f'{lat}_p50_us'])} {p99:>15.0f} "
-                    f"{ratio(p99, b[f'{lat}_p99_us'])} {got['errors']:>6}"
+                    f"{ratio(p99, b[f'{lat}_p99_us'])} {got['errors']:>6} {got['stalls']:>6}"
                 )
     return lines
 

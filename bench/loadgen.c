@@ -10,7 +10,10 @@
  *   loadgen udp-server IP PORT TAG            answer every datagram with TAG
  *
  * Clients are one thread with epoll, CONCURRENCY operations in flight, and print
- * one JSON object: completed operations, errors, the rate, p50/p99 of the connect
+ * one JSON object: completed operations, errors, stalls (operations slower than
+ * 200 ms, TCP's least retransmission timeout: something was lost and sent again;
+ * operations still in flight at the end count with their time so far), the
+ * rate, p50/p99 of the connect
  * time (crr: connect() until the socket is writable, i.e. the SYN/SYN-ACK round
  * trip through the load balancer) and of the whole operation, and how many replies
  * each responder gave (the HTTP body or the UDP reply is the responder's tag), so
@@ -39,6 +42,7 @@
 #define MAX_DSTS 16
 #define OP_TIMEOUT_NS 2000000000ULL
 #define UDP_TIMEOUT_NS 200000000ULL
+#define STALL_NS 200000000ULL /* TCP's least retransmission timeout: slower means a loss */
 
 static const char REQUEST[] = "GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
 
@@ -59,7 +63,7 @@ struct conn {
 static struct samples connect_ns, op_ns;
 static char tags[MAX_TAGS][64];
 static uint64_t tag_count[MAX_TAGS];
-static uint64_t ok, errors;
+static uint64_t ok, errors, stalls;
 static int epfd;
 static struct sockaddr_in dsts[MAX_DSTS];
 static int ndsts, next_dst;
@@ -94,6 +98,14 @@ static void add(struct samples *s, uint64_t v)
 			die("realloc");
 	}
 	s->v[s->n++] = v;
+}
+
+/* An operation's time; a stall (a lost packet waited for) is counted too. */
+static void add_op(uint64_t v)
+{
+	if (v > STALL_NS)
+		stalls++;
+	add(&op_ns, v);
 }
 
 static int cmp(const void *a, const void *b)
@@ -236,7 +248,7 @@ static void run_tcp(int crr, double seconds, int conc)
 				continue;
 			}
 			ok++;
-			add(&op_ns, now() - (crr ? c->started : c->op_started));
+			add_op(now() - (crr ? c->started : c->op_started));
 			if (crr)
 				tcp_restart(c);
 			else if (tcp_send(c) < 0) {
@@ -249,9 +261,22 @@ static void run_tcp(int crr, double seconds, int conc)
 			uint64_t since = conns[i].connected && !crr ? conns[i].op_started : conns[i].started;
 			if (t - since > OP_TIMEOUT_NS) {
 				errors++;
+				stalls++;
 				tcp_restart(&conns[i]);
 			}
 		}
+	}
+	/* Operations still in flight count with the time they have taken so far:
+	 * one stuck behind a lost SYN must show in the percentiles, not vanish. */
+	uint64_t t = now();
+	for (int i = 0; i < conc; i++) {
+		struct conn *c = &conns[i];
+		if (c->fd < 0)
+			continue;
+		if (!c->connected)
+			add(&connect_ns, t - c->started);
+		if (crr || c->connected)
+			add_op(t - (crr || !c->connected ? c->started : c->op_started));
 	}
 }
 
@@ -286,7 +311,7 @@ static void run_udp(double seconds, int conc)
 				continue;
 			}
 			ok++;
-			add(&op_ns, t - sent[i]);
+			add_op(t - sent[i]);
 			count_tag(buf, (size_t)len);
 			sent[i] = now();
 			if (send(fds[i], "q", 1, 0) < 0)
@@ -296,11 +321,15 @@ static void run_udp(double seconds, int conc)
 		for (int i = 0; i < conc; i++) {
 			if (t - sent[i] > UDP_TIMEOUT_NS) { /* lost: count it and ask again */
 				errors++;
+				stalls++;
 				sent[i] = now();
 				send(fds[i], "q", 1, 0);
 			}
 		}
 	}
+	uint64_t t = now();
+	for (int i = 0; i < conc; i++) /* still unanswered: the time so far */
+		add_op(t - sent[i]);
 }
 
 static _Noreturn void udp_server(const char *tag)
@@ -379,10 +408,12 @@ int main(int argc, char **argv)
 	double elapsed = (double)(now() - t0) / 1e9;
 	qsort(connect_ns.v, connect_ns.n, sizeof(uint64_t), cmp);
 	qsort(op_ns.v, op_ns.n, sizeof(uint64_t), cmp);
-	printf("{\"mode\": \"%s\", \"ok\": %llu, \"errors\": %llu, \"seconds\": %.4f, \"rate\": %.1f, "
+	printf("{\"mode\": \"%s\", \"ok\": %llu, \"errors\": %llu, \"stalls\": %llu, "
+	       "\"seconds\": %.4f, \"rate\": %.1f, "
 	       "\"connect_p50_us\": %.1f, \"connect_p99_us\": %.1f, "
 	       "\"latency_p50_us\": %.1f, \"latency_p99_us\": %.1f, \"replies\": {",
-	       mode, (unsigned long long)ok, (unsigned long long)errors, elapsed, (double)ok / elapsed,
+	       mode, (unsigned long long)ok, (unsigned long long)errors, (unsigned long long)stalls,
+	       elapsed, (double)ok / elapsed,
 	       pct(&connect_ns, 0.5), pct(&connect_ns, 0.99), pct(&op_ns, 0.5), pct(&op_ns, 0.99));
 	for (int i = 0, first = 1; i < MAX_TAGS && tags[i][0]; i++, first = 0)
 		printf("%s\"%s\": %llu", first ? "" : ", ", tags[i], (unsigned long long)tag_count[i]);
