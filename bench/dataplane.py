@@ -38,8 +38,12 @@ Operations still in flight when a run ends count with their time so far, and
 timeout: a packet was lost), so a dropped SYN shows in p99 and is counted.
 
 Every figure is the median of REPETITIONS runs; each repetition runs every
-variant in turn, starting with a different one each time.  Results are printed
-with the ratio to the baseline and written to bench/results/ as JSON and PNG.
+variant in turn, starting with a different one each time.  A ratio to the
+baseline ("x base") is the median over repetitions of the ratio to the
+baseline's run of the same repetition: the two ran close together, so slow
+swings of this shared machine's load cancel, and the spread of those ratios
+is the noise the verdict on the targets allows for.  Results are printed and
+written to bench/results/ as JSON and PNG (bench/dataplane_report.py).
 """
 
 from __future__ import annotations
@@ -50,7 +54,6 @@ import os
 import platform
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -63,6 +66,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.dataplane_report import (
+    METRICS,
+    SCENARIOS,
+    VARIANTS,
+    chart,
+    pair,
+    report,
+    summarize,
+    targets,
+)
 from tests import k8s_yaml, netlab
 from tests.kubeproxy_rules import (
     ServicePort,
@@ -84,9 +97,6 @@ TCP_PORT, UDP_PORT = 80, 9000
 TCP_NODEPORT, UDP_NODEPORT = 30080, 30090
 DECOY_ENDPOINTS = 10
 
-VARIANTS = ["baseline", "iptables", "nftables", "lbctl-tc", "lbctl-xdp"]
-SCENARIOS = {"clusterip": "ClusterIP from a pod", "nodeport": "NodePort from outside"}
-METRICS = {"crr": "new connections", "rr": "requests, established", "udp": "UDP request/reply"}
 CONCURRENCY = {"crr": 8, "rr": 8, "udp": 32}
 # XDP only sees traffic arriving on the external interface.
 APPLIES = {("clusterip", "lbctl-xdp"): False}
@@ -373,78 +383,6 @@ def measure(
     return result
 
 
-FIGURES = ["rate", "connect_p50_us", "connect_p99_us", "latency_p50_us", "latency_p99_us"]
-
-
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians of the runs' figures; errors, stalls and replies per backend summed."""
-    out: dict[str, Any] = {name: statistics.median(run[name] for run in runs) for name in FIGURES}
-    out["errors"] = sum(run["errors"] for run in runs)
-    out["stalls"] = sum(run["stalls"] for run in runs)
-    out["ok"] = sum(run["ok"] for run in runs)
-    replies: dict[str, int] = {}
-    for run in runs:
-        for tag, count in run["replies"].items():
-            replies[tag] = replies.get(tag, 0) + count
-    out["replies"] = replies
-    out["runs"] = len(runs)
-    out["rate_runs"] = [run["rate"] for run in runs]
-    return out
-
-
-def spread(values: list[float]) -> float:
-    """The runs' interquartile range relative to their median: how far apart
-    two measurements of the same thing land on this machine now."""
-    if len(values) < 2 or statistics.median(values) <= 0:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return (q3 - q1) / statistics.median(values)
-
-
-def targets(results: dict[str, Any]) -> list[str]:
-    """Issue 7's targets against the figures: new connections and connect p99
-    within 10% of no load balancer at every N (and within noise), and at the
-    largest N ahead of the iptables shape and level with the nftables shape."""
-    lines = ["## targets: new connections (rate and connect p99) against no load balancer"]
-    lines.append(
-        f"{'N':>6} {'scenario':<10} {'variant':<10} {'rate':>6} {'p99':>6} {'noise':>6}  verdict"
-    )
-    sizes = sorted(results["sizes"], key=int)
-    for size in sizes:
-        for scenario, metrics in results["sizes"][size].items():
-            crr = metrics.get("crr", {})
-            base = crr.get("baseline")
-            if base is None:
-                continue
-            noise = spread(base.get("rate_runs", []))
-            for variant, got in crr.items():
-                if not variant.startswith("lbctl"):
-                    continue
-                rate = got["rate"] / base["rate"] if base["rate"] else 0.0
-                p99 = (
-                    got["connect_p99_us"] / base["connect_p99_us"] if base["connect_p99_us"] else 0
-                )
-                ok = rate >= 0.9 and p99 <= 1.1
-                verdict = "within 10%" if ok else "MISSED"
-                if not ok and rate >= 1 - max(noise, 0.1) and p99 <= 1 + max(noise, 0.1):
-                    verdict = "missed by less than the noise"
-                if size == sizes[-1]:
-                    for rival in ("iptables", "nftables"):
-                        other = crr.get(rival)
-                        if other is None:
-                            continue
-                        ahead = got["rate"] >= other["rate"] and (
-                            got["connect_p99_us"] <= other["connect_p99_us"]
-                        )
-                        verdict += f"; {'ahead of' if ahead else 'BEHIND'} {rival}"
-                lines.append(
-                    f"{size:>6} {scenario:<10} {variant:<10} {rate:6.2f} {p99:6.2f} "
-                    f"{noise:6.2f}  {verdict}"
-                )
-    lines.append("(noise: interquartile range of the baseline's runs over their median)")
-    return lines
-
-
 def rotate(items: list[str], by: int) -> list[str]:
     by %= len(items)
     return items[by:] + items[:by]
@@ -466,7 +404,11 @@ def bench_size(
                     runs.setdefault((scenario, metric, variant), []).append(result)
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for (scenario, metric, variant), got in runs.items():
-        table.setdefault(scenario, {}).setdefault(metric, {})[variant] = summarize(got)
+        summary = summarize(got)
+        base = runs.get((scenario, metric, "baseline"))
+        if base is not None:
+            summary |= pair(got, base)
+        table.setdefault(scenario, {}).setdefault(metric, {})[variant] = summary
     return table
 
 
@@ -492,77 +434,6 @@ def machine() -> dict[str, Any]:
         ).stdout.strip(),
         "nft": subprocess.run(["nft", "--version"], capture_output=True, text=True).stdout.strip(),
     }
-
-
-def ratio(value: float, base: float) -> str:
-    return f"{value / base:5.2f}" if base > 0 and value >= 0 else "    -"
-
-
-def report(size: int, table: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
-    lines = [f"## {size} services"]
-    for scenario, metrics in table.items():
-        for metric, variants in metrics.items():
-            base = variants.get("baseline")
-            lat = "connect" if metric == "crr" else "latency"
-            lines.append(
-                f"{SCENARIOS[scenario]}, {METRICS[metric]}: "
-                f"{'variant':<10} {'per s':>9} {'x base':>6} {lat + ' p50 us':>15} "
-                f"{'x base':>6} {lat + ' p99 us':>15} {'x base':>6} {'errors':>6} {'stalls':>6}"
-            )
-            for variant, got in variants.items():
-                rate, p50, p99 = got["rate"], got[f"{lat}_p50_us"], got[f"{lat}_p99_us"]
-                b = base or got
-                lines.append(
-                    f"{'':{len(SCENARIOS[scenario]) + len(METRICS[metric]) + 3}}"
-                    f"{variant:<10} {rate:>9.0f} {ratio(rate, b['rate'])} {p50:>15.0f} "
-                    f"{ratio(p50, b[f'{lat}_p50_us'])} {p99:>15.0f} "
-                    f"{ratio(p99, b[f'{lat}_p99_us'])} {got['errors']:>6} {got['stalls']:>6}"
-                )
-    return lines
-
-
-def chart(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = sorted(int(n) for n in results["sizes"])
-    panels = [
-        (scenario, metric, key, label)
-        for scenario in SCENARIOS
-        for metric, key, label in [
-            ("crr", "rate", "new connections/s"),
-            ("crr", "connect_p99_us", "connect p99 (us)"),
-            ("rr", "rate", "requests/s (established)"),
-            ("udp", "rate", "UDP replies/s"),
-        ]
-    ]
-    fig, axes = plt.subplots(2, 4, figsize=(18, 8), squeeze=False)
-    for ax, (scenario, metric, key, label) in zip(axes.flat, panels, strict=True):
-        for variant in VARIANTS:
-            points = [
-                (n, results["sizes"][str(n)][scenario][metric][variant][key])
-                for n in sizes
-                if variant in results["sizes"][str(n)][scenario][metric]
-            ]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=variant)
-        ax.set_xscale("log")
-        ax.set_xlabel("services")
-        ax.set_title(f"{SCENARIOS[scenario]}: {label}", fontsize=10)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-    axes.flat[len(panels) // 2].legend(fontsize=8)  # NodePort's panels have every variant
-    info = results["machine"]
-    fig.suptitle(
-        f"lbctl data plane, median of {results['repetitions']} runs of {results['seconds']} s; "
-        f"{info['cpus']} CPUs ({info['cpu']}), kernel {info['kernel']}",
-        fontsize=11,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def counters(topo: Topology) -> dict[str, int]:
