@@ -10,6 +10,7 @@ client; every connection below is a real TCP or UDP exchange.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import time
@@ -258,6 +259,24 @@ def test_status_shows_the_mode_and_why(env: Env) -> None:
     assert doc["modeReason"] == "chosen by --mode ipvs: IPVS forced, BPF not probed"
     assert report["kernel"]["ipvs"]["virtualServices"] >= 5
     assert out.returncode == 0, out.stdout + out.stderr
+    # the table: IPVS's side instead of pinned maps (none are pinned in this mode)
+    text = lbctl("status", node=env.cluster.node, check=False).stdout
+    head = text.split("\n\n")[0]
+    fields = dict(re.match(r"([A-Z][A-Z ]*?) {2,}(.*)", ln).groups() for ln in head.splitlines())
+    assert "PINNED MAPS" not in fields, text
+    held = env.dump()
+    reals = sum(len(vs["backends"]) for vs in held["virtual_services"])
+    assert (
+        fields["IPVS"] == f"{len(held['virtual_services'])} virtual services, {reals} real servers"
+    )
+    addresses = len(held["link"]["addresses"])
+    assert addresses >= 4 and fields["IPVS LINK"] == f"lbctl-ipvs0, {addresses} addresses"
+    nft = doc["datapath"]["nftables"]
+    if nft["unavailable"]:  # this UML kernel: why, in full
+        assert fields["NFTABLES"] == f"UNAVAILABLE: {nft['unavailable']}", text
+        assert "CONFIG_NF_TABLES_IPV4" in fields["NFTABLES"]
+    else:
+        assert fields["NFTABLES"] == "table ip lbctl_ipvs written", text
 
 
 def run_auto(tmp: Path, *prefix: str) -> tuple[dict[str, Any], str]:
