@@ -491,3 +491,63 @@ def run_scale_changes(
     }
     # the shared endpoint's other Service (s8) is untouched
     assert real_servers(node, "10.96.0.9") == {"10.244.0.9:8080": 1, "10.244.9.1:8080": 1}
+
+
+def test_cleanup_removes_lbctls_virtual_services_and_nodeports_without_the_table(
+    tmp_path: Path,
+) -> None:
+    """After an agent in IPVS mode stopped, on a kernel that refused its nftables table:
+    its ClusterIPs (on lbctl-ipvs0) and its NodePorts (on the node's address, in the
+    NodePort range) go, with the reason said; virtual services that are not lbctl's stay."""
+    with Lab() as lab:
+        node = lab.netns("clean")
+        node.ip("link", "add", "eth0", "type", "dummy")
+        node.ip("addr", "add", "192.168.89.1/24", "dev", "eth0")
+        node.ip("link", "set", "eth0", "up")
+        (tmp_path / "m").mkdir()
+        web = k8s_yaml.service("web", "10.96.2.10", [("http", "TCP", 80)], type="NodePort")
+        web["spec"]["ports"][0]["nodePort"] = 30777
+        k8s_yaml.write(
+            tmp_path / "m" / "web.yaml",
+            web,
+            k8s_yaml.endpoint_slice("web", ["10.244.0.5"], [("http", "TCP", 8080)]),
+        )
+        pin = Path("/sys/fs/bpf/lbctl-uml-clean")
+        agent = AgentProcess(node, tmp_path / "m", pin, tmp_path / "agent.log", "--mode", "ipvs")
+        agent.start()
+        try:
+            agent.wait_for_log("synced:", timeout=60)
+            agent.kill()  # stopped: IPVS, the link and the table stay, as the BPF maps do
+            held = node.run("ipvsadm", "-Ln").stdout
+            ours = ("10.96.2.10:80", "192.168.89.1:30777", "127.0.0.1:30777")  # localhost too
+            assert all(vs in held for vs in ours), held
+            if node.run("nft", "list", "table", "ip", "lbctl_ipvs", check=False).returncode == 0:
+                pytest.skip("this kernel took the table: the rule for its absence does not apply")
+            others = ("192.168.89.1:8443", "10.1.2.3:30001")  # not a NodePort; not the node's
+            for vs in others:
+                node.run("ipvsadm", "-A", "-t", vs, "-s", "rr")
+            out = lbctl("cleanup", "--bpffs", str(pin), node=node)
+            assert (
+                "removed 1 IPVS virtual services on the addresses of lbctl-ipvs0: "
+                "TCP 10.96.2.10:80\n" in out.stdout
+            ), out.stdout
+            assert (
+                "removed 2 IPVS virtual services on this node's addresses with a port in the "
+                "NodePort range 30000-32767 (lbctl's NodePorts: lbctl-ipvs0 shows lbctl's IPVS "
+                "mode ran here, and the nftables table that would list them is absent): "
+                "TCP 127.0.0.1:30777, TCP 192.168.89.1:30777\n" in out.stdout
+            ), out.stdout
+            assert (
+                "kept 2 IPVS virtual services that are not lbctl's: "
+                "TCP 10.1.2.3:30001, TCP 192.168.89.1:8443\n" in out.stdout
+            ), out.stdout
+            assert "removed link lbctl-ipvs0" in out.stdout
+            after = node.run("ipvsadm", "-Ln").stdout
+            assert not any(vs in after for vs in ours), after
+            assert all(vs in after for vs in others), after
+            # a second run: the link is gone, so the rule no longer applies; the others stay
+            again = lbctl("cleanup", "--bpffs", str(pin), node=node)
+            assert all(vs in node.run("ipvsadm", "-Ln").stdout for vs in others)
+            assert "removed 0" not in again.stdout and "lbctl-ipvs0" not in again.stdout
+        finally:
+            agent.stop()  # by its PID if it still runs; its own cleanup again

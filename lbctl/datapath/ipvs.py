@@ -529,10 +529,22 @@ def _kind(key: VsKey, sets: Mapping[str, list[str]] | None) -> str:
     return " ".join([kind, *notes])
 
 
-def cleanup() -> list[str]:
-    """Remove lbctl's virtual services, its dummy link and its table; say what went."""
+def cleanup(node_port_range: tuple[int, int] | None = None) -> list[str]:
+    """Remove lbctl's virtual services, its dummy link and its table; say what went and why.
+
+    lbctl's virtual services are those its table lists (`frontends`), those on
+    the addresses of lbctl-ipvs0 (ClusterIPs, LoadBalancer IPs, externalIPs)
+    and, when the table is absent (a kernel that refuses it) while
+    lbctl-ipvs0 shows that lbctl's IPVS mode ran here, those on this node's
+    own addresses whose port is in the NodePort range: its NodePorts, which
+    the table would have listed.  Any other virtual service stays (kube-proxy's
+    IPVS cleanup flushes all of IPVS; this one does not)."""
     from pyroute2 import IPVS, IPRoute
 
+    from lbctl.kubeproxy_cleanup import NODE_PORT_RANGE
+    from lbctl.kubeproxy_cleanup import VirtualService as Named
+
+    low, high = node_port_range or NODE_PORT_RANGE
     said = []
     sets = nftables.read()
     with IPRoute() as ipr:
@@ -542,22 +554,56 @@ def cleanup() -> list[str]:
             if found
             else set()
         )
-    ours = _ours(sets)
+        node_addresses = {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=2)}
+    node_addresses -= addresses
+    listed = _ours(sets)
+    reasons = (
+        f"listed in nftables table ip {nftables.TABLE}",
+        f"on the addresses of {LINK}",
+        f"on this node's addresses with a port in the NodePort range {low}-{high} (lbctl's "
+        f"NodePorts: {LINK} shows lbctl's IPVS mode ran here, and the nftables table that "
+        "would list them is absent)",
+    )
+
+    def why(key: VsKey) -> str | None:
+        if key in listed:
+            return reasons[0]
+        if key[0] in addresses:
+            return reasons[1]
+        if sets is None and found and key[0] in node_addresses and low <= key[1] <= high:
+            return reasons[2]
+        return None
+
     if IPVS_PROC.exists():  # never load ip_vs just to find nothing
         ipvs = IPVS()
         try:
-            removed = 0
-            for msg in ipvs.service("dump"):
-                svc = _service_fields(msg)
-                key = (
-                    str(svc.get("addr")),
-                    int(svc.get("port") or 0),
-                    int(svc.get("protocol") or 0),
+            removed: dict[str, list[str]] = {}
+            kept = []
+            for svc in [_service_fields(msg) for msg in ipvs.service("dump")]:
+                if svc.get("fwmark") or svc.get("af") != socket.AF_INET:
+                    kept.append(str(Named(0, "", 0, int(svc.get("fwmark") or 0))))
+                    continue
+                key = (str(svc.get("addr")), int(svc["port"]), int(svc["protocol"]))
+                name = str(Named(key[2], key[0], key[1]))
+                reason = why(key)
+                if reason is None:
+                    kept.append(name)
+                    continue
+                ipvs.service("del", service=_svc(key))
+                removed.setdefault(reason, []).append(name)
+            for reason in reasons:
+                if reason in removed:
+                    gone = sorted(removed[reason])
+                    said.append(
+                        f"removed {len(gone)} IPVS virtual services {reason}: {', '.join(gone)}"
+                    )
+            if not removed:
+                said.append("removed IPVS virtual services: none")
+            if kept:
+                said.append(
+                    f"kept {len(kept)} IPVS virtual services that are not lbctl's: "
+                    + ", ".join(sorted(kept))
                 )
-                if key in ours or key[0] in addresses:
-                    ipvs.service("del", service=_svc(key))
-                    removed += 1
-            said.append(f"removed IPVS virtual services: {removed}")
         finally:
             ipvs.close()
     if found:
