@@ -240,7 +240,8 @@ def _parser() -> argparse.ArgumentParser:
         "cleanup",
         help="detach lbctl's programs from this namespace's interfaces and remove its pins",
         description="Without --kube-proxy: detach lbctl's programs from this network "
-        "namespace's interfaces and cgroup and remove its pinned maps. With --kube-proxy: "
+        "namespace's interfaces and cgroup and remove its pinned maps, and what its IPVS mode "
+        "made (its virtual services, lbctl-ipvs0, its nftables table). With --kube-proxy: "
         "remove only what kube-proxy left (its iptables chains and the rules jumping to "
         "them, its nftables tables, its IPVS services and kube-ipvs0), nothing of lbctl's.",
     )
@@ -254,8 +255,9 @@ def _parser() -> argparse.ArgumentParser:
         "--node-port-range",
         type=_config_value(parse_node_port_range),
         metavar="MIN-MAX",
-        help="with --kube-proxy: the cluster's NodePort range, for IPVS services on the "
-        "node's addresses (default 30000-32767)",
+        help="the cluster's NodePort range, for IPVS services on the node's addresses: "
+        "kube-proxy's with --kube-proxy, else lbctl's own IPVS mode's when its nftables "
+        "table is absent (default 30000-32767)",
     )
     cleanup.add_argument(
         "--force",
@@ -537,8 +539,6 @@ def _dump(args: argparse.Namespace) -> int:
 def _cleanup(args: argparse.Namespace) -> int:
     if args.kube_proxy:
         return _cleanup_kube_proxy(args)
-    if args.node_port_range is not None:
-        raise ValueError("--node-port-range goes with --kube-proxy; add it or leave the range out")
     from lbctl.datapath import cgroup, tc, xdp
     from lbctl.datapath.maps import MAP_TYPES
 
@@ -563,7 +563,7 @@ def _cleanup(args: argparse.Namespace) -> int:
     from lbctl.datapath import ipvs
 
     if ipvs.present():  # the IPVS fallback's virtual services, link and table
-        for line in ipvs.cleanup():
+        for line in ipvs.cleanup(args.node_port_range):
             print(line)
     return 0
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lbctl.config import parse_bind_address
+from lbctl.datapath import nftables
 from lbctl.datapath.maps import MAP_TYPES
 from lbctl.output import columns
 from lbctl.output import render as output_render
@@ -195,6 +196,7 @@ def _ipvs_state() -> dict[str, Any] | None:
         return {"present": True, "error": str(err)}
     return {
         "present": state["link"]["addresses"] is not None,
+        "link": state["link"]["name"],
         "virtualServices": len(state["virtual_services"]),
         "realServers": sum(len(v["backends"]) for v in state["virtual_services"]),
         "linkAddresses": len(state["link"]["addresses"] or []),
@@ -244,7 +246,7 @@ def verdict(agent: dict[str, Any], kernel: dict[str, Any]) -> dict[str, Any]:
         why = "its first sync is not done" if not doc.get("synced") else "its loop stalled"
         problems.append((UNHEALTHY, f"agent: unhealthy, {why} (last tick {doc.get('lastTick')})"))
     maps = kernel["pinnedMaps"]
-    if (doc or {}).get("mode") == "ipvs" or (not doc and kernel.get("ipvs")):
+    if ipvs_mode(doc, kernel):
         # the IPVS fallback: no programs or maps to look for, its link and table instead
         ipvs = kernel.get("ipvs") or {}
         if not ipvs.get("present"):
@@ -296,6 +298,11 @@ def verdict(agent: dict[str, Any], kernel: dict[str, Any]) -> dict[str, Any]:
         "problems": [text for _, text in problems],
         "warnings": warnings,
     }
+
+
+def ipvs_mode(doc: dict[str, Any] | None, kernel: dict[str, Any]) -> bool:
+    """The agent runs the IPVS fallback, or, when it is down, the kernel holds it."""
+    return (doc or {}).get("mode") == "ipvs" or (not doc and bool(kernel.get("ipvs")))
 
 
 def _ours(interface: dict[str, Any], hook: str) -> bool:
@@ -359,21 +366,24 @@ def render_table(report: dict[str, Any]) -> str:
             ("LAST CHANGE", _sync_line(doc.get("lastChange"), now)),
             ("COUNTS", _counts(doc["counts"])),
         ]
-    maps = kernel["pinnedMaps"]
-    fill = ", ".join(f"{n} {f['entries']}/{f['capacity']}" for n, f in maps["fill"].items())
-    pinned = f"{maps['directory']}: {len(maps['present'])} of {len(MAP_TYPES)} maps"
-    rows.append(("PINNED MAPS", pinned + (f"; {fill}" if fill else "")))
     held = kernel.get("ipvs")
-    if held is not None:
-        rows.append(
-            (
-                "IPVS",
-                held.get("error")
-                or f"{held['virtualServices']} virtual services, {held['realServers']} real "
-                f"servers, {held['linkAddresses']} addresses on lbctl-ipvs0, nftables table "
-                f"{'present' if held['nftablesTable'] else 'ABSENT'}",
+    if ipvs_mode(doc, kernel):  # no maps are pinned there: IPVS, its link and its table
+        rows += _ipvs_rows(held, doc)
+    else:
+        maps = kernel["pinnedMaps"]
+        fill = ", ".join(f"{n} {f['entries']}/{f['capacity']}" for n, f in maps["fill"].items())
+        pinned = f"{maps['directory']}: {len(maps['present'])} of {len(MAP_TYPES)} maps"
+        rows.append(("PINNED MAPS", pinned + (f"; {fill}" if fill else "")))
+        if held is not None:  # left by an earlier run in IPVS mode
+            rows.append(
+                (
+                    "IPVS",
+                    held.get("error")
+                    or f"{held['virtualServices']} virtual services, {held['realServers']} real "
+                    f"servers, {held['linkAddresses']} addresses on lbctl-ipvs0, nftables table "
+                    f"{'present' if held['nftablesTable'] else 'ABSENT'}",
+                )
             )
-        )
     width = max(len(k) for k, _ in rows)
     parts = ["\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)]
 
@@ -404,6 +414,35 @@ def render_table(report: dict[str, Any]) -> str:
     verdict_lines += [f"  warning: {w}" for w in result["warnings"]]
     parts.append("\n".join(verdict_lines))
     return "\n\n".join(parts) + "\n"
+
+
+def _ipvs_rows(held: dict[str, Any] | None, doc: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The IPVS fallback's side of the kernel: virtual services, the link, the table."""
+    if held is None:
+        return [("IPVS", "nothing here: no lbctl-ipvs0 link and no nftables table")]
+    if held.get("error"):
+        return [("IPVS", f"unreadable: {held['error']}")]
+    link = held["link"]
+    rows = [
+        ("IPVS", f"{held['virtualServices']} virtual services, {held['realServers']} real servers"),
+        (
+            "IPVS LINK",
+            f"{link}, {held['linkAddresses']} addresses" if held["present"] else f"{link} ABSENT",
+        ),
+    ]
+    nft = (doc or {}).get("datapath", {}).get("nftables")
+    if nft is None:  # the agent is down: what the kernel holds
+        table = "present" if held["nftablesTable"] else "absent"
+        rows.append(("NFTABLES", f"table ip {nftables.TABLE} {table}"))
+    elif nft.get("unavailable"):
+        rows.append(("NFTABLES", f"UNAVAILABLE: {nft['unavailable']}"))
+    elif nft.get("error"):
+        rows.append(("NFTABLES", f"NOT WRITTEN: {nft['error']}"))
+    elif nft.get("degraded"):
+        rows.append(("NFTABLES", f"{nft['table']} written without NAT: {nft['degraded']}"))
+    else:
+        rows.append(("NFTABLES", f"{nft['table']} written"))
+    return rows
 
 
 def render(report: dict[str, Any], output: str) -> str:

@@ -10,17 +10,21 @@ client; every connection below is a real TCP or UDP exchange.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lbctl.datapath.ipvs import IpvsDatapath
+from lbctl.datapath.nodeconf import NodeConfig
 from tests import k8s_yaml
 from tests.agent_proc import LBCTL, AgentProcess, lbctl
+from tests.manifest_plans import ManifestPlans, Unscannable
 from tests.netlab import (
     Cluster,
     Lab,
@@ -255,6 +259,24 @@ def test_status_shows_the_mode_and_why(env: Env) -> None:
     assert doc["modeReason"] == "chosen by --mode ipvs: IPVS forced, BPF not probed"
     assert report["kernel"]["ipvs"]["virtualServices"] >= 5
     assert out.returncode == 0, out.stdout + out.stderr
+    # the table: IPVS's side instead of pinned maps (none are pinned in this mode)
+    text = lbctl("status", node=env.cluster.node, check=False).stdout
+    head = text.split("\n\n")[0]
+    fields = dict(re.match(r"([A-Z][A-Z ]*?) {2,}(.*)", ln).groups() for ln in head.splitlines())
+    assert "PINNED MAPS" not in fields, text
+    held = env.dump()
+    reals = sum(len(vs["backends"]) for vs in held["virtual_services"])
+    assert (
+        fields["IPVS"] == f"{len(held['virtual_services'])} virtual services, {reals} real servers"
+    )
+    addresses = len(held["link"]["addresses"])
+    assert addresses >= 4 and fields["IPVS LINK"] == f"lbctl-ipvs0, {addresses} addresses"
+    nft = doc["datapath"]["nftables"]
+    if nft["unavailable"]:  # this UML kernel: why, in full
+        assert fields["NFTABLES"] == f"UNAVAILABLE: {nft['unavailable']}", text
+        assert "CONFIG_NF_TABLES_IPV4" in fields["NFTABLES"]
+    else:
+        assert fields["NFTABLES"] == "table ip lbctl_ipvs written", text
 
 
 def run_auto(tmp: Path, *prefix: str) -> tuple[dict[str, Any], str]:
@@ -361,3 +383,171 @@ def test_a_refused_nftables_table_is_reported_once_and_in_status(env: Env) -> No
     text = lbctl("status", node=env.cluster.node, check=False)
     assert "warning: nftables table ip lbctl_ipvs: this kernel refuses" in text.stdout
     assert text.returncode == 0, text.stdout  # a warning, not a failure
+
+
+class Counted:
+    """A real pyroute2 object whose method calls are recorded, then made for real.
+
+    Not a mock: every call goes through to the wrapped IPVS or IPRoute socket
+    and the kernel; the record only says which netlink requests were made."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.calls: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._real, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append((name, args[0] if args and isinstance(args[0], str) else ""))
+            return attr(*args, **kwargs)
+
+        return call
+
+    def take(self) -> list[tuple[str, str]]:
+        out, self.calls = self.calls, []
+        return out
+
+
+def real_servers(node: Netns, vip: str) -> dict[str, int]:
+    """`ipvsadm -Ln -t VIP:80`: each real server's weight."""
+    out = node.run("ipvsadm", "-Ln", "-t", f"{vip}:80").stdout
+    return {
+        fields[1]: int(fields[3])
+        for fields in (line.split() for line in out.splitlines())
+        if fields and fields[0] == "->" and fields[1] != "RemoteAddress:Port"
+    }
+
+
+def test_one_endpoint_change_among_hundreds_of_services_is_one_netlink_call(
+    tmp_path: Path,
+) -> None:
+    """IpvsDatapath fed by the real planner with 300 Services: adding, removing or
+    terminating one endpoint is one IPVS request and no address request."""
+
+    def slice_of(i: int, ips: list[str], conditions: dict[str, Any] | None = None) -> None:
+        k8s_yaml.write(
+            tmp_path / f"s{i}.yaml",
+            k8s_yaml.service(f"s{i}", f"10.96.{i // 200}.{i % 200 + 1}", [("http", "TCP", 80)]),
+            k8s_yaml.endpoint_slice(f"s{i}", ips, [("http", "TCP", 8080)], conditions=conditions),
+        )
+
+    for i in range(300):  # two endpoints each, the second shared by ten Services
+        slice_of(i, [f"10.244.{i // 200}.{i % 200 + 1}", f"10.244.9.{i // 10 + 1}"])
+    plans = ManifestPlans(tmp_path, (NODE_IP,))
+    plans.step()
+    with Lab() as lab:
+        node = lab.netns("scale")
+        with node.entered():  # sysctls and nft act in the calling thread's namespace
+            dp = IpvsDatapath()
+            try:
+                run_scale_changes(dp, node, plans, slice_of)
+            finally:
+                dp.close()
+
+
+def run_scale_changes(
+    dp: IpvsDatapath, node: Netns, plans: ManifestPlans, slice_of: Callable[..., None]
+) -> None:
+    """The first sync of 300 Services, then one endpoint of s7 changed three times."""
+    vip = "10.96.0.8"  # s7
+    dp.load()
+    dp.configure(NodeConfig())
+    dp.reconcile(plans.frontends())  # the first sync; the table's refusal is said
+    assert len(node.run("ipvsadm", "-Ln").stdout.splitlines()) > 300 * 3
+    assert real_servers(node, vip) == {"10.244.0.8:8080": 1, "10.244.9.1:8080": 1}
+    dp.ipvs, dp.ipr = ipvs_calls, link_calls = Counted(dp.ipvs), Counted(dp.ipr)
+    dp.frontends = Unscannable(dp.frontends)  # and no scan of every frontend either
+
+    def change(ips: list[str], conditions: dict[str, Any] | None = None) -> None:
+        slice_of(7, ips, conditions)
+        diff = plans.step()
+        assert len(diff.upserts) == 1 and not diff.removals, diff
+        assert dp.apply(diff) == []
+
+    # one endpoint added: one request, the real server's
+    change(["10.244.0.8", "10.244.9.1", "10.244.5.5"])
+    assert ipvs_calls.take() == [("dest", "add")]
+    assert link_calls.take() == []
+    assert real_servers(node, vip)["10.244.5.5:8080"] == 1
+    # made terminating while others are ready: weight 0, its connections drain
+    change(
+        ["10.244.0.8", "10.244.9.1", "10.244.5.5"],
+        {"10.244.5.5": k8s_yaml.TERMINATING},
+    )
+    assert ipvs_calls.take() == [("dest", "set")]
+    assert link_calls.take() == []
+    assert real_servers(node, vip)["10.244.5.5:8080"] == 0
+    # a ready endpoint removed: weight 0 too (deleted once idle)
+    change(["10.244.9.1", "10.244.5.5"], {"10.244.5.5": k8s_yaml.TERMINATING})
+    assert ipvs_calls.take() == [("dest", "set")]
+    assert link_calls.take() == []
+    assert real_servers(node, vip) == {
+        "10.244.0.8:8080": 0,
+        "10.244.5.5:8080": 0,
+        "10.244.9.1:8080": 1,
+    }
+    # the shared endpoint's other Service (s8) is untouched
+    assert real_servers(node, "10.96.0.9") == {"10.244.0.9:8080": 1, "10.244.9.1:8080": 1}
+
+
+def test_cleanup_removes_lbctls_virtual_services_and_nodeports_without_the_table(
+    tmp_path: Path,
+) -> None:
+    """After an agent in IPVS mode stopped, on a kernel that refused its nftables table:
+    its ClusterIPs (on lbctl-ipvs0) and its NodePorts (on the node's address, in the
+    NodePort range) go, with the reason said; virtual services that are not lbctl's stay."""
+    with Lab() as lab:
+        node = lab.netns("clean")
+        node.ip("link", "add", "eth0", "type", "dummy")
+        node.ip("addr", "add", "192.168.89.1/24", "dev", "eth0")
+        node.ip("link", "set", "eth0", "up")
+        (tmp_path / "m").mkdir()
+        web = k8s_yaml.service("web", "10.96.2.10", [("http", "TCP", 80)], type="NodePort")
+        web["spec"]["ports"][0]["nodePort"] = 30777
+        k8s_yaml.write(
+            tmp_path / "m" / "web.yaml",
+            web,
+            k8s_yaml.endpoint_slice("web", ["10.244.0.5"], [("http", "TCP", 8080)]),
+        )
+        pin = Path("/sys/fs/bpf/lbctl-uml-clean")
+        agent = AgentProcess(node, tmp_path / "m", pin, tmp_path / "agent.log", "--mode", "ipvs")
+        agent.start()
+        try:
+            agent.wait_for_log("synced:", timeout=60)
+            agent.kill()  # stopped: IPVS, the link and the table stay, as the BPF maps do
+            held = node.run("ipvsadm", "-Ln").stdout
+            ours = ("10.96.2.10:80", "192.168.89.1:30777", "127.0.0.1:30777")  # localhost too
+            assert all(vs in held for vs in ours), held
+            if node.run("nft", "list", "table", "ip", "lbctl_ipvs", check=False).returncode == 0:
+                pytest.skip("this kernel took the table: the rule for its absence does not apply")
+            others = ("192.168.89.1:8443", "10.1.2.3:30001")  # not a NodePort; not the node's
+            for vs in others:
+                node.run("ipvsadm", "-A", "-t", vs, "-s", "rr")
+            out = lbctl("cleanup", "--bpffs", str(pin), node=node)
+            assert (
+                "removed 1 IPVS virtual services on the addresses of lbctl-ipvs0: "
+                "TCP 10.96.2.10:80\n" in out.stdout
+            ), out.stdout
+            assert (
+                "removed 2 IPVS virtual services on this node's addresses with a port in the "
+                "NodePort range 30000-32767 (lbctl's NodePorts: lbctl-ipvs0 shows lbctl's IPVS "
+                "mode ran here, and the nftables table that would list them is absent): "
+                "TCP 127.0.0.1:30777, TCP 192.168.89.1:30777\n" in out.stdout
+            ), out.stdout
+            assert (
+                "kept 2 IPVS virtual services that are not lbctl's: "
+                "TCP 10.1.2.3:30001, TCP 192.168.89.1:8443\n" in out.stdout
+            ), out.stdout
+            assert "removed link lbctl-ipvs0" in out.stdout
+            after = node.run("ipvsadm", "-Ln").stdout
+            assert not any(vs in after for vs in ours), after
+            assert all(vs in after for vs in others), after
+            # a second run: the link is gone, so the rule no longer applies; the others stay
+            again = lbctl("cleanup", "--bpffs", str(pin), node=node)
+            assert all(vs in node.run("ipvsadm", "-Ln").stdout for vs in others)
+            assert "removed 0" not in again.stdout and "lbctl-ipvs0" not in again.stdout
+        finally:
+            agent.stop()  # by its PID if it still runs; its own cleanup again

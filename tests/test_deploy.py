@@ -12,11 +12,13 @@
   its probes answer on the DaemonSet's port, the API requests it makes are
   exactly the ClusterRole's rules, and every PromQL query of the dashboard
   uses only metric names, labels and label values it exports.
-- Without CAP_SYS_ADMIN a restart fails and without CAP_NET_ADMIN nothing is
-  attached; the rollback DaemonSet's `lbctl cleanup`, with its capabilities,
-  removes everything; `lbctl cleanup --kube-proxy` works with the agent's
-  capabilities (CAP_NET_RAW is for iptables-legacy); the ConfigMap's empty
-  API server address stops the agent with the reason.
+- With the ConfigMap's mode auto, this kernel runs the eBPF datapath; without
+  CAP_SYS_ADMIN a restart fails naming that capability (not kernel headers), and
+  without CAP_NET_ADMIN nothing is attached; the rollback DaemonSet's `lbctl
+  cleanup`, with its capabilities, removes everything; `lbctl cleanup
+  --kube-proxy` works with the agent's capabilities (CAP_NET_RAW is for
+  iptables-legacy); the ConfigMap's empty API server address stops the agent
+  with the reason.
 
 Nothing is attached outside the test namespaces and the test's own cgroups.
 """
@@ -268,7 +270,7 @@ def test_the_daemonset_runs_the_agent_with_the_configmaps_config(tmp_path: Path)
     assert item["key"] == "config.yaml"
     assert args.config == Path(mount["mountPath"]) / item["path"]
     cfg = merged_config(args, configmap_config(tmp_path))
-    assert cfg.in_cluster and cfg.mode == "ebpf"
+    assert cfg.in_cluster and cfg.mode == "auto"  # the default: IPVS where BPF cannot run
 
     # ports and probes: kube-proxy's, as the agent binds them
     assert config.Config().metrics_bind_address.endswith(f":{METRICS_PORT}")
@@ -850,6 +852,7 @@ def test_the_agent_runs_and_answers_probes_with_the_daemonsets_settings(
 ) -> None:
     for probe, (status, body) in agent_run.probes.items():
         assert status == 200, f"{probe}: {status} {body}"
+        # the ConfigMap's mode auto picks ebpf on this kernel, with these capabilities
         assert body["synced"] is True and body["mode"] == "ebpf" and body["problems"] == []
     log = agent_run.log
     for link in ("dep0", "dep1"):
@@ -968,13 +971,18 @@ def test_the_daemonsets_capabilities_are_enough_and_needed(tmp_path: Path, pin_d
         log = first.text()
         assert "attached XDP program (generic) to dep0" in log and "0 errors" in log, log
 
-        # without CAP_SYS_ADMIN bcc cannot re-open the pinned maps: the restart fails
+        # without CAP_SYS_ADMIN bcc cannot re-open the pinned maps: eBPF cannot run, and
+        # the message names the missing capability (not kernel headers); mode auto then
+        # falls back to IPVS, which this kernel lacks, so the restart fails
         denied = run(caps - {"SYS_ADMIN"}, "no-sys-admin")
         try:
             assert denied.wait_exit() != 0, denied.text()
         finally:
             denied.stop()
-        assert "Operation not permitted" in denied.text(), denied.text()
+        said = denied.text()
+        assert "not permitted (EPERM): this process lacks CAP_SYS_ADMIN (bcc: " in said, said
+        assert "Operation not permitted" in said and "kernel headers" not in said, said
+        assert "the IPVS fallback (chosen by mode in " in said, said
 
         # with them all, the restart adopts the running datapath
         again = run(caps, "again")

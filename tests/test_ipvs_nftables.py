@@ -4,8 +4,10 @@ What IPVS cannot do alone (masquerade, hairpin, loadBalancerSourceRanges,
 the drops of externalTrafficPolicy Local) is the agent's `table ip
 lbctl_ipvs`.  It is written here by the agent's own code path: the real
 planner turns manifests into frontends, `ipvs.table_content` makes the
-table's content from them and `nftables.TableWriter` writes it, exactly as
-`IpvsDatapath._write_table` does.
+table's content from them and `nftables.TableWriter` writes it whole, as
+IpvsDatapath's first and periodic syncs do; the incremental tests at the end
+drive `contributions.TableSync` with the planner's diffs, as
+`IpvsDatapath.apply` does.
 
 A STAND-IN FOR IPVS: this machine's kernel has no IPVS (CONFIG_IP_VS), and
 the User-Mode Linux kernel that has IPVS (tests/test_ipvs.py) refuses every
@@ -32,11 +34,13 @@ from typing import Any
 import pytest
 
 from lbctl.datapath import ipvs, nftables
+from lbctl.datapath.contributions import TableSync
 from lbctl.datapath.nodeconf import NodeConfig
 from lbctl.manifests import ManifestSource
 from lbctl.model import ServiceTable
 from lbctl.plan import Frontend, NodeContext, Planner
 from tests import k8s_yaml
+from tests.manifest_plans import ManifestPlans, Unscannable, touched
 from tests.netlab import (
     Cluster,
     Lab,
@@ -287,3 +291,183 @@ def test_a_refused_write_changes_nothing(env: Env) -> None:
     assert state["error"] == errors[0] and not state["written"]
     assert env.write() == []  # the good content again
     assert tcp_request(env.near, NODE_IP, WEB_TCP).peer_ip == GATEWAY
+
+
+# -- incremental element updates (IpvsDatapath.apply's table side) ---------------------
+
+SHARED = "10.244.7.7"  # one pod behind two Services: in `hairpin` while either holds it
+
+
+def incremental_manifests(directory: Path, web: list[str], conditions: dict[str, Any]) -> None:
+    """40 Services, each in its own file; `web` and the two sharing SHARED change."""
+    for i in range(36):
+        k8s_yaml.write(
+            directory / f"s{i}.yaml",
+            k8s_yaml.service(f"s{i}", f"10.96.3.{i + 1}", [("http", "TCP", 80)]),
+            k8s_yaml.endpoint_slice(f"s{i}", [f"10.244.3.{i + 1}"], [("http", "TCP", 8080)]),
+        )
+    k8s_yaml.write(
+        directory / "web.yaml",
+        k8s_yaml.service("web", WEB, [("http", "TCP", 80), ("dns", "UDP", 53)]),
+        k8s_yaml.endpoint_slice(
+            "web", web, [("http", "TCP", 8080), ("dns", "UDP", 5353)], conditions=conditions
+        ),
+    )
+    for name, vip in (("shared-a", "10.96.4.1"), ("shared-b", "10.96.4.2")):
+        k8s_yaml.write(
+            directory / f"{name}.yaml",
+            k8s_yaml.service(name, vip, [("http", "TCP", 80)]),
+            k8s_yaml.endpoint_slice(name, [SHARED], [("http", "TCP", 8080)]),
+        )
+
+
+class NftCalls:
+    """Every nft the writer runs, recorded and then run for real (a wrapper, not a mock)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.scripts: list[str] = []
+        real = nftables._nft
+
+        def run(*args: str, script: str | None = None) -> str:
+            self.scripts.append(f"nft {' '.join(args)}\n{script or ''}")
+            return real(*args, script=script)
+
+        monkeypatch.setattr(nftables, "_nft", run)
+
+    def take(self) -> list[str]:
+        out, self.scripts = self.scripts, []
+        return out
+
+
+def full_rewrite_sets(lab: Lab, frontends: dict[Any, Frontend], conf: NodeConfig) -> Any:
+    """The sets a fresh full write of this plan gives, in a namespace of their own."""
+    ns = lab.netns("full")
+    with ns.entered():
+        assert nftables.TableWriter().write(ipvs.table_content(frontends, conf)) == []
+        return nftables.read()
+
+
+def test_an_endpoint_change_is_one_transaction_of_element_deltas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = NodeConfig(cluster_cidrs=(ipaddress.IPv4Network(CLUSTER_CIDR),))
+    pods = ["10.244.1.1", "10.244.1.2"]
+    incremental_manifests(tmp_path, pods, {})
+    plans = ManifestPlans(tmp_path, (NODE_IP,))
+    plans.step()
+    with Lab() as lab:
+        node = lab.netns("incr")
+        sync = TableSync()
+        with node.entered():
+            # as the agent's first sync: node settings, then the whole plan, written whole
+            assert sync.configure(conf) == []
+            sync.reset(plans.frontends())
+            assert sync.rewrite() == []
+        calls = NftCalls(monkeypatch)
+
+        def change(web: list[str], conditions: dict[str, Any] | None = None) -> list[str]:
+            incremental_manifests(tmp_path, web, conditions or {})
+            return apply()
+
+        def apply(gone: frozenset[str] = frozenset()) -> list[str]:
+            diff = plans.step()
+            assert diff, "the change reached the plan"
+            with node.entered():  # frontends read by key only: nothing scans them all
+                delta, errors = sync.apply(Unscannable(plans.frontends()), touched(diff))
+            assert errors == [] and not delta.addresses_added, errors
+            assert delta.addresses_removed == gone, "the dummy link's addresses to remove"
+            return calls.take()
+
+        def hairpin() -> list[str]:
+            with node.entered():
+                sets = nftables.read()
+            assert calls.take() == ["nft -j list table ip lbctl_ipvs\n"]  # this read alone
+            assert sets is not None
+            return list(sets["hairpin"])
+
+        # one endpoint added: one transaction, element additions only
+        (script,) = change([*pods, "10.244.1.3"])
+        assert script == (
+            "nft -f -\nadd element ip lbctl_ipvs hairpin { 10.244.1.3 . 10.244.1.3 }\n"
+        ), script
+        assert "10.244.1.3 . 10.244.1.3" in hairpin()
+        # one endpoint removed
+        (script,) = change(["10.244.1.2", "10.244.1.3"])
+        assert script == (
+            "nft -f -\ndelete element ip lbctl_ipvs hairpin { 10.244.1.1 . 10.244.1.1 }\n"
+        ), script
+        # one endpoint made terminating while another is ready: it leaves the plan
+        terminating = {"10.244.1.2": k8s_yaml.TERMINATING}
+        (script,) = change(["10.244.1.2", "10.244.1.3"], terminating)
+        assert script.endswith("delete element ip lbctl_ipvs hairpin { 10.244.1.2 . 10.244.1.2 }\n")
+        # every endpoint gone: the frontends move to no_endpoints, in one transaction
+        (script,) = change([])
+        assert script == (
+            "nft -f -\n"
+            "delete element ip lbctl_ipvs hairpin { 10.244.1.3 . 10.244.1.3 }\n"
+            f"add element ip lbctl_ipvs no_endpoints {{ {WEB} . tcp . 80, {WEB} . udp . 53 }}\n"
+        ), script
+        # a change that moves no element (the scheduler) runs no nft at all
+        (script,) = change(["10.244.1.3"])
+        assert "add element ip lbctl_ipvs hairpin" in script
+        web = tmp_path / "web.yaml"
+        text = web.read_text().replace(
+            "name: web\n", "name: web\n  annotations:\n    lbctl.io/scheduler: rr\n", 1
+        )
+        web.write_text(text)
+        assert apply() == [], "the scheduler is IPVS's: no element changed"
+
+        # a backend shared by two Services stays in hairpin until the last one leaves
+        assert f"{SHARED} . {SHARED}" in hairpin()
+        (tmp_path / "shared-a.yaml").unlink()
+        (script,) = apply(gone=frozenset({"10.96.4.1"}))
+        assert "hairpin" not in script and "10.96.4.1 . tcp . 80" in script, script
+        assert f"{SHARED} . {SHARED}" in hairpin(), "shared-b still holds it"
+        (tmp_path / "shared-b.yaml").unlink()
+        (script,) = apply(gone=frozenset({"10.96.4.2"}))
+        assert f"delete element ip lbctl_ipvs hairpin {{ {SHARED} . {SHARED} }}" in script
+        assert f"{SHARED} . {SHARED}" not in hairpin()
+
+        # after all these, the table is what a full rewrite of the same plan gives
+        with node.entered():
+            incremental = nftables.read()
+        assert incremental == full_rewrite_sets(lab, plans.frontends(), conf)
+        assert sync.nft.written == ipvs.table_content(plans.frontends(), conf)
+
+
+def test_a_refused_element_update_waits_for_the_full_rewrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = NodeConfig(cluster_cidrs=(ipaddress.IPv4Network(CLUSTER_CIDR),))
+    incremental_manifests(tmp_path, ["10.244.1.1"], {})
+    plans = ManifestPlans(tmp_path, (NODE_IP,))
+    plans.step()
+    with Lab() as lab:
+        node = lab.netns("refused")
+        sync = TableSync()
+        with node.entered():
+            assert sync.configure(conf) == []
+            sync.reset(plans.frontends())
+            assert sync.rewrite() == []
+        calls = NftCalls(monkeypatch)
+        node.run("nft", "delete", "table", "ip", nftables.TABLE)  # drift: gone by hand
+
+        def change(web: list[str]) -> list[str]:
+            incremental_manifests(tmp_path, web, {})
+            diff = plans.step()
+            with node.entered():
+                return sync.apply(plans.frontends(), touched(diff))[1]
+
+        errors = change(["10.244.1.1", "10.244.1.2"])
+        assert len(errors) == 1 and "No such file or directory" in errors[0], errors
+        assert len(calls.take()) == 1
+        assert sync.nft.state()["written"] is False and sync.nft.state()["error"] == errors[0]
+        # the mirror is unknown now: changes write nothing until the full rewrite
+        assert change(["10.244.1.2"]) == [] and calls.take() == []
+        with node.entered():
+            assert sync.rewrite() == []
+            (script,) = calls.take()
+            healed = nftables.read()
+        assert "delete table ip lbctl_ipvs" in script, "rewritten whole"
+        assert healed == full_rewrite_sets(lab, plans.frontends(), conf)
+        assert sync.nft.state()["error"] is None

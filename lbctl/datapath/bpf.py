@@ -43,6 +43,50 @@ def check_bpffs(pin_dir: Path) -> None:
         )
 
 
+# The capabilities the datapath needs (deploy/daemonset.yaml says why), by number.
+CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
+_DENIED = ("Operation not permitted", "EPERM", "Permission denied", "EACCES")
+
+
+def missing_capabilities(status: Path = Path("/proc/self/status")) -> list[str]:
+    """The capabilities of CAPABILITIES this process lacks (CapEff); [] when unreadable."""
+    try:
+        text = status.read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith("CapEff:"):
+            held = int(line.split()[1], 16)
+            return [name for name, bit in CAPABILITIES.items() if not held >> bit & 1]
+    return []
+
+
+def load_failure(said: str) -> str:
+    """Why compiling or loading the programs failed, and the fix, from what bcc said.
+
+    A refusal (EPERM) is a missing capability, not missing kernel headers:
+    the message says so first, naming the capabilities this process lacks."""
+    denied = next((ln.strip() for ln in said.splitlines() if any(w in ln for w in _DENIED)), "")
+    if denied:
+        missing = missing_capabilities()
+        lacking = (
+            f"this process lacks {', '.join(missing)}"
+            if missing
+            else "this process holds the capabilities, so something else (a security "
+            "module, seccomp, kernel.unprivileged_bpf_disabled) refuses"
+        )
+        return (
+            f"compiling or loading the BPF program failed: not permitted (EPERM): {lacking} "
+            f"(bcc: {denied[:160]}); the datapath needs CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN "
+            f"and CAP_SYS_ADMIN (deploy/daemonset.yaml says why each)\nbcc said: {said}"
+        )
+    return (
+        f"compiling or loading the BPF program failed: {said}\nbcc needs kernel "
+        f"headers at /lib/modules/{os.uname().release}/build (run `make deps`, or "
+        "mount the host's /lib/modules and /usr/src into the container)"
+    )
+
+
 class _Statfs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
 
@@ -79,11 +123,7 @@ class BpfDatapath:
         try:
             loaded = compilation.result()
         except CompileError as err:
-            raise DatapathError(
-                f"compiling or loading the BPF program failed: {err}\nbcc needs kernel "
-                f"headers at /lib/modules/{os.uname().release}/build (run `make deps`, or "
-                "mount the host's /lib/modules and /usr/src into the container)"
-            ) from err
+            raise DatapathError(load_failure(str(err))) from err
         if loaded.log:
             log.debug("the BPF compiler said: %s", loaded.log)
         self.prog_fds = loaded.prog_fds

@@ -20,9 +20,13 @@ netlink (pyroute2):
   table of lbctl/datapath/nftables.py.
 
 A Python mirror of what was programmed makes a diff cost one netlink call
-per changed real server; `reconcile` (the first sync and every sync
-period) dumps IPVS and repairs whatever differs (an entry added or deleted
-by hand), and touches only virtual services on lbctl's addresses.
+per changed real server, and the reference-counted contributions of each
+virtual service to the table and the link (lbctl/datapath/contributions.py)
+one netlink call per link address that comes or goes and one nft
+transaction of element changes: nothing is recomputed over every Service.
+`reconcile` (the first sync and every sync period) dumps IPVS and repairs
+whatever differs (an entry added or deleted by hand), touches only virtual
+services on lbctl's addresses, and rewrites the table whole.
 """
 
 from __future__ import annotations
@@ -38,13 +42,16 @@ from pathlib import Path
 from typing import Any
 
 from lbctl.datapath import nftables, tc
+from lbctl.datapath.contributions import (
+    Contributions,
+    TableSync,
+    VsKey,
+    deciding,
+    vs_key,
+)
 from lbctl.datapath.nodeconf import NodeConfig
-from lbctl.model import Protocol
 from lbctl.plan import (
-    CLUSTER_IP,
     NODE_PORT,
-    SCOPE_ALL,
-    SCOPE_EXTERNAL,
     Frontend,
     FrontendKey,
     PlanDiff,
@@ -68,8 +75,6 @@ SYSCTLS = {
     "net/ipv4/ip_forward": "1",
 }
 
-VsKey = tuple[str, int, int]  # address, port, IPPROTO_*
-
 
 @dataclasses.dataclass(frozen=True)
 class VirtualService:
@@ -81,10 +86,6 @@ class VirtualService:
     dests: Mapping[tuple[str, int], int]  # (address, port) -> weight
 
 
-def vs_key(key: FrontendKey) -> VsKey:
-    return (str(key.address), key.port, key.protocol.number)
-
-
 def wanted(fe: Frontend) -> VirtualService:
     sched = SCHEDULERS.get(fe.scheduler, "rr")
     flags = (F_PERSISTENT if fe.affinity_timeout else 0) | (F_SCHED_MH_PORT if sched == "mh" else 0)
@@ -92,54 +93,11 @@ def wanted(fe: Frontend) -> VirtualService:
     return VirtualService(sched, flags, fe.affinity_timeout, dests)
 
 
-def deciding(frontends: Mapping[FrontendKey, Frontend], key: VsKey) -> Frontend | None:
-    """The frontend that decides a virtual service: the outside twin when there is one."""
-    address, port, proto = key
-    for scope in (SCOPE_EXTERNAL, SCOPE_ALL):
-        fe = frontends.get(
-            FrontendKey(ipaddress.IPv4Address(address), port, Protocol(proto), scope)
-        )
-        if fe is not None:
-            return fe
-    return None
-
-
 def table_content(
     frontends: Mapping[FrontendKey, Frontend], node: NodeConfig
 ) -> nftables.TableContent:
     """The nftables sets for these frontends (the plan's) and the node's settings."""
-    sets: list[set[nftables.Entry]] = [set() for _ in range(6)]
-    clusterip, external, everyone, reject, drop, ranged = sets
-    allowed: set[tuple[str, str, int, str]] = set()
-    hairpin: set[str] = set()
-    for key in {vs_key(k) for k in frontends}:
-        fe = deciding(frontends, key)
-        if fe is None:
-            continue
-        entry = (key[0], fe.key.protocol.name.lower(), key[1])
-        everyone.add(entry)
-        if fe.kind == CLUSTER_IP:
-            clusterip.add(entry)
-        elif not fe.local:
-            external.add(entry)
-        if not fe.backends:
-            (drop if fe.drop_empty else reject).add(entry)
-        if fe.source_ranges:
-            ranged.add(entry)
-            allowed |= {(*entry, str(net)) for net in fe.source_ranges}
-        hairpin |= {str(b.address) for b in fe.backends}
-    return nftables.TableContent(
-        cluster_cidrs=frozenset(str(c) for c in node.cluster_cidrs),
-        masquerade_all=node.masquerade_all,
-        clusterip=frozenset(clusterip),
-        external=frozenset(external),
-        frontends=frozenset(everyone),
-        reject=frozenset(reject),
-        drop=frozenset(drop),
-        ranged=frozenset(ranged),
-        allowed=frozenset(allowed),
-        hairpin=frozenset(hairpin),
-    )
+    return Contributions.of(frontends).content(node)
 
 
 class IpvsDatapath:
@@ -157,8 +115,8 @@ class IpvsDatapath:
         self.programmed: dict[VsKey, VirtualService] = {}  # the mirror of IPVS
         self.draining: dict[VsKey, set[tuple[str, int]]] = {}  # weight 0 until idle
         self.addresses: set[str] = set()  # on the dummy link
-        self.node = NodeConfig()
-        self.nft = nftables.TableWriter()
+        self.table = TableSync()  # each virtual service's table elements and link address
+        self.nft = self.table.nft
         self._pending: list[str] = []  # problems found where nothing returns them
         self._xdp_reported = False
         self._link_index = self._ensure_link()
@@ -197,8 +155,8 @@ class IpvsDatapath:
         return index
 
     def configure(self, conf: NodeConfig) -> None:
-        self.node = conf
-        self._pending += self._write_table()  # reported by the next apply or reconcile
+        """The node's settings: the table is rewritten whole when they change it."""
+        self._pending += self.table.configure(conf)  # reported by the next sync
 
     # -- hooks: IPVS needs none ---------------------------------------------------------
 
@@ -226,6 +184,9 @@ class IpvsDatapath:
         return deciding(self.frontends, key)
 
     def apply(self, change: PlanDiff) -> list[str]:
+        """A diff, at a cost that follows the virtual services it touches: a netlink call
+        per changed real server, a netlink call per link address that comes or goes, and
+        one nft transaction of element changes when some element of the table changed."""
         touched: set[VsKey] = set()
         for key in change.removals:
             self.frontends.pop(key, None)
@@ -233,12 +194,12 @@ class IpvsDatapath:
         for fe in change.upserts:
             self.frontends[fe.key] = fe
             touched.add(vs_key(fe.key))
-        errors = []
+        errors, self._pending = self._pending, []
         for vs in sorted(touched):
             errors += self._sync_service(vs)
-        errors += self._sync_addresses(remove_stale=True)
-        errors += self._write_table()
-        return errors
+        delta, table_errors = self.table.apply(self.frontends, touched)
+        errors += self._link_addresses(delta.addresses_added, delta.addresses_removed)
+        return errors + table_errors
 
     def reconcile(
         self, desired: Mapping[FrontendKey, Frontend], remove_stale: bool = True
@@ -247,12 +208,13 @@ class IpvsDatapath:
         from pyroute2.netlink.exceptions import NetlinkError
 
         self.frontends = dict(desired)
+        self.table.reset(self.frontends)
         try:
             self.programmed = self._read()
         except NetlinkError as err:
             return [f"IPVS: reading the virtual services failed: {os.strerror(err.code)}"]
         self._ensure_link()
-        errors = []
+        errors, self._pending = self._pending, []
         keys = {vs_key(k) for k in self.frontends}
         if remove_stale:
             ours = self.addresses | {str(a) for a in self._node_port_addresses()}
@@ -260,7 +222,7 @@ class IpvsDatapath:
         for key in sorted(keys):
             errors += self._sync_service(key)
         errors += self._sync_addresses(remove_stale)
-        errors += self._write_table(retry=True)  # someone may have changed or deleted it
+        errors += self.table.rewrite()  # someone may have changed or deleted it
         return errors
 
     def _node_port_addresses(self) -> set[str]:
@@ -342,11 +304,17 @@ class IpvsDatapath:
 
     def _sync_addresses(self, remove_stale: bool) -> list[str]:
         """Every ClusterIP, LoadBalancer IP and externalIP on the dummy link."""
+        want = set(self.table.held.addresses)
+        return self._link_addresses(want - self.addresses, self.addresses - want, remove_stale)
+
+    def _link_addresses(
+        self, add: Iterable[str], remove: Iterable[str], remove_stale: bool = True
+    ) -> list[str]:
+        """Put these addresses on the dummy link and take those off: a netlink call each."""
         from pyroute2.netlink.exceptions import NetlinkError
 
-        want = {str(k.address) for k, fe in self.frontends.items() if fe.kind != NODE_PORT}
         errors = []
-        for address in sorted(want - self.addresses):
+        for address in sorted(set(add) - self.addresses):
             try:
                 self.ipr.addr("add", index=self._link_index, address=address, prefixlen=32)
             except NetlinkError as err:
@@ -355,7 +323,7 @@ class IpvsDatapath:
                     continue
             self.addresses.add(address)
         if remove_stale:
-            for address in sorted(self.addresses - want):
+            for address in sorted(set(remove) & self.addresses):
                 try:
                     self.ipr.addr("del", index=self._link_index, address=address, prefixlen=32)
                 except NetlinkError as err:
@@ -364,10 +332,6 @@ class IpvsDatapath:
                         continue
                 self.addresses.discard(address)
         return errors
-
-    def _write_table(self, retry: bool = False) -> list[str]:
-        errors, self._pending = self._pending, []
-        return errors + self.nft.write(table_content(self.frontends, self.node), retry)
 
     # -- netlink ------------------------------------------------------------------------
 
@@ -565,10 +529,22 @@ def _kind(key: VsKey, sets: Mapping[str, list[str]] | None) -> str:
     return " ".join([kind, *notes])
 
 
-def cleanup() -> list[str]:
-    """Remove lbctl's virtual services, its dummy link and its table; say what went."""
+def cleanup(node_port_range: tuple[int, int] | None = None) -> list[str]:
+    """Remove lbctl's virtual services, its dummy link and its table; say what went and why.
+
+    lbctl's virtual services are those its table lists (`frontends`), those on
+    the addresses of lbctl-ipvs0 (ClusterIPs, LoadBalancer IPs, externalIPs)
+    and, when the table is absent (a kernel that refuses it) while
+    lbctl-ipvs0 shows that lbctl's IPVS mode ran here, those on this node's
+    own addresses whose port is in the NodePort range: its NodePorts, which
+    the table would have listed.  Any other virtual service stays (kube-proxy's
+    IPVS cleanup flushes all of IPVS; this one does not)."""
     from pyroute2 import IPVS, IPRoute
 
+    from lbctl.kubeproxy_cleanup import NODE_PORT_RANGE
+    from lbctl.kubeproxy_cleanup import VirtualService as Named
+
+    low, high = node_port_range or NODE_PORT_RANGE
     said = []
     sets = nftables.read()
     with IPRoute() as ipr:
@@ -578,22 +554,56 @@ def cleanup() -> list[str]:
             if found
             else set()
         )
-    ours = _ours(sets)
+        node_addresses = {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr(family=2)}
+    node_addresses -= addresses
+    listed = _ours(sets)
+    reasons = (
+        f"listed in nftables table ip {nftables.TABLE}",
+        f"on the addresses of {LINK}",
+        f"on this node's addresses with a port in the NodePort range {low}-{high} (lbctl's "
+        f"NodePorts: {LINK} shows lbctl's IPVS mode ran here, and the nftables table that "
+        "would list them is absent)",
+    )
+
+    def why(key: VsKey) -> str | None:
+        if key in listed:
+            return reasons[0]
+        if key[0] in addresses:
+            return reasons[1]
+        if sets is None and found and key[0] in node_addresses and low <= key[1] <= high:
+            return reasons[2]
+        return None
+
     if IPVS_PROC.exists():  # never load ip_vs just to find nothing
         ipvs = IPVS()
         try:
-            removed = 0
-            for msg in ipvs.service("dump"):
-                svc = _service_fields(msg)
-                key = (
-                    str(svc.get("addr")),
-                    int(svc.get("port") or 0),
-                    int(svc.get("protocol") or 0),
+            removed: dict[str, list[str]] = {}
+            kept = []
+            for svc in [_service_fields(msg) for msg in ipvs.service("dump")]:
+                if svc.get("fwmark") or svc.get("af") != socket.AF_INET:
+                    kept.append(str(Named(0, "", 0, int(svc.get("fwmark") or 0))))
+                    continue
+                key = (str(svc.get("addr")), int(svc["port"]), int(svc["protocol"]))
+                name = str(Named(key[2], key[0], key[1]))
+                reason = why(key)
+                if reason is None:
+                    kept.append(name)
+                    continue
+                ipvs.service("del", service=_svc(key))
+                removed.setdefault(reason, []).append(name)
+            for reason in reasons:
+                if reason in removed:
+                    gone = sorted(removed[reason])
+                    said.append(
+                        f"removed {len(gone)} IPVS virtual services {reason}: {', '.join(gone)}"
+                    )
+            if not removed:
+                said.append("removed IPVS virtual services: none")
+            if kept:
+                said.append(
+                    f"kept {len(kept)} IPVS virtual services that are not lbctl's: "
+                    + ", ".join(sorted(kept))
                 )
-                if key in ours or key[0] in addresses:
-                    ipvs.service("del", service=_svc(key))
-                    removed += 1
-            said.append(f"removed IPVS virtual services: {removed}")
         finally:
             ipvs.close()
     if found:

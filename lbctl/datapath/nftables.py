@@ -26,9 +26,12 @@ them, never a chain per Service:
   net.ipv4.vs.conntrack=1, the connection tracking entry NAT needs).
 
 The whole table is written in one `nft -f` transaction (delete, then add
-with every element), so a reader never sees it half made; the agent writes
-it only when its content changes (`TableWriter`), and reports each distinct
-failure once.  A kernel that refuses nftables tables of family ip (built
+with every element), so a reader never sees it half made, at the first
+sync, at each periodic sync and when node settings change; in between a
+plan diff changes only its elements (`add element` / `delete element`
+lines, again one transaction, only when some element changed).
+`TableWriter` keeps the mirror of what was written and reports each
+distinct failure once.  A kernel that refuses nftables tables of family ip (built
 without CONFIG_NF_TABLES_IPV4, as Debian's User-Mode Linux kernel is) makes
 the table unavailable: the agent says so once and in `lbctl status`, and
 tries again only at its periodic sync.
@@ -77,9 +80,33 @@ class TableContent:
 
 _ENTRY = "ipv4_addr . inet_proto . inet_service"
 
+# TableContent's element fields -> the nftables sets they fill
+ELEMENT_SETS = {
+    "clusterip": "clusterip",
+    "external": "external",
+    "frontends": "frontends",
+    "reject": "no_endpoints",
+    "drop": "no_local",
+    "ranged": "ranged",
+    "allowed": "allowed",
+    "hairpin": "hairpin",
+}
 
-def _elements(items: frozenset[Entry]) -> str:
-    return ", ".join(f"{a} . {p} . {port}" for a, p, port in sorted(items))
+
+def element_text(field: str, value: Any) -> str:
+    """One element of a set as nft writes it: `10.96.0.1 . tcp . 80`; hairpin's address twice."""
+    if field == "hairpin":
+        return f"{value} . {value}"
+    return " . ".join(str(part) for part in value)
+
+
+def _sort_key(field: str, value: Any) -> Any:
+    return ipaddress.IPv4Address(value) if field == "hairpin" else str(value)
+
+
+def _elements(field: str, values: frozenset[Any] | set[Any]) -> str:
+    ordered = sorted(values, key=lambda v: _sort_key(field, v))
+    return ", ".join(element_text(field, v) for v in ordered)
 
 
 def _set(name: str, kind: str, elements: str, interval: bool = False) -> str:
@@ -88,15 +115,26 @@ def _set(name: str, kind: str, elements: str, interval: bool = False) -> str:
     return f"  set {name} {{ type {kind}; {flags}{body}}}\n"
 
 
+def render_delta(add: dict[str, set[Any]], delete: dict[str, set[Any]]) -> str:
+    """The nft script that changes these elements, in one transaction: deletes, then adds."""
+    lines = [
+        f"delete element ip {TABLE} {ELEMENT_SETS[field]} {{ {_elements(field, values)} }}\n"
+        for field, values in sorted(delete.items())
+        if values
+    ]
+    lines += [
+        f"add element ip {TABLE} {ELEMENT_SETS[field]} {{ {_elements(field, values)} }}\n"
+        for field, values in sorted(add.items())
+        if values
+    ]
+    return "".join(lines)
+
+
 def render(content: TableContent, nat: bool = True) -> str:
     """The nft script that replaces the table with this content, in one transaction."""
     c = content
     mark = f"0x{MASQ_MARK:08x}"
     to_entry = "ip daddr . meta l4proto . th dport"
-    allowed = ", ".join(
-        f"{a} . {p} . {port} . {cidr}" for a, p, port, cidr in sorted(c.allowed, key=str)
-    )
-    hairpin = ", ".join(f"{a} . {a}" for a in sorted(c.hairpin, key=ipaddress.IPv4Address))
     masq_from_outside = (
         f"    ip saddr != @cluster_cidrs {to_entry} @clusterip meta mark set meta mark | {mark}\n"
         if c.cluster_cidrs
@@ -112,14 +150,14 @@ def render(content: TableContent, nat: bool = True) -> str:
         f"delete table ip {TABLE}\n"
         f"table ip {TABLE} {{\n"
         + _set("cluster_cidrs", "ipv4_addr", ", ".join(sorted(c.cluster_cidrs)), interval=True)
-        + _set("clusterip", _ENTRY, _elements(c.clusterip))
-        + _set("external", _ENTRY, _elements(c.external))
-        + _set("frontends", _ENTRY, _elements(c.frontends))
-        + _set("no_endpoints", _ENTRY, _elements(c.reject))
-        + _set("no_local", _ENTRY, _elements(c.drop))
-        + _set("ranged", _ENTRY, _elements(c.ranged))
-        + _set("allowed", f"{_ENTRY} . ipv4_addr", allowed, interval=True)
-        + _set("hairpin", "ipv4_addr . ipv4_addr", hairpin)
+        + _set("clusterip", _ENTRY, _elements("clusterip", c.clusterip))
+        + _set("external", _ENTRY, _elements("external", c.external))
+        + _set("frontends", _ENTRY, _elements("frontends", c.frontends))
+        + _set("no_endpoints", _ENTRY, _elements("reject", c.reject))
+        + _set("no_local", _ENTRY, _elements("drop", c.drop))
+        + _set("ranged", _ENTRY, _elements("ranged", c.ranged))
+        + _set("allowed", f"{_ENTRY} . ipv4_addr", _elements("allowed", c.allowed), interval=True)
+        + _set("hairpin", "ipv4_addr . ipv4_addr", _elements("hairpin", c.hairpin))
         # before routing, so before IPVS (its LOCAL_IN hooks are at priority 98 and 99)
         + "  chain prerouting {\n    type filter hook prerouting priority mangle; policy accept;\n"
         + filters
@@ -211,22 +249,41 @@ def family_works() -> bool:
 class TableWriter:
     """The table as last written; writes only changes and reports each failure once.
 
+    `write` replaces the whole table when its content differs from the
+    table as written (node settings, the first sync, the periodic resync);
+    `update` changes only the given elements, in one transaction of `add
+    element` / `delete element` lines (a change to one endpoint).  The mirror
+    of the sets is kept current by both; when nft refuses, nothing changed in
+    the kernel, the mirror is dropped and `update` writes nothing until the
+    next `write(..., retry=True)` rewrites the table whole.
+
     After FamilyRefused it writes nothing on changes; `write(..., retry=True)`
     (the agent's periodic sync) tries again, quietly while the answer stays the
     same."""
 
     def __init__(self) -> None:
-        self.written: TableContent | None = None
+        self._sets: dict[str, set[Any]] | None = None  # by TableContent field; None: unknown
+        self._node: tuple[frozenset[str], bool] = (frozenset(), False)
         self.unavailable: str | None = None  # the kernel refuses the family: why
         self.degraded: str | None = None  # written without its NAT chain: why
         self.error: str | None = None  # the last write's failure
         self._reported: set[str] = set()
 
+    @property
+    def written(self) -> TableContent | None:
+        """The table's content as written and updated since; None: unknown or not written."""
+        if self._sets is None:
+            return None
+        fields: dict[str, Any] = {f: frozenset(values) for f, values in self._sets.items()}
+        return TableContent(cluster_cidrs=self._node[0], masquerade_all=self._node[1], **fields)
+
     def write(self, content: TableContent, retry: bool = False) -> list[str]:
         """Write when content differs from the table as written; the new problems to report."""
         if retry:
-            self.written = None  # someone may have changed or deleted it
-        if content == self.written or (self.unavailable is not None and not retry):
+            self._sets = None  # someone may have changed or deleted it
+        if (self.unavailable is not None and not retry) or (
+            self._sets is not None and content == self.written
+        ):
             return []
         if self.unavailable is not None and not family_works():
             return []  # still refused: one nft call per periodic sync, said once already
@@ -234,17 +291,46 @@ class TableWriter:
         try:
             self.degraded = write(content)
         except FamilyRefused as err:
-            self.written, self.unavailable, self.error = None, str(err), str(err)
+            self._sets, self.unavailable, self.error = None, str(err), str(err)
             return self._once(str(err))
         except NftError as err:
-            self.written = None
+            self._sets = None
             self.error = f"nftables table {TABLE}: {err}"
             return self._once(self.error)
         if self.unavailable is not None:
             log.info("nftables table %s written: the kernel takes it now", TABLE)
-        self.written, self.unavailable, self.error = content, None, None
+        self._sets = {field: set(getattr(content, field)) for field in ELEMENT_SETS}
+        self._node = (content.cluster_cidrs, content.masquerade_all)
+        self.unavailable, self.error = None, None
         self._reported.clear()  # a failure that comes back is news again
         return [self.degraded] if self.degraded and self.degraded != was else []
+
+    def update(self, add: dict[str, set[Any]], delete: dict[str, set[Any]]) -> list[str]:
+        """Add and delete these elements (by TableContent field) in one nft transaction.
+
+        Only what differs from the table as written is sent; nothing at all
+        when nothing differs, when the kernel refuses the table, or after a
+        failure (the next `write(..., retry=True)` rewrites it whole)."""
+        if self._sets is None:
+            return []
+        sets = self._sets
+        adding = {f: v - sets[f] for f, v in add.items() if v - sets[f]}
+        deleting = {f: v & sets[f] for f, v in delete.items() if v & sets[f]}
+        if not adding and not deleting:
+            return []
+        try:
+            _nft("-f", "-", script=render_delta(adding, deleting))
+        except NftError as err:
+            self._sets = None  # nothing changed; the next periodic sync rewrites the table
+            self.error = f"nftables table {TABLE}: {err}"
+            return self._once(self.error)
+        for field, values in deleting.items():
+            sets[field] -= values
+        for field, values in adding.items():
+            sets[field] |= values
+        self.error = None
+        self._reported.clear()
+        return []
 
     def _once(self, message: str) -> list[str]:
         if message in self._reported:
