@@ -2,6 +2,15 @@
 #ifndef LBCTL_CONNTRACK_H
 #define LBCTL_CONNTRACK_H
 
+/* How long ago `then` was, as of `now`.  Another CPU may have stamped an
+ * entry after this program read the clock: then `then` is later than `now`,
+ * and plain unsigned subtraction would make a flow touched this instant look
+ * ages old (expired, its NAT port free to take, its affinity lapsed). */
+static __always_inline __u64 age_ns(__u64 now, __u64 then)
+{
+	return now > then ? now - then : 0;
+}
+
 static __always_inline __u64 ct_lifetime(const struct ct4_entry *e, __u8 proto)
 {
 	if (proto != IPPROTO_TCP)
@@ -15,7 +24,7 @@ static __always_inline __u64 ct_lifetime(const struct ct4_entry *e, __u8 proto)
 
 static __always_inline int ct_alive(const struct ct4_entry *e, __u8 proto, __u64 now)
 {
-	return now - e->last_seen_ns <= ct_lifetime(e, proto);
+	return age_ns(now, e->last_seen_ns) <= ct_lifetime(e, proto);
 }
 
 /* Refresh last_seen at most once per LBCTL_CT_REFRESH_NS, so established
@@ -29,7 +38,7 @@ static __always_inline int ct_touch(struct ct4_entry *e, const struct pkt4 *p, _
 	int refreshed = 0;
 	__u8 fin;
 
-	if (now - e->last_seen_ns > LBCTL_CT_REFRESH_NS) {
+	if (age_ns(now, e->last_seen_ns) > LBCTL_CT_REFRESH_NS) {
 		e->last_seen_ns = now;
 		refreshed = 1;
 	}

@@ -67,7 +67,7 @@ static __always_inline struct lb4_backend *lb4_choose(const struct lb_service *s
 	k.frontend_id = svc->frontend_id;
 	k.client = p->saddr;
 	a = lb4_affinity.lookup(&k);
-	if (a && now - a->last_seen_ns <= (__u64)svc->affinity_s * 1000000000ULL) {
+	if (a && age_ns(now, a->last_seen_ns) <= (__u64)svc->affinity_s * 1000000000ULL) {
 		id = a->backend_id;
 		if (lb_is_member(svc->frontend_id, id)) {
 			be = lb4_backends.lookup(&id);

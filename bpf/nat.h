@@ -128,7 +128,7 @@ static __always_inline int nat4_stale(const struct nat4_entry *e, const struct c
 	if (nk->proto != IPPROTO_TCP ||
 	    (fwd->flags & (CT_F_CLOSED | CT_F_REPLY_CLOSED_FIRST)) != CT_F_CLOSED)
 		return 0;
-	return now - fwd->last_seen_ns >
+	return age_ns(now, fwd->last_seen_ns) >
 	       (fwd->done ? LBCTL_NAT_REUSE_ACKED_NS : LBCTL_NAT_REUSE_NS);
 }
 

@@ -60,7 +60,6 @@ _F_SEEN_REPLY = _C("CT_F_SEEN_REPLY")
 _F_CLOSING = _C("CT_F_CLOSING")
 _F_CLOSED = _C("CT_F_CLOSED")
 _MASK32 = 0xFFFFFFFF
-_MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,7 +386,7 @@ def trace(view: MapView, p: Packet, now_ns: int, knobs: Knobs) -> dict[str, Any]
             t.step("affinity", f"ClientIP, {svc.affinity_s} s: no entry for {p.src} yet")
         else:
             last_seen, ident = entry
-            idle = ((now_ns - last_seen) & _MASK64) / SECOND_NS
+            idle = _age_ns(now_ns, last_seen) / SECOND_NS
             be = view.backend(ident)
             if idle > svc.affinity_s:
                 t.step(
@@ -452,14 +451,19 @@ def _empty(t: _Trace, svc: Svc, p: Packet) -> dict[str, Any]:
     return t.end("reject", "the Service has no eligible backend")
 
 
+def _age_ns(now_ns: int, then_ns: int) -> int:
+    """The programs' age_ns: a stamp later than the clock read (another CPU's) is age 0."""
+    return max(0, now_ns - then_ns)
+
+
 def _follow(
     t: _Trace, view: MapView, p: Packet, ct: Ct, now_ns: int, knobs: Knobs, proto: int
 ) -> dict[str, Any] | None:
     """A live conntrack entry whose backend is still a member keeps the flow there."""
-    idle = ((now_ns - ct.last_seen_ns) & _MASK64) / SECOND_NS
+    idle = _age_ns(now_ns, ct.last_seen_ns) / SECOND_NS
     lifetime = knobs.lifetime_ns(proto, ct.flags)
     target = f"{ct.nat_addr}:{ct.nat_port}"
-    if (now_ns - ct.last_seen_ns) & _MASK64 > lifetime:
+    if _age_ns(now_ns, ct.last_seen_ns) > lifetime:
         t.step(
             "conntrack",
             f"an entry to {target} expired (idle {idle:.0f} s > {lifetime // SECOND_NS} s): "

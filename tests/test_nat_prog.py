@@ -198,6 +198,31 @@ def test_the_sweep_spares_a_nat_port_taken_over_after_it_looked(dp: BpfDatapath)
     assert ctgc._delete_unchanged(dp.maps.nat4, key, dp.maps.nat4.lookup(key))
 
 
+def test_a_flow_stamped_by_another_cpu_a_moment_later_is_alive(dp: BpfDatapath) -> None:
+    """A CPU that read the clock before another CPU stamped a flow sees that stamp
+    in its future; unsigned subtraction made the flow look ages old, and its NAT
+    port went to a new flow while the backend still held the old connection
+    (found by the data-plane benchmark as SYNs answered with a bare ACK)."""
+    dp.configure(NodeConfig(snat_address=ip(NODE), nat_ports=(61000, 61000)))  # one port
+    dp.reconcile({fe.key: fe for fe in [frontend([BACKEND], proto=Protocol.TCP)]})
+    live = checked(run(dp, packets.ipv4_tcp(OUTSIDE, NODE, 40000, NODE_PORT, "S")))
+    checked(run(dp, packets.ipv4_tcp(BACKEND, NODE, 5353, live.sport, "SA", ack=1)))
+    forward = layout.const("CT_DIR_FORWARD")
+    ((key, entry),) = [
+        (k, v)
+        for k, v in dp.maps.ct4.items()
+        if k.dir == forward and layout.port_num(k.sport) == 40000
+    ]
+    entry.last_seen_ns = ctgc.now_ns() + 10**9  # stamped "after" the next packet's clock read
+    dp.maps.ct4.update(key, entry)
+    before = stats(dp)
+    assert run(dp, packets.ipv4_tcp(OUTSIDE, NODE, 40001, NODE_PORT, "S")).retval == TC_ACT_SHOT
+    assert stat_delta(before, stats(dp)) == {STAT_NAT_EXHAUSTED: 1}
+    # and the live flow's own packets still follow it
+    same = checked(run(dp, packets.ipv4_tcp(OUTSIDE, NODE, 40000, NODE_PORT, "A", seq=1, ack=1)))
+    assert (same.dst, same.sport) == (BACKEND, live.sport)
+
+
 def test_the_sweep_keeps_live_flows(dp: BpfDatapath) -> None:
     dp.reconcile({fe.key: fe for fe in [frontend([BACKEND])]})
     ask(dp, OUTSIDE, 40000)
