@@ -448,6 +448,14 @@ def counters(topo: Topology) -> dict[str, int]:
     return got
 
 
+def agent_cpu_s(topo: Topology) -> float:
+    """CPU seconds the variant's lbctl agent has used so far (0 without one)."""
+    if topo.agent is None:
+        return 0.0
+    fields = Path(f"/proc/{topo.agent.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def compile_loadgen(work: Path) -> Path:
     out = work / "loadgen"
     subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(HERE / "loadgen.c")], check=True)
@@ -482,6 +490,7 @@ def main() -> int:
         "sizes": {},
         "load_seconds": {},
         "lbctl_counters": {},
+        "agent_cpu": {},
     }
     with ExitStack() as stack:
         topos: dict[str, Topology] = {}
@@ -492,12 +501,24 @@ def main() -> int:
             topos[variant] = topo
         for size in sizes:
             results["load_seconds"][str(size)] = {v: load(t, size) for v, t in topos.items()}
+            cpu_before = {v: agent_cpu_s(t) for v, t in topos.items()}
+            started = time.monotonic()
             table = bench_size(topos, args.repetitions, args.seconds, loadgen)
+            wall = time.monotonic() - started
             results["sizes"][str(size)] = table
+            # the agents keep working while every variant is measured (periodic
+            # sync, conntrack sweep): their share of the machine, for the record
+            results["agent_cpu"][str(size)] = {
+                v: round((agent_cpu_s(t) - cpu_before[v]) / wall, 4)
+                for v, t in topos.items()
+                if v.startswith("lbctl")
+            }
             results["lbctl_counters"][str(size)] = {
                 v: counters(t) for v, t in topos.items() if v.startswith("lbctl")
             }
             print("\n".join(report(size, table)), flush=True)
+            share = ", ".join(f"{v} {c:.1%}" for v, c in results["agent_cpu"][str(size)].items())
+            print(f"lbctl agents' CPU while measuring, of one CPU: {share}", flush=True)
     print("\n".join(targets(results)), flush=True)
     (args.out / "dataplane.json").write_text(json.dumps(results, indent=1) + "\n")
     chart(results, args.out / "dataplane.png")

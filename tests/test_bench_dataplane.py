@@ -69,5 +69,9 @@ def test_smoke_run_balances_every_variant_and_writes_its_results(tmp_path: Path)
     assert counters["lbctl-tc"]["xdp_redirected"] == 0
     assert counters["lbctl-xdp"]["xdp_redirected"] > 0  # NodePort went through XDP
     assert counters["lbctl-tc"]["nat_exhausted"] == 0
+    # the agents' own CPU while traffic ran: recorded, and no busy loop
+    agent_cpu = results["agent_cpu"]["100"]
+    assert set(agent_cpu) == {"lbctl-tc", "lbctl-xdp"}
+    assert all(0 <= share < 0.5 for share in agent_cpu.values()), agent_cpu
     png = (tmp_path / "dataplane.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
