@@ -387,15 +387,8 @@ def render_table(report: dict[str, Any]) -> str:
     width = max(len(k) for k, _ in rows)
     parts = ["\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)]
 
-    progs = [["INTERFACE", "HOOK", "PROGRAM", "ID", "OWNER"]]
-    for iface in kernel["interfaces"]:
-        for p in iface["programs"]:
-            progs.append(
-                [iface["name"], p["hook"], p["program"] or "?", str(p["id"] or "?"), p["owner"]]
-            )
-        if not iface["programs"]:
-            progs.append([iface["name"], "-", "(no program)", "-", "-"])
-    parts.append(columns(progs) if len(progs) > 1 else "INTERFACES  none but lo")
+    if not ipvs_mode(doc, kernel):  # IPVS attaches no programs: the table would say nothing
+        parts.append(_program_table(kernel["interfaces"]))
     hooks = [["SOCKET HOOK", "PROGRAM", "ID", "CGROUP ID"]]
     hooks += [
         [h["hook"], h["program"], str(h["id"]), str(h["cgroupId"])] for h in kernel["socketHooks"]
@@ -414,6 +407,19 @@ def render_table(report: dict[str, Any]) -> str:
     verdict_lines += [f"  warning: {w}" for w in result["warnings"]]
     parts.append("\n".join(verdict_lines))
     return "\n\n".join(parts) + "\n"
+
+
+def _program_table(interfaces: list[dict[str, Any]]) -> str:
+    """Each interface's tc and XDP programs, one row each."""
+    progs = [["INTERFACE", "HOOK", "PROGRAM", "ID", "OWNER"]]
+    for iface in interfaces:
+        for p in iface["programs"]:
+            progs.append(
+                [iface["name"], p["hook"], p["program"] or "?", str(p["id"] or "?"), p["owner"]]
+            )
+        if not iface["programs"]:
+            progs.append([iface["name"], "-", "(no program)", "-", "-"])
+    return columns(progs) if len(progs) > 1 else "INTERFACES  none but lo"
 
 
 def _ipvs_rows(held: dict[str, Any] | None, doc: dict[str, Any] | None) -> list[tuple[str, str]]:

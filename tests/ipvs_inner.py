@@ -264,6 +264,9 @@ def test_status_shows_the_mode_and_why(env: Env) -> None:
     head = text.split("\n\n")[0]
     fields = dict(re.match(r"([A-Z][A-Z ]*?) {2,}(.*)", ln).groups() for ln in head.splitlines())
     assert "PINNED MAPS" not in fields, text
+    # nor the interface/program table: IPVS attaches no programs, every row would say none
+    assert "INTERFACE" not in text and "(no program)" not in text, text
+    assert "INTERFACES" not in text, text
     held = env.dump()
     reals = sum(len(vs["backends"]) for vs in held["virtual_services"])
     assert (
