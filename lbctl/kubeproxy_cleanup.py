@@ -36,6 +36,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lbctl.output import counted
+
 TABLES = ("nat", "filter", "mangle")
 # The fixed chains kube-proxy has created, by table, in its iptables and
 # IPVS modes over the releases (older names included: a node may have run one).
@@ -424,23 +426,19 @@ class Report:
     errors: list[str] = dataclasses.field(default_factory=list)
 
 
-def _count(n: int, what: str) -> str:
-    return f"{n} {what}" if n == 1 else f"{n} {what}s"
-
-
 def _removed(result: TableResult) -> str:
     """ "removed N chains (names) and M rules jumping to them from CHAINS"."""
     fixed = [c for c in result.chains if not c.startswith(SERVICE_CHAIN_PREFIXES)]
     kinds = sorted({c.split("-")[1] for c in result.chains if c not in fixed})
     names = fixed + [
-        f"{_count(len(result.chains) - len(fixed), 'per-service chain')} "
+        f"{counted(len(result.chains) - len(fixed), 'per-service chain')} "
         f"{', '.join(f'KUBE-{k}-*' for k in kinds)}"
     ] * bool(kinds)
-    text = f"removed {_count(len(result.chains), 'chain')} ({', '.join(names)})"
+    text = f"removed {counted(len(result.chains), 'chain')} ({', '.join(names)})"
     if result.jumps:
         sources = sorted({chain for chain, _ in result.jumps})
         text += (
-            f" and {_count(len(result.jumps), 'rule')} jumping to them from {', '.join(sources)}"
+            f" and {counted(len(result.jumps), 'rule')} jumping to them from {', '.join(sources)}"
         )
     return text
 
@@ -499,11 +497,13 @@ def cleanup(node_port_range: tuple[int, int] = NODE_PORT_RANGE) -> Report:
             )
         else:
             removed = ", ".join(map(str, ipvs.removed)) or "none"
-            report.lines.append(f"IPVS: removed {len(ipvs.removed)} virtual services: {removed}")
+            report.lines.append(
+                f"IPVS: removed {counted(len(ipvs.removed), 'virtual service')}: {removed}"
+            )
             if ipvs.kept:
                 report.lines.append(
-                    f"IPVS: kept {len(ipvs.kept)} virtual services that are not kube-proxy's: "
-                    + ", ".join(map(str, ipvs.kept))
+                    f"IPVS: kept {counted(len(ipvs.kept), 'virtual service')} that are not "
+                    "kube-proxy's: " + ", ".join(map(str, ipvs.kept))
                 )
         report.lines.append(f"{IPVS_LINK}: {ipvs.link}")
     return report

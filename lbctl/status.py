@@ -29,7 +29,7 @@ from typing import Any
 from lbctl.config import parse_bind_address
 from lbctl.datapath import nftables
 from lbctl.datapath.maps import MAP_TYPES
-from lbctl.output import columns
+from lbctl.output import columns, counted
 from lbctl.output import render as output_render
 
 OK, FAILED, USAGE, AGENT_DOWN, UNHEALTHY, NO_DATAPATH = 0, 1, 2, 3, 4, 5
@@ -264,8 +264,11 @@ def verdict(agent: dict[str, Any], kernel: dict[str, Any]) -> dict[str, Any]:
     if maps.get("bpffsError"):
         problems.append((NO_DATAPATH, f"datapath: {maps['bpffsError']}"))
     elif maps["missing"]:
+        missing = len(maps["missing"])
         what = (
-            "no lbctl maps are" if not maps["present"] else f"{len(maps['missing'])} maps are not"
+            "no lbctl maps are"
+            if not maps["present"]
+            else f"{counted(missing, 'map')} {'is' if missing == 1 else 'are'} not"
         )
         problems.append((NO_DATAPATH, f"datapath: {what} pinned under {maps['directory']}"))
     carrying = {i["name"] for i in kernel["interfaces"] if _ours(i, "tc ingress")}
@@ -289,7 +292,8 @@ def verdict(agent: dict[str, Any], kernel: dict[str, Any]) -> dict[str, Any]:
         failing = doc.get("errors", {}).get("current", [])
         if failing:
             warnings.append(
-                f"{len(failing)} errors in the agent's last attempt, retried (see ERRORS)"
+                f"{counted(len(failing), 'error')} in the agent's last attempt, retried "
+                "(see ERRORS)"
             )
     code = min((c for c, _ in problems), default=OK)
     return {
@@ -329,13 +333,15 @@ def _sync_line(record: dict[str, Any] | None, now: str | None) -> str:
     duration = f"{took * 1000:.2f} ms" if took < 1 else f"{took:.2f} s"
     line = f"{record['time']}{_ago(record['time'], now)}: {record['what']}, {record['result']}"
     return (
-        line + f", {duration}" + (f" ({len(record['errors'])} errors)" if record["errors"] else "")
+        line
+        + f", {duration}"
+        + (f" ({counted(len(record['errors']), 'error')})" if record["errors"] else "")
     )
 
 
 def _counts(counts: dict[str, int]) -> str:
     def n(key: str, what: str) -> str:
-        return f"{counts[key]} {what}{'' if counts[key] == 1 else 's'}"
+        return counted(counts[key], what)
 
     text = f"{n('services', 'service')}, {n('frontends', 'frontend')}, "
     return text + f"{n('backends', 'backend')} ({n('backendSlots', 'backend slot')})"
@@ -379,23 +385,16 @@ def render_table(report: dict[str, Any]) -> str:
                 (
                     "IPVS",
                     held.get("error")
-                    or f"{held['virtualServices']} virtual services, {held['realServers']} real "
-                    f"servers, {held['linkAddresses']} addresses on lbctl-ipvs0, nftables table "
-                    f"{'present' if held['nftablesTable'] else 'ABSENT'}",
+                    or f"{_ipvs_counts(held)}, "
+                    f"{counted(held['linkAddresses'], 'address', 'addresses')} on lbctl-ipvs0, "
+                    f"nftables table {'present' if held['nftablesTable'] else 'ABSENT'}",
                 )
             )
     width = max(len(k) for k, _ in rows)
     parts = ["\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)]
 
-    progs = [["INTERFACE", "HOOK", "PROGRAM", "ID", "OWNER"]]
-    for iface in kernel["interfaces"]:
-        for p in iface["programs"]:
-            progs.append(
-                [iface["name"], p["hook"], p["program"] or "?", str(p["id"] or "?"), p["owner"]]
-            )
-        if not iface["programs"]:
-            progs.append([iface["name"], "-", "(no program)", "-", "-"])
-    parts.append(columns(progs) if len(progs) > 1 else "INTERFACES  none but lo")
+    if not ipvs_mode(doc, kernel):  # IPVS attaches no programs: the table would say nothing
+        parts.append(_program_table(kernel["interfaces"]))
     hooks = [["SOCKET HOOK", "PROGRAM", "ID", "CGROUP ID"]]
     hooks += [
         [h["hook"], h["program"], str(h["id"]), str(h["cgroupId"])] for h in kernel["socketHooks"]
@@ -416,6 +415,26 @@ def render_table(report: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _program_table(interfaces: list[dict[str, Any]]) -> str:
+    """Each interface's tc and XDP programs, one row each."""
+    progs = [["INTERFACE", "HOOK", "PROGRAM", "ID", "OWNER"]]
+    for iface in interfaces:
+        for p in iface["programs"]:
+            progs.append(
+                [iface["name"], p["hook"], p["program"] or "?", str(p["id"] or "?"), p["owner"]]
+            )
+        if not iface["programs"]:
+            progs.append([iface["name"], "-", "(no program)", "-", "-"])
+    return columns(progs) if len(progs) > 1 else "INTERFACES  none but lo"
+
+
+def _ipvs_counts(held: dict[str, Any]) -> str:
+    return (
+        f"{counted(held['virtualServices'], 'virtual service')}, "
+        f"{counted(held['realServers'], 'real server')}"
+    )
+
+
 def _ipvs_rows(held: dict[str, Any] | None, doc: dict[str, Any] | None) -> list[tuple[str, str]]:
     """The IPVS fallback's side of the kernel: virtual services, the link, the table."""
     if held is None:
@@ -424,10 +443,12 @@ def _ipvs_rows(held: dict[str, Any] | None, doc: dict[str, Any] | None) -> list[
         return [("IPVS", f"unreadable: {held['error']}")]
     link = held["link"]
     rows = [
-        ("IPVS", f"{held['virtualServices']} virtual services, {held['realServers']} real servers"),
+        ("IPVS", _ipvs_counts(held)),
         (
             "IPVS LINK",
-            f"{link}, {held['linkAddresses']} addresses" if held["present"] else f"{link} ABSENT",
+            f"{link}, {counted(held['linkAddresses'], 'address', 'addresses')}"
+            if held["present"]
+            else f"{link} ABSENT",
         ),
     ]
     nft = (doc or {}).get("datapath", {}).get("nftables")

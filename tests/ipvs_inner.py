@@ -264,10 +264,15 @@ def test_status_shows_the_mode_and_why(env: Env) -> None:
     head = text.split("\n\n")[0]
     fields = dict(re.match(r"([A-Z][A-Z ]*?) {2,}(.*)", ln).groups() for ln in head.splitlines())
     assert "PINNED MAPS" not in fields, text
+    # nor the interface/program table: IPVS attaches no programs, every row would say none
+    assert "INTERFACE" not in text and "(no program)" not in text, text
+    assert "INTERFACES" not in text, text
     held = env.dump()
     reals = sum(len(vs["backends"]) for vs in held["virtual_services"])
-    assert (
-        fields["IPVS"] == f"{len(held['virtual_services'])} virtual services, {reals} real servers"
+    services = len(held["virtual_services"])
+    assert fields["IPVS"] == (
+        f"{services} virtual service{'s' * (services != 1)}, "
+        f"{reals} real server{'s' * (reals != 1)}"
     )
     addresses = len(held["link"]["addresses"])
     assert addresses >= 4 and fields["IPVS LINK"] == f"lbctl-ipvs0, {addresses} addresses"
@@ -528,7 +533,7 @@ def test_cleanup_removes_lbctls_virtual_services_and_nodeports_without_the_table
                 node.run("ipvsadm", "-A", "-t", vs, "-s", "rr")
             out = lbctl("cleanup", "--bpffs", str(pin), node=node)
             assert (
-                "removed 1 IPVS virtual services on the addresses of lbctl-ipvs0: "
+                "removed 1 IPVS virtual service on the addresses of lbctl-ipvs0: "
                 "TCP 10.96.2.10:80\n" in out.stdout
             ), out.stdout
             assert (

@@ -51,13 +51,14 @@ def node(tmp_path: Path) -> Iterator[Netns]:
 
 
 def run_to_exit(
-    node: Netns, tmp: Path, pin_dir: Path, mode: str, capsh: bool
+    node: Netns, tmp: Path, pin_dir: Path, mode: str, capsh: bool, drop: str = DROP
 ) -> subprocess.CompletedProcess[str]:
-    """`lbctl run --mode MODE` that is expected to exit by itself (bounded by a timeout)."""
+    """`lbctl run --mode MODE` that is expected to exit by itself (bounded by a timeout);
+    capsh: under `capsh DROP`, without those capabilities."""
     run = [LBCTL, "run", "--mode", mode, "--manifests", str(tmp / "m")]
     run += ["--cgroup", "", "--bpffs", str(pin_dir)]
     if capsh:
-        run = ["capsh", DROP, "--", "-c", "exec " + shlex.join(run)]
+        run = ["capsh", drop, "--", "-c", "exec " + shlex.join(run)]
     return subprocess.run(
         ["nsenter", f"--net={node.path}", *run],
         capture_output=True,
@@ -105,6 +106,27 @@ def test_auto_without_bpf_and_without_ipvs_exits_naming_both(
         f"{EPERM}), and the IPVS fallback (chosen by --mode auto) is unavailable: {NO_IPVS}"
     ), done.stderr
     assert not pin_dir.exists(), "nothing pinned by an agent that did not start"
+
+
+def test_auto_without_cap_net_admin_names_it_and_does_not_pick_ebpf(
+    node: Netns, tmp_path: Path, pin_dir: Path
+) -> None:
+    # CAP_SYS_ADMIN stays, so bpf() and the program loads succeed; only making the
+    # probe veth (and attaching anything) is refused with EPERM by the kernel.
+    done = run_to_exit(node, tmp_path, pin_dir, "auto", capsh=True, drop="--drop=cap_net_admin")
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    refused = (
+        f"attaching: creating the probe veth {probe.PROBE_LINK} was not permitted (EPERM): "
+        "this process lacks CAP_NET_ADMIN, which the agent needs to add clsact qdiscs and "
+        "cls_bpf filters (grant it, as deploy/daemonset.yaml does)"
+    )
+    assert last == (
+        f"lbctl run: no datapath can run: the eBPF datapath cannot run (BPF feature missing: "
+        f"{refused}), and the IPVS fallback (chosen by --mode auto) is unavailable: {NO_IPVS}"
+    ), done.stderr
+    assert "datapath ebpf" not in done.stderr, "auto must not claim the eBPF datapath works"
+    assert probe.PROBE_LINK not in node.ip("link", "show").stdout
 
 
 def test_ebpf_without_bpf_capabilities_fails_with_the_fix(

@@ -50,6 +50,7 @@ from lbctl.datapath.contributions import (
     vs_key,
 )
 from lbctl.datapath.nodeconf import NodeConfig
+from lbctl.output import counted
 from lbctl.plan import (
     NODE_PORT,
     Frontend,
@@ -595,13 +596,14 @@ def cleanup(node_port_range: tuple[int, int] | None = None) -> list[str]:
                 if reason in removed:
                     gone = sorted(removed[reason])
                     said.append(
-                        f"removed {len(gone)} IPVS virtual services {reason}: {', '.join(gone)}"
+                        f"removed {counted(len(gone), 'IPVS virtual service')} {reason}: "
+                        + ", ".join(gone)
                     )
             if not removed:
                 said.append("removed IPVS virtual services: none")
             if kept:
                 said.append(
-                    f"kept {len(kept)} IPVS virtual services that are not lbctl's: "
+                    f"kept {counted(len(kept), 'IPVS virtual service')} that are not lbctl's: "
                     + ", ".join(sorted(kept))
                 )
         finally:

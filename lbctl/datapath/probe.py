@@ -12,7 +12,9 @@ the first thing missing, naming it and what the kernel answered:
    the verifier says "invalid func" or "unknown func" for a helper the
    kernel lacks (bpftool's method);
 5. attaching: a clsact qdisc and a cls_bpf filter on a veth pair made for the
-   probe in the agent's namespace and deleted right after.
+   probe in the agent's namespace and deleted right after.  A refusal to make
+   the veth (EPERM) is a missing CAP_NET_ADMIN (read from CapEff), not a
+   kernel without veth: nothing could be attached, so the check fails.
 
 The last check is the real one: compiling and loading lbctl's programs
 (BpfDatapath.load), which the CLI does next and which falls back too when
@@ -207,7 +209,9 @@ def probe_attach() -> str | None:
         with IPRoute() as ipr:
             try:
                 ipr.link("add", ifname=PROBE_LINK, kind="veth", peer="lbctl-probe1")
-            except NetlinkError:
+            except NetlinkError as err2:
+                if err2.code == errno.EPERM:
+                    return _attach_refused()
                 return None  # no veth here: attaching to the real interfaces will tell
             try:
                 index = ipr.link_lookup(ifname=PROBE_LINK)[0]
@@ -233,6 +237,23 @@ def probe_attach() -> str | None:
     finally:
         os.close(fd)
     return None
+
+
+def _attach_refused() -> str:
+    """Creating the probe veth was refused (EPERM): the capability this process lacks."""
+    from lbctl.datapath.bpf import missing_capabilities
+
+    if "CAP_NET_ADMIN" in missing_capabilities():
+        why = (
+            "this process lacks CAP_NET_ADMIN, which the agent needs to add clsact qdiscs "
+            "and cls_bpf filters (grant it, as deploy/daemonset.yaml does)"
+        )
+    else:
+        why = (
+            "this process holds CAP_NET_ADMIN, so something else (a security module, "
+            "seccomp) refuses"
+        )
+    return f"attaching: creating the probe veth {PROBE_LINK} was not permitted (EPERM): {why}"
 
 
 def probe_ipvs() -> Probe:
