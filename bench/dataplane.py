@@ -43,7 +43,7 @@ baseline ("x base") is the median over repetitions of the ratio to the
 baseline's run of the same repetition: the two ran close together, so slow
 swings of this shared machine's load cancel, and the spread of those ratios
 is the noise the verdict on the targets allows for.  Results are printed and
-written to bench/results/ as JSON and PNG (bench/dataplane_report.py).
+written to bench/results/ as JSON, text and PNG (bench/dataplane_report.py).
 """
 
 from __future__ import annotations
@@ -468,7 +468,7 @@ def main() -> int:
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0, help="length of one run")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where JSON and PNG go")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON, text and PNG go")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if sizes != sorted(sizes) or sizes[0] < 1:
@@ -479,9 +479,17 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     loadgen = compile_loadgen(work)
     info = machine()
-    print(f"machine: {info['cpus']} CPUs ({info['cpu']}), kernel {info['kernel']}")
-    print(f"{info['nginx']}; {info['iptables']}; {info['nft']}")
-    print(f"median of {args.repetitions} runs of {args.seconds} s, variants alternating")
+    text: list[str] = []
+
+    def say(*lines: str) -> None:
+        print("\n".join(lines), flush=True)
+        text.extend(lines)
+
+    say(
+        f"machine: {info['cpus']} CPUs ({info['cpu']}), kernel {info['kernel']}",
+        f"{info['nginx']}; {info['iptables']}; {info['nft']}",
+        f"median of {args.repetitions} runs of {args.seconds} s, variants alternating",
+    )
     results: dict[str, Any] = {
         "machine": info,
         "repetitions": args.repetitions,
@@ -516,13 +524,14 @@ def main() -> int:
             results["lbctl_counters"][str(size)] = {
                 v: counters(t) for v, t in topos.items() if v.startswith("lbctl")
             }
-            print("\n".join(report(size, table)), flush=True)
+            say(*report(size, table))
             share = ", ".join(f"{v} {c:.1%}" for v, c in results["agent_cpu"][str(size)].items())
-            print(f"lbctl agents' CPU while measuring, of one CPU: {share}", flush=True)
-    print("\n".join(targets(results)), flush=True)
+            say(f"lbctl agents' CPU while measuring, of one CPU: {share}")
+    say(*targets(results))
+    (args.out / "dataplane.txt").write_text("\n".join(text) + "\n")
     (args.out / "dataplane.json").write_text(json.dumps(results, indent=1) + "\n")
     chart(results, args.out / "dataplane.png")
-    print(f"results: {args.out / 'dataplane.json'}, {args.out / 'dataplane.png'}")
+    print(f"results: {args.out / 'dataplane.json'}, .txt and .png")
     return 0
 
 

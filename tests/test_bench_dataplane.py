@@ -46,6 +46,7 @@ def test_smoke_run_balances_every_variant_and_writes_its_results(tmp_path: Path)
         ["100", "nodeport", "lbctl-tc"],
         ["100", "nodeport", "lbctl-xdp"],
     ], verdicts
+    assert (tmp_path / "dataplane.txt").read_text() in done.stdout  # the printed report, kept
     results = json.loads((tmp_path / "dataplane.json").read_text())
     table = results["sizes"]["100"]
     for scenario, variants in [
