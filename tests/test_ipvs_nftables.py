@@ -368,22 +368,29 @@ def full_rewrite_sets(lab: Lab, frontends: dict[Any, Frontend], conf: NodeConfig
         return nftables.read()
 
 
-def test_an_endpoint_change_is_one_transaction_of_element_deltas(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    conf = NodeConfig(cluster_cidrs=(ipaddress.IPv4Network(CLUSTER_CIDR),))
-    pods = ["10.244.1.1", "10.244.1.2"]
+INCREMENTAL_CONF = NodeConfig(cluster_cidrs=(ipaddress.IPv4Network(CLUSTER_CIDR),))
+
+
+def first_sync(tmp_path: Path, node: Netns, pods: list[str]) -> tuple[ManifestPlans, TableSync]:
+    """As the agent's first sync: node settings, then the whole plan, written whole."""
     incremental_manifests(tmp_path, pods, {})
     plans = ManifestPlans(tmp_path, (NODE_IP,))
     plans.step()
+    sync = TableSync()
+    with node.entered():
+        assert sync.configure(INCREMENTAL_CONF) == []
+        sync.reset(plans.frontends())
+        assert sync.rewrite() == []
+    return plans, sync
+
+
+def test_an_endpoint_change_is_one_transaction_of_element_deltas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pods = ["10.244.1.1", "10.244.1.2"]
     with Lab() as lab:
         node = lab.netns("incr")
-        sync = TableSync()
-        with node.entered():
-            # as the agent's first sync: node settings, then the whole plan, written whole
-            assert sync.configure(conf) == []
-            sync.reset(plans.frontends())
-            assert sync.rewrite() == []
+        plans, sync = first_sync(tmp_path, node, pods)
         calls = NftCalls(monkeypatch)
 
         def change(web: list[str], conditions: dict[str, Any] | None = None) -> list[str]:
@@ -452,24 +459,16 @@ def test_an_endpoint_change_is_one_transaction_of_element_deltas(
         # after all these, the table is what a full rewrite of the same plan gives
         with node.entered():
             incremental = nftables.read()
-        assert incremental == full_rewrite_sets(lab, plans.frontends(), conf)
-        assert sync.nft.written == ipvs.table_content(plans.frontends(), conf)
+        assert incremental == full_rewrite_sets(lab, plans.frontends(), INCREMENTAL_CONF)
+        assert sync.nft.written == ipvs.table_content(plans.frontends(), INCREMENTAL_CONF)
 
 
 def test_a_refused_element_update_waits_for_the_full_rewrite(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    conf = NodeConfig(cluster_cidrs=(ipaddress.IPv4Network(CLUSTER_CIDR),))
-    incremental_manifests(tmp_path, ["10.244.1.1"], {})
-    plans = ManifestPlans(tmp_path, (NODE_IP,))
-    plans.step()
     with Lab() as lab:
         node = lab.netns("refused")
-        sync = TableSync()
-        with node.entered():
-            assert sync.configure(conf) == []
-            sync.reset(plans.frontends())
-            assert sync.rewrite() == []
+        plans, sync = first_sync(tmp_path, node, ["10.244.1.1"])
         calls = NftCalls(monkeypatch)
         node.run("nft", "delete", "table", "ip", nftables.TABLE)  # drift: gone by hand
 
@@ -490,5 +489,5 @@ def test_a_refused_element_update_waits_for_the_full_rewrite(
             (script,) = calls.take()
             healed = nftables.read()
         assert "delete table ip lbctl_ipvs" in script, "rewritten whole"
-        assert healed == full_rewrite_sets(lab, plans.frontends(), conf)
+        assert healed == full_rewrite_sets(lab, plans.frontends(), INCREMENTAL_CONF)
         assert sync.nft.state()["error"] is None
