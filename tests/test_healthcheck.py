@@ -113,6 +113,8 @@ def test_answers_follow_the_local_endpoints(env: Env) -> None:
     # a new port: the old one closes; the Service turning Cluster closes it all
     local_web(env, ["a0"], port=HC_PORT + 1)
     wait_for(lambda: refused(env.world.client, HC_PORT), "the old port closed")
+    # the new port opens just after the old one closes: wait for it, then ask
+    wait_for(lambda: not refused(env.world.client, HC_PORT + 1), "the new port open")
     assert probe(env.world.client, HC_PORT + 1)[0] == 200
     svc = load_balancer("web", "10.96.0.50", [30080, 30081])
     env.write("web", svc, env.slice("web", ["a0"]))
