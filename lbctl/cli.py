@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser(
         "status",
-        help="is the agent up and healthy, and which programs and maps the kernel holds",
+        help="is the agent up and healthy, its mode, and what the kernel holds of its datapath",
         description="Show the agent's mode and why, its source, last sync and its result, "
         "counts and errors (from its /statusz on --address), and what the kernel holds: "
         "the BPF programs on each interface of this network namespace (tc, XDP), the socket "
@@ -238,7 +238,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cleanup = sub.add_parser(
         "cleanup",
-        help="detach lbctl's programs from this namespace's interfaces and remove its pins",
+        help="remove lbctl's datapath from this namespace (programs and pins, or IPVS mode's)",
         description="Without --kube-proxy: detach lbctl's programs from this network "
         "namespace's interfaces and cgroup and remove its pinned maps, and what its IPVS mode "
         "made (its virtual services, lbctl-ipvs0, its nftables table). With --kube-proxy: "
