@@ -19,13 +19,12 @@ absent; when several hold, the lowest.
 from __future__ import annotations
 
 import datetime
-import http.client
-import json
 import struct
 import sys
 from pathlib import Path
 from typing import Any
 
+from lbctl.agentclient import get_json
 from lbctl.config import parse_bind_address
 from lbctl.datapath import nftables
 from lbctl.datapath.maps import MAP_TYPES
@@ -54,23 +53,7 @@ def fetch(address: str, timeout: float) -> dict[str, Any]:
     parsed = parse_bind_address(address)
     if parsed is None:
         raise ValueError("--address is empty; give the agent's health address as HOST:PORT")
-    conn = http.client.HTTPConnection(*parsed, timeout=timeout)
-    try:
-        conn.request("GET", "/statusz")
-        resp = conn.getresponse()
-        body = resp.read()
-    except (OSError, http.client.HTTPException) as err:
-        raise OSError(getattr(err, "strerror", None) or str(err) or type(err).__name__) from err
-    finally:
-        conn.close()
-    if resp.status == 404:
-        raise OSError(f"{address} answers but has no /statusz (an lbctl older than this one?)")
-    if resp.status != 200:
-        raise OSError(f"{address} answered /statusz with HTTP {resp.status}")
-    try:
-        doc: dict[str, Any] = json.loads(body)
-    except ValueError as err:
-        raise OSError(f"{address} answered /statusz with something that is not JSON") from err
+    doc: dict[str, Any] = get_json(address, parsed, "/statusz", timeout)
     return doc
 
 

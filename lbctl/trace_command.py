@@ -3,14 +3,13 @@ lbctl.trace, the exit code, and the output (table, JSON, YAML)."""
 
 from __future__ import annotations
 
-import http.client
 import ipaddress
-import json
 import sys
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from lbctl.agentclient import get_json
 from lbctl.config import parse_bind_address
 from lbctl.datapath.maps import Maps
 from lbctl.datapath.view import MapView, Packet
@@ -30,23 +29,7 @@ def fetch_plan(address: str, p: Packet, timeout: float) -> dict[str, Any]:
     query = urllib.parse.urlencode(
         {"address": str(p.dst), "port": p.dport, "protocol": p.protocol.name}
     )
-    conn = http.client.HTTPConnection(*parsed, timeout=timeout)
-    try:
-        conn.request("GET", f"/tracez?{query}")
-        resp = conn.getresponse()
-        body = resp.read()
-    except (OSError, http.client.HTTPException) as err:
-        raise OSError(getattr(err, "strerror", None) or str(err) or type(err).__name__) from err
-    finally:
-        conn.close()
-    if resp.status == 404:
-        raise OSError(f"{address} answers but has no /tracez (an lbctl older than this one?)")
-    if resp.status != 200:
-        raise OSError(f"{address} answered /tracez with HTTP {resp.status}: {body.decode()[:200]}")
-    try:
-        doc: dict[str, Any] = json.loads(body)
-    except ValueError as err:
-        raise OSError(f"{address} answered /tracez with something that is not JSON") from err
+    doc: dict[str, Any] = get_json(address, parsed, f"/tracez?{query}", timeout)
     return doc
 
 
