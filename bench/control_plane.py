@@ -35,6 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import machine
 from tests.apiserver import FakeApiServer
 from tests.kubeproxy_rules import ServicePort, iptables_rules, iptables_service_rewrite
 from tests.netlab import Netns
@@ -223,15 +224,8 @@ def main() -> int:
     args = parser.parse_args()
     work = Path("/tmp") / f"lbctl-bench-{os.getpid()}"
     work.mkdir(exist_ok=True)
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "?",
-    )
-    print(f"machine: {os.cpu_count()} CPUs ({cpu}), kernel {platform.release()}, Python "
+    info = machine()
+    print(f"machine: {info['cpus']} CPUs ({info['cpu']}), kernel {info['kernel']}, Python "
           f"{platform.python_version()}")  # fmt: skip
     print(f"{ENDPOINTS} endpoints per service; latency over {args.changes} EndpointSlice changes")
     version = subprocess.run(["iptables", "--version"], capture_output=True, text=True)

@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -76,6 +75,7 @@ from bench.dataplane_report import (
     summarize,
     targets,
 )
+from bench.machine import machine
 from tests import k8s_yaml, netlab
 from tests.kubeproxy_rules import (
     ServicePort,
@@ -415,19 +415,10 @@ def bench_size(
 # -- reporting --------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "?",
-    )
+def versions() -> dict[str, Any]:
+    """The machine, and the versions of what the variants run."""
     return {
-        "cpus": os.cpu_count(),
-        "cpu": cpu,
-        "kernel": platform.release(),
+        **machine(),
         "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
         "iptables": subprocess.run(
             ["iptables-legacy", "--version"], capture_output=True, text=True
@@ -478,7 +469,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     loadgen = compile_loadgen(work)
-    info = machine()
+    info = versions()
     text: list[str] = []
 
     def say(*lines: str) -> None:

@@ -65,7 +65,6 @@ import ipaddress
 import itertools
 import json
 import os
-import platform
 import statistics
 import struct
 import subprocess
@@ -80,6 +79,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import machine
 from lbctl.datapath import layout, libbpf
 from lbctl.datapath.bpf import BpfDatapath
 from lbctl.datapath.maps import MAP_TYPES
@@ -607,18 +607,6 @@ def measure(
 
 
 # -- reporting --------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "?",
-    )
-    return {"cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release()}
 
 
 def flatness(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
