@@ -143,4 +143,27 @@ static __always_inline int ct4_create(const struct pkt4 *p, const struct lb4_bac
 	return CT_CREATED;
 }
 
+/* Put back the reverse entry of the flow fwd (of client packet p) that a
+ * direct flow took over (CT_RETIRED_REPLY): this flow speaks again. */
+static __always_inline void ct4_restore_reverse(struct ct4_entry *fwd, const struct pkt4 *p)
+{
+	struct ct4_key k = {};
+	struct ct4_entry e = *fwd;
+
+	fwd->retired = 0;
+	k.saddr = fwd->nat_addr;
+	k.daddr = p->saddr;
+	k.sport = fwd->nat_port;
+	k.dport = p->sport;
+	k.proto = p->proto;
+	k.dir = CT_DIR_REVERSE;
+	e.nat_addr = p->daddr;
+	e.nat_port = p->dport;
+	e.snat_addr = 0;
+	e.snat_port = 0;
+	e.open = 0;
+	e.retired = 0;
+	ct4.update(&k, &e);
+}
+
 #endif /* LBCTL_CONNTRACK_H */

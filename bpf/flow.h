@@ -25,6 +25,9 @@
 #define FLOW_REJECT 6  /* a new flow to a frontend without backends */
 #define FLOW_RACED 7   /* commit only: another CPU recorded this new flow first;
 			* the translation is now that flow's */
+#define FLOW_RETIRE 8  /* not a balanced flow, but a balanced flow holds its reply
+			* tuple: pass it, and retire that flow's reverse (or NAT)
+			* entry (flow4_retire) so its replies stay untouched */
 
 struct flow4 {
 	/* The tuple after translation. */
@@ -44,12 +47,56 @@ struct flow4 {
 				 * flow's forward entry; NEW: the expired or stale
 				 * entry the flow replaces, if any */
 	struct lb4_backend *be; /* NEW: the chosen backend */
+	/* What flow4_retire() removes. */
+	struct ct4_key retire;  /* RETIRE: the reverse entry (in ct4) or the NAT
+				 * binding (in nat4) holding the reply tuple */
+	__u8 retire_nat;        /* RETIRE: the entry is in nat4 */
 };
 
 static __always_inline int is_new_tcp(const struct pkt4 *p)
 {
 	return p->proto == IPPROTO_TCP &&
 	       (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+}
+
+static __always_inline int is_syn_ack(const struct pkt4 *p)
+{
+	return p->proto == IPPROTO_TCP &&
+	       (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == (TCP_FLAG_SYN | TCP_FLAG_ACK);
+}
+
+/* Tuple clashes: a client that reaches a backend through a Service and also
+ * straight at the backend's own address (a StatefulSet behind a headless and
+ * a normal Service, Prometheus scraping pods) may reuse a source port:
+ *   balanced: client:p -> VIP:80, replies backend:8080 -> client:p
+ *   direct:   client:p -> backend:8080, replies backend:8080 -> client:p
+ * The replies are the same tuple, and the balanced flow's reverse entry would
+ * rewrite the direct flow's replies to come from the VIP.  Netfilter keeps
+ * the two apart by tracking every flow; lbctl tracks only balanced ones, so
+ * it lets the direct flow take the tuple over (flow4_retire) when the
+ * balanced flow cannot need it any more:
+ *   - a TCP SYN of the direct flow, seen here, takes over from a balanced
+ *     flow that is closing (a FIN or RST passed) or dead; an open balanced
+ *     connection keeps the tuple (the backend itself would answer the SYN
+ *     with that connection's ACK, not a SYN-ACK);
+ *   - a SYN-ACK from the backend is never part of a closing balanced flow:
+ *     it answers a direct SYN this node did not see (the node's own
+ *     sockets), and takes the tuple over too;
+ *   - UDP has no end: the newest sender owns the reply tuple.  A direct
+ *     datagram takes it; the balanced flow's next datagram takes it back
+ *     (CT_RETIRED_REPLY), so a socket that talks to both keeps working,
+ *     each reply going to whoever spoke last.
+ * A TCP flow that was retired gets its reverse entry back when a SYN to the
+ * VIP restarts it. */
+static __always_inline int flow4_retire_entry(const struct ct4_key *k, struct ct4_entry *fwd,
+					      int nat, struct flow4 *x)
+{
+	x->retire = *k;
+	x->retire_nat = nat;
+	x->ct = nat ? NULL : fwd; /* NAT bindings are not put back: see nat4_held */
+	x->frontend_id = 0;
+	x->stat = LB_STAT_PASS;
+	return FLOW_RETIRE;
 }
 
 /* The translation of a forward packet of the flow ct. */
@@ -121,7 +168,8 @@ static __always_inline int reply_matches(const struct ct4_entry *fwd, const stru
 }
 
 /* A reply of a masqueraded flow: back to the client, from the VIP. */
-static __always_inline int flow4_reply_snat(const struct pkt4 *p, __u64 now, struct flow4 *x)
+static __always_inline int flow4_reply_snat(const struct pkt4 *p, __u64 now, struct flow4 *x,
+					    int direct)
 {
 	struct ct4_key k = {};
 	struct nat4_entry *nat;
@@ -136,6 +184,8 @@ static __always_inline int flow4_reply_snat(const struct pkt4 *p, __u64 now, str
 		return FLOW_PASS;
 	if (!reply_matches(fwd, p, now))
 		return FLOW_PASS;
+	if (is_syn_ack(p) && (fwd->flags & CT_F_CLOSING))
+		return direct ? flow4_retire_entry(&k, fwd, 1, x) : FLOW_PASS;
 	x->saddr = nat->vip;
 	x->sport = nat->vport;
 	x->daddr = nat->client_addr;
@@ -151,13 +201,13 @@ static __always_inline int flow4_reply_snat(const struct pkt4 *p, __u64 now, str
 
 /* A reply from a backend: the VIP becomes its source again. */
 static __always_inline int flow4_reply(const struct pkt4 *p, const struct lb4_config *cfg,
-				       __u64 now, struct flow4 *x)
+				       __u64 now, struct flow4 *x, int direct)
 {
 	struct ct4_key k = {};
 	struct ct4_entry *rev, *fwd;
 
 	if (cfg && cfg->snat_addr && p->daddr == cfg->snat_addr)
-		return flow4_reply_snat(p, now, x);
+		return flow4_reply_snat(p, now, x, direct);
 	ct4_packet_key(&k, p, CT_DIR_REVERSE);
 	rev = ct4.lookup(&k);
 	if (!rev)
@@ -174,6 +224,12 @@ static __always_inline int flow4_reply(const struct pkt4 *p, const struct lb4_co
 	fwd = ct4.lookup(&k);
 	if (!fwd || fwd->snat_addr || !reply_matches(fwd, p, now))
 		return FLOW_PASS;
+	if (is_syn_ack(p) && (fwd->flags & CT_F_CLOSING)) {
+		if (!direct)
+			return FLOW_PASS;
+		ct4_packet_key(&k, p, CT_DIR_REVERSE);
+		return flow4_retire_entry(&k, fwd, 0, x);
+	}
 	x->saddr = rev->nat_addr;
 	x->sport = rev->nat_port;
 	x->daddr = p->daddr;
@@ -187,9 +243,45 @@ static __always_inline int flow4_reply(const struct pkt4 *p, const struct lb4_co
 	return FLOW_REPLY;
 }
 
-/* What p is and what it becomes; FLOW_DROP sets x->stat. */
+/* A client's packet to no frontend, straight to an address and port that a
+ * balanced flow of the same client port has as its backend: does it take
+ * that flow's reply tuple over (see flow4_retire_entry)? */
+static __always_inline int flow4_direct(const struct pkt4 *p, __u64 now, struct flow4 *x)
+{
+	struct ct4_key k = {}, fk = {};
+	struct ct4_entry *rev, *fwd;
+
+	if (!is_new_tcp(p) && p->proto != IPPROTO_UDP)
+		return FLOW_PASS;
+	k.saddr = p->daddr;
+	k.daddr = p->saddr;
+	k.sport = p->dport;
+	k.dport = p->sport;
+	k.proto = p->proto;
+	k.dir = CT_DIR_REVERSE;
+	rev = ct4.lookup(&k);
+	if (!rev)
+		return FLOW_PASS;
+	fk.saddr = p->saddr;
+	fk.daddr = rev->nat_addr;
+	fk.sport = p->sport;
+	fk.dport = rev->nat_port;
+	fk.proto = p->proto;
+	fk.dir = CT_DIR_FORWARD;
+	fwd = ct4.lookup(&fk);
+	if (!fwd || fwd->snat_addr || fwd->nat_addr != p->daddr || fwd->nat_port != p->dport ||
+	    !ct_alive(fwd, p->proto, now))
+		return flow4_retire_entry(&k, NULL, 0, x); /* a leftover: nobody's */
+	if (p->proto == IPPROTO_TCP && !(fwd->flags & CT_F_CLOSING))
+		return FLOW_PASS; /* an open connection keeps its tuple */
+	return flow4_retire_entry(&k, fwd, 0, x);
+}
+
+/* What p is and what it becomes; FLOW_DROP sets x->stat.  `direct`: check
+ * whether a packet to no frontend takes a balanced flow's reply tuple over
+ * (tc); XDP leaves those packets to tc, which decides afresh. */
 static __always_inline int flow4_decide(const struct pkt4 *p, const struct lb4_config *cfg,
-					__u64 now, struct flow4 *x)
+					__u64 now, struct flow4 *x, int direct)
 {
 	struct ct4_key k = {};
 	struct ct4_entry *ct;
@@ -223,7 +315,10 @@ static __always_inline int flow4_decide(const struct pkt4 *p, const struct lb4_c
 	}
 	if (rc == FRONTEND_OK && svc)
 		return flow4_new(p, svc, masq, cfg, ct, now, x);
-	return flow4_reply(p, cfg, now, x);
+	rc = flow4_reply(p, cfg, now, x, direct);
+	if (rc == FLOW_PASS && direct)
+		rc = flow4_direct(p, now, x);
+	return rc;
 }
 
 /* Record the new flow x: NAT port, conntrack.  Returns FLOW_NEW, FLOW_RACED
@@ -282,6 +377,8 @@ static __always_inline int flow4_commit(const struct pkt4 *p, const struct lb4_c
 		return verdict;
 	if (!ct)
 		return FLOW_PASS;
+	if (ct->retired && verdict != FLOW_REPLY && (verdict == FLOW_RESTART || p->proto != IPPROTO_TCP))
+		ct4_restore_reverse(ct, p);
 	if (verdict == FLOW_RESTART) {
 		ct->flags &= CT_F_LC | CT_F_AFFINITY;
 		ct->done = 0;
@@ -303,6 +400,18 @@ static __always_inline int flow4_commit(const struct pkt4 *p, const struct lb4_c
 		x->stat = LB_STAT_DNAT_NEW;
 	}
 	return verdict;
+}
+
+/* FLOW_RETIRE: remove the entry that held a direct flow's reply tuple. */
+static __always_inline void flow4_retire(struct flow4 *x)
+{
+	if (x->retire_nat)
+		nat4.delete(&x->retire);
+	else
+		ct4.delete(&x->retire);
+	if (x->ct)
+		x->ct->retired = CT_RETIRED_REPLY;
+	stat_inc(LB_STAT_REPLY_RETIRED);
 }
 
 #endif /* LBCTL_FLOW_H */

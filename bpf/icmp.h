@@ -72,7 +72,7 @@ static __always_inline int icmp4_translate(const struct lb4_config *cfg, __u64 n
 	p.sport = q->dport;
 	p.dport = q->sport;
 	p.proto = q->ip.protocol;
-	if (flow4_reply(&p, cfg, now, &x) == FLOW_REPLY) {
+	if (flow4_reply(&p, cfg, now, &x, 0) == FLOW_REPLY) {
 		/* The quote is a packet we sent to a backend, p its reply, and x
 		 * that reply as the client gets it.  An error from the backend
 		 * itself comes from the service. */

@@ -73,6 +73,14 @@
 			 * has sent its last ACK (or a RST passed): the backend's
 			 * socket is gone, so the tuple may carry a new flow at once */
 
+/* ct4_entry.retired (forward entries) */
+#define CT_RETIRED_REPLY 1 /* a direct flow (the client talking to the backend's
+			    * own address from the same port) took this flow's
+			    * reply tuple, and its reverse entry was removed so
+			    * that the direct flow's replies stay untouched; a new
+			    * SYN of this flow (TCP) or its next packet (UDP)
+			    * puts the reverse entry back */
+
 /* Indexes of lb_stats: one counter per verdict of the programs.  A packet XDP
  * forwards counts its verdict (new_flows, established, ...) and
  * LB_STAT_XDP_REDIRECT; one it passes counts LB_STAT_XDP_PASS or
@@ -102,7 +110,9 @@
 				     * forwarding off, a reject to send */
 #define LB_STAT_AFFINITY 19       /* a new flow went to its client's affinity backend */
 #define LB_STAT_ICMP_ERROR 20       /* an ICMP error about a balanced flow, translated */
-#define LB_STAT_MAX 21
+#define LB_STAT_REPLY_RETIRED 21    /* a direct flow took a balanced flow's reply tuple
+				     * (bpf/flow.h: tuple clashes); the packet passed */
+#define LB_STAT_MAX 22
 
 /* lb4_config.flags */
 #define LB_CFG_F_MASQ_ALL 1   /* masquerade every balanced flow */
@@ -271,7 +281,8 @@ struct ct4_entry {
 	__u32 frontend_id;
 	__be32 snat_addr;   /* forward: the source the flow leaves with (0: none) */
 	__be16 snat_port;
-	__u16 pad2;
+	__u8 retired;       /* CT_RETIRED_* */
+	__u8 pad2;
 	__u64 open;         /* CT_F_LC: 1 while the flow counts in lb_conns; taken
 			     * back to 0 atomically by whoever closes it (64 bits:
 			     * the atomics that return a value need them) */

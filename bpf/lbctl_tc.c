@@ -12,7 +12,9 @@
  *      its forward twin) is translated back so the client sees the VIP;
  *   4. an ICMP error about a balanced flow is translated like the flow
  *      (icmp.h), so path MTU discovery works through the balancer;
- *   5. everything else passes untouched.
+ *   5. everything else passes untouched; a client's packet straight to a
+ *      backend may first take over the reply tuple of a balanced flow of
+ *      the same client port (flow.h: tuple clashes).
  * With the XDP fast path on, packets XDP could not finish arrive here
  * untouched and are decided afresh (a flow XDP recorded is followed).
  */
@@ -58,8 +60,10 @@ int lbctl_tc_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 
-	rc = flow4_decide(&p, cfg, now, &x);
-	if (rc == FLOW_PASS) {
+	rc = flow4_decide(&p, cfg, now, &x, 1);
+	if (rc == FLOW_RETIRE)
+		flow4_retire(&x);
+	if (rc == FLOW_PASS || rc == FLOW_RETIRE) {
 		stat_inc(LB_STAT_PASS);
 		return TC_ACT_OK;
 	}

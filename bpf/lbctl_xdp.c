@@ -52,7 +52,10 @@ int lbctl_xdp(struct xdp_md *ctx)
 	now = bpf_ktime_get_ns();
 	cfg = lb4_settings();
 
-	rc = flow4_decide(&p, cfg, now, &x);
+	/* Without the direct-flow check (0), a packet that may take over a
+	 * balanced flow's reply tuple is FLOW_PASS here: tc decides it afresh
+	 * and retires (flow.h: tuple clashes). */
+	rc = flow4_decide(&p, cfg, now, &x, 0);
 	if (rc == FLOW_PASS) {
 		stat_inc(LB_STAT_XDP_PASS);
 		return XDP_PASS;

@@ -35,6 +35,7 @@ STAT_NAMES = {
     "LB_STAT_XDP_TO_TC": "xdp_to_tc",
     "LB_STAT_AFFINITY": "affinity_followed",
     "LB_STAT_ICMP_ERROR": "icmp_errors_translated",
+    "LB_STAT_REPLY_RETIRED": "reply_retired",
 }
 
 

@@ -336,6 +336,8 @@ def trace(view: MapView, p: Packet, now_ns: int, knobs: Knobs) -> dict[str, Any]
     svc = view.service(p, SCOPE_ALL)
     if svc is None:
         t.step("frontend", f"no frontend at {p.dst}:{p.dport}/{p.protocol.name}")
+        if p.sport is not None:
+            _direct(t, view, p, now_ns, knobs)
         return t.end("pass", "no Service frontend matches: the packet passes untouched")
     t.doc["frontend"] = _frontend_doc(svc, p, view)
     t.step(
@@ -454,6 +456,38 @@ def _empty(t: _Trace, svc: Svc, p: Packet) -> dict[str, Any]:
 def _age_ns(now_ns: int, then_ns: int) -> int:
     """The programs' age_ns: a stamp later than the clock read (another CPU's) is age 0."""
     return max(0, now_ns - then_ns)
+
+
+def _direct(t: _Trace, view: MapView, p: Packet, now_ns: int, knobs: Knobs) -> None:
+    """flow4_direct() of bpf/flow.h: does this packet, straight to a backend, take
+    over the reply tuple of a balanced flow of the same client port?"""
+    held = view.reply_holder(p)
+    if held is None:
+        return
+    vip, vport = held
+    fwd = view.conntrack(Packet(p.src, p.sport, vip, vport, p.protocol))
+    flow = f"the balanced flow {p.src}:{p.sport} -> {vip}:{vport}"
+    alive = (
+        fwd is not None
+        and fwd.snat_addr is None
+        and (fwd.nat_addr, fwd.nat_port) == (p.dst, p.dport)
+        and _age_ns(now_ns, fwd.last_seen_ns) <= knobs.lifetime_ns(p.protocol.number, fwd.flags)
+    )
+    if not alive:
+        t.step("reply tuple", f"a leftover reverse entry of {flow}: removed, the replies stay")
+    elif p.protocol is Protocol.TCP and not (fwd is not None and fwd.flags & _F_CLOSING):
+        t.step(
+            "reply tuple",
+            f"held by {flow}, still open: it keeps it (the backend answers that connection, "
+            "not this SYN)",
+        )
+    else:
+        t.step(
+            "reply tuple",
+            f"held by {flow}"
+            + (", closing" if p.protocol is Protocol.TCP else "")
+            + ": this flow takes it over, its replies stay untouched",
+        )
 
 
 def _follow(

@@ -182,6 +182,24 @@ class MapView:
             layout.port_num(e.snat_port),
         )
 
+    def reply_holder(self, p: Packet) -> tuple[ipaddress.IPv4Address, int] | None:
+        """The frontend (VIP, port) of a balanced flow whose reverse entry holds the
+        replies of p, a packet straight to a backend: the key p's replies have."""
+        assert p.sport is not None
+        key = layout.new(
+            "struct ct4_key",
+            saddr=layout.ip4(p.dst),
+            daddr=layout.ip4(p.src),
+            sport=layout.port(p.dport),
+            dport=layout.port(p.sport),
+            proto=p.protocol.number,
+            dir=_REVERSE_DIR,
+        )
+        e = self.maps.ct4.lookup(key)
+        if e is None:
+            return None
+        return _addr(e.nat_addr), layout.port_num(e.nat_port)
+
     def nat_client(self, ct: Ct, proto: int) -> tuple[str, int, str, int] | None:
         """The nat4 entry of the flow's binding: (client, client port, VIP, port)."""
         assert ct.snat_addr is not None
