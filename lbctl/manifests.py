@@ -1,7 +1,8 @@
 """ManifestSource: Services, EndpointSlices and this node from a directory of YAML.
 
 The embedded default source.  Every *.yaml, *.yml and *.json file at the top
-of the directory is read (several documents per file, and `kind: List`).
+of the directory is read (several documents per YAML file, one per JSON file,
+and `kind: List`).
 A Node whose name is this node's gives its zone (for topology hints) and
 addresses, as the API's Node does; other Nodes are left alone.
 `poll` rescans the directory and applies what changed since the last call to
@@ -16,6 +17,7 @@ reason.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -146,8 +148,13 @@ class ManifestSource:
 
     def _load(self, path: Path, previous: dict[ObjectId, Parsed]) -> dict[ObjectId, Parsed]:
         try:
-            documents = list(yaml.load_all(path.read_text(), Loader=_Loader))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            text = path.read_text()
+            if path.suffix == ".json":  # 30 times faster than reading it as YAML
+                documents = [json.loads(text)]
+            else:
+                documents = list(yaml.load_all(text, Loader=_Loader))
+        except (OSError, ValueError, RecursionError, yaml.YAMLError) as err:
+            # ValueError: UnicodeDecodeError, or a number of over 4300 digits
             kept = f"; keeping its {len(previous)} previously loaded objects" if previous else ""
             self._report(path, [f"cannot parse the file: {_one_line(err)}{kept}"])
             return previous
@@ -159,8 +166,10 @@ class ManifestSource:
             if not isinstance(doc, Mapping):
                 problems.append(f"document {index}: not a Kubernetes object (a mapping)")
                 continue
-            kind = str(doc.get("kind", ""))
-            api = str(doc.get("apiVersion", ""))
+            kind, api = doc.get("kind", ""), doc.get("apiVersion", "")
+            if not isinstance(kind, str) or not isinstance(api, str):
+                problems.append(f"document {index}: kind and apiVersion must be strings")
+                continue
             namespace, name = meta_ref(doc)
             oid = ObjectId(kind, "" if kind == "Node" else namespace, name)
             parser = _PARSERS.get((api, kind))
@@ -245,7 +254,7 @@ def _documents(documents: list[Any]) -> Iterator[tuple[str, Any]]:
 
 
 def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())
+    return " ".join(str(err).split())[:500]
 
 
 _PARSERS: dict[tuple[str, str], Any] = {

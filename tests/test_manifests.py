@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lbctl.manifests import ManifestSource
 from lbctl.model import ServiceRef, ServiceTable
@@ -175,3 +179,90 @@ def test_complete_is_false_while_a_file_cannot_be_parsed(
     write(tmp_path / "a.yaml", svc("web"))
     source.poll(table)
     assert source.complete
+
+
+ALIAS_BOMB = """\
+apiVersion: v1
+kind: List
+x:
+  a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]
+  a1: &a1 [*a0, *a0, *a0, *a0, *a0, *a0, *a0, *a0, *a0]
+  a2: &a2 [*a1, *a1, *a1, *a1, *a1, *a1, *a1, *a1, *a1]
+  a3: &a3 [*a2, *a2, *a2, *a2, *a2, *a2, *a2, *a2, *a2]
+  a4: &a4 [*a3, *a3, *a3, *a3, *a3, *a3, *a3, *a3, *a3]
+  a5: &a5 [*a4, *a4, *a4, *a4, *a4, *a4, *a4, *a4, *a4]
+  a6: &a6 [*a5, *a5, *a5, *a5, *a5, *a5, *a5, *a5, *a5]
+  a7: &a7 [*a6, *a6, *a6, *a6, *a6, *a6, *a6, *a6, *a6]
+  a8: &a8 [*a7, *a7, *a7, *a7, *a7, *a7, *a7, *a7, *a7]
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: bomb, namespace: ns, annotations: {boom: *a8}}
+  spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: bomb2, namespace: ns}
+  spec: {clusterIP: 10.96.0.21, ports: [{port: *a8}]}
+"""
+
+
+def test_a_yaml_alias_bomb_costs_one_error_line(tmp_path: Path) -> None:
+    """Nine aliases deep, one value is 387 million items; made into text whole (an
+    annotation, an error message) it took the agent's loop and its memory for good.
+    Run in a child process with a memory cap and a deadline, so that a regression
+    fails this test instead of the machine."""
+    write(tmp_path / "bomb.yaml", ALIAS_BOMB)
+    write(tmp_path / "web.yaml", svc("web"))
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+        "from pathlib import Path\n"
+        "from lbctl.manifests import ManifestSource\n"
+        "from lbctl.model import ServiceTable\n"
+        "source, table = ManifestSource(Path(sys.argv[1])), ServiceTable()\n"
+        "source.poll(table)\n"
+        "print(sorted(str(r) for r in table.services))\n"
+        "print(list(source.errors.values()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    services, errors = out.stdout.splitlines()
+    assert services == "['ns/web']"
+    assert errors == repr(
+        [
+            [
+                "Service ns/bomb: metadata.annotations[boom]: expected a string, got list",
+                "Service ns/bomb2: spec.ports[0].port: [[[...], [...], [...], [...], ...], "
+                "[[...], [...], [...], [...], ...], [[...], [...], [...], [...], ...], "
+                "[[...], [...], [...], [...], ...], ...] is not a port number",
+            ]
+        ]
+    )
+
+
+def test_a_number_too_long_for_python_fails_its_file_only(tmp_path: Path) -> None:
+    """PyYAML turns a 5000-digit number into int(), which refuses it with a
+    ValueError: that is the file's problem, not the scan's."""
+    write(tmp_path / "a.yaml", svc("web").replace("port: 80", "port: " + "9" * 5000))
+    write(tmp_path / "b.yaml", svc("api", "10.96.0.11"))
+    table = ServiceTable()
+    source = ManifestSource(tmp_path)
+    assert source.poll(table) == {ServiceRef("ns", "api")}
+    [message] = source.errors[tmp_path / "a.yaml"]
+    assert message.startswith("cannot parse the file: Exceeds the limit (4300 digits)")
+
+
+def test_json_files_are_read_as_json(tmp_path: Path, source: ManifestSource) -> None:
+    obj = yaml.safe_load(svc("web"))
+    (tmp_path / "a.json").write_text(json.dumps(obj))
+    (tmp_path / "b.json").write_text('{"kind": "Service",')
+    table = ServiceTable()
+    assert source.poll(table) == {ServiceRef("ns", "web")}
+    [message] = source.errors[tmp_path / "b.json"]
+    assert message.startswith("cannot parse the file: Expecting")

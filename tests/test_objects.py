@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 
 from lbctl.model import Protocol
-from lbctl.objects import Ignored, InvalidObject, parse_endpoint_slice, parse_service
+from lbctl.objects import (
+    Ignored,
+    InvalidObject,
+    meta_ref,
+    parse_checked,
+    parse_endpoint_slice,
+    parse_service,
+)
 
 
 def service(**spec: Any) -> dict[str, Any]:
@@ -249,3 +256,115 @@ def test_a_bad_weight_is_logged_once_and_counts_as_one(
     assert text.startswith("EndpointSlice ns/web-1: metadata.annotations[")
     assert message in text
     assert text.endswith("a weight is a whole number in 1-100; using 1 instead")
+
+
+# -- hostile input (tests/test_reliability_input.py feeds thousands of these) --------
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"ports": [{"name": 80, "port": 80}]}, "spec.ports[0].name: expected a string, got int"),
+        ({"type": ["ClusterIP"]}, "spec.type: expected a string, got list"),
+        ({"externalTrafficPolicy": "Everywhere"}, "'Everywhere' is not Cluster or Local"),
+        ({"clusterIP": "fe80::1%eth0"}, "'fe80::1%eth0' is not a valid IP address"),
+        (
+            {"ports": [{"name": "a", "port": 80}, {"name": "a", "port": 81}]},
+            "two ports have the same name",
+        ),
+    ],
+)
+def test_fields_of_the_wrong_type_or_value_are_refused(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidObject, match=re.escape(message)):
+        parse_service(service(**spec))
+
+
+def test_labels_and_annotations_are_strings() -> None:
+    obj = service()
+    obj["metadata"]["annotations"] = {"lbctl.io/scheduler": ["maglev"]}
+    with pytest.raises(InvalidObject, match=re.escape("metadata.annotations[lbctl.io/scheduler]")):
+        parse_service(obj)
+    obj["metadata"]["annotations"] = {}
+    obj["metadata"]["labels"] = {"app": 7}
+    with pytest.raises(InvalidObject, match=re.escape("metadata.labels[app]: expected a string")):
+        parse_service(obj)
+
+
+def test_a_condition_is_true_or_false_not_a_word() -> None:
+    # "false" in quotes is a string, which Python would take for true: a ready endpoint
+    obj = eps([{"addresses": ["10.0.0.1"], "conditions": {"ready": "false"}}])
+    with pytest.raises(
+        InvalidObject, match=re.escape("endpoints[0].conditions.ready: expected true or false")
+    ):
+        parse_endpoint_slice(obj)
+
+
+@pytest.mark.parametrize(
+    ("name", "namespace", "field"),
+    [
+        ("Web", "ns", "metadata.name"),
+        ("wéb", "ns", "metadata.name"),
+        ("1web", "ns", "metadata.name"),  # a Service name starts with a letter
+        ("a" * 64, "ns", "metadata.name"),
+        ("web", "Prod", "metadata.namespace"),
+        ("web", "ns/x", "metadata.namespace"),
+    ],
+)
+def test_names_follow_the_apis_rules(name: str, namespace: str, field: str) -> None:
+    obj = service()
+    obj["metadata"].update(name=name, namespace=namespace)
+    with pytest.raises(InvalidObject, match=re.escape(f"{field}: ") + ".* is not a valid name"):
+        parse_service(obj)
+
+
+def test_a_slice_name_may_have_dots_a_service_name_may_not() -> None:
+    obj = eps([{"addresses": ["10.0.0.1"]}])
+    obj["metadata"]["name"] = "web.v1-abc"
+    assert parse_endpoint_slice(obj).name == "web.v1-abc"
+    with pytest.raises(InvalidObject, match=re.escape("metadata.name")):
+        parse_service(service() | {"metadata": {"name": "web.v1"}})
+
+
+def test_a_name_cannot_forge_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    obj = service(ports=[{"port": 0}])
+    obj["metadata"]["name"] = "web\nERROR lbctl: forged"
+    assert meta_ref(obj) == ("default", "'web\\nERROR lbctl: forged'")
+    with pytest.raises(InvalidObject) as raised:
+        parse_checked(parse_service, obj)
+    assert "\n" not in str(raised.value)
+
+
+def test_an_ipv4_address_with_leading_zeros_is_read_as_decimal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As Kubernetes reads it (netutils.ParseIPSloppy), never as octal, and logged."""
+    obj = service(clusterIP="010.096.000.010", externalIPs=["192.0.2.010"])
+    obj["metadata"]["namespace"] = "ns"
+    with caplog.at_level(logging.WARNING, logger="lbctl.objects"):
+        svc = parse_checked(parse_service, obj)
+    assert svc.cluster_ips == (ipaddress.ip_address("10.96.0.10"),)
+    assert svc.external_ips == (ipaddress.ip_address("192.0.2.10"),)
+    first, second = (r.getMessage() for r in caplog.records)
+    assert first == (
+        "Service ns/web: spec.clusterIPs[0]: '010.096.000.010' has leading zeros: read as "
+        "10.96.0.10 (decimal, as Kubernetes reads it, not octal); write it without them"
+    )
+    assert second.startswith("Service ns/web: spec.externalIPs[0]: '192.0.2.010'")
+    slice_ = parse_endpoint_slice(eps([{"addresses": ["010.000.000.001"]}]))
+    assert slice_.endpoints[0].addresses == (ipaddress.ip_address("10.0.0.1"),)
+    for bad in ("0x0a.0.0.1", "10.0.0.0256", "10.0.0.1 ", "10.0.1", "10.0.0.0001.1"):
+        with pytest.raises(InvalidObject, match="is not a valid IP address"):
+            parse_service(service(clusterIP=bad))
+
+
+def test_node_port_zero_is_none_allocated() -> None:
+    """The API's own "no nodePort"; a ClusterIP Service may carry it."""
+    assert parse_service(service(ports=[{"port": 80, "nodePort": 0}])).ports[0].node_port is None
+
+
+def test_a_message_shows_a_value_cut_short() -> None:
+    with pytest.raises(InvalidObject) as raised:
+        parse_service(service(ports=[{"port": list(range(100_000))}]))
+    assert len(str(raised.value)) < 200
+    with pytest.raises(InvalidObject, match="<an integer of"):
+        parse_service(service(ports=[{"port": 10**5000}]))
