@@ -6,10 +6,11 @@ and queued, one pending change per object (a later event for the same object
 replaces an earlier one), and the agent's `poll` applies the queue to its
 ServiceTable.  A re-LIST (after a 410, or an outage) is diffed by
 resourceVersion against what was handed over before: unchanged objects are
-not touched, vanished ones are removed.
+not touched, vanished ones are removed, and one deleted and made again under
+the same name (a new uid) is a new object.
 
 Bad objects never stop the others: an invalid one is reported and its last
-valid version kept; Services another proxy owns
+valid version kept (unless it is a new object of the old one's name); Services another proxy owns
 (service.kubernetes.io/service-proxy-name), headless and ExternalName ones
 are left alone, as kube-proxy does.
 """
@@ -134,7 +135,8 @@ class KubeSource:
         self.changes_total = {SERVICE: 0, SLICE: 0, NODE: 0}  # changes applied, by kind
         self.problems: dict[tuple[str, Key], str] = {}  # invalid objects, by kind and name
         self.trouble_by_kind: dict[str, str] = {}  # resources that cannot be followed now
-        self._versions: dict[str, dict[Key, str]] = {kind: {} for kind in _PARSERS}
+        # (uid, resourceVersion) of each object handed over, by kind
+        self._versions: dict[str, dict[Key, tuple[str, str]]] = {kind: {} for kind in _PARSERS}
         self._pending: dict[tuple[str, Key], _Change] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -208,14 +210,13 @@ class KubeSource:
 
     def replace(self, kind: str, items: list[Mapping[str, Any]], arrived: float) -> None:
         old = self._versions[kind]
-        new: dict[Key, str] = {}
+        new: dict[Key, tuple[str, str]] = {}
         changes = []
         for obj in items:
             key = meta_ref(obj)
-            version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
-            new[key] = version
-            if old.get(key) != version or not version:
-                changes.append(self._parse(kind, key, obj, arrived))
+            new[key] = _identity(obj)
+            if old.get(key) != new[key] or not new[key][1]:
+                changes.append(self._parse(kind, key, obj, arrived, old.get(key)))
         gone = [_Change(kind, key, None, arrived) for key in old if key not in new]
         for change in gone:
             self.problems.pop((kind, change.key), None)
@@ -235,8 +236,9 @@ class KubeSource:
             self.problems.pop((kind, key), None)
             self._queue([_Change(kind, key, None, arrived)])
             return
-        versions[key] = str((obj.get("metadata") or {}).get("resourceVersion") or "")
-        change = self._parse(kind, key, obj, arrived)
+        known = versions.get(key)
+        versions[key] = _identity(obj)
+        change = self._parse(kind, key, obj, arrived, known)
         if change is not None:
             self._queue([change])
 
@@ -248,20 +250,37 @@ class KubeSource:
 
     # -- helpers --------------------------------------------------------------------
 
-    def _parse(self, kind: str, key: Key, obj: Mapping[str, Any], arrived: float) -> _Change | None:
-        """The change an object makes; None when it is invalid (its old version stays)."""
+    def _parse(
+        self,
+        kind: str,
+        key: Key,
+        obj: Mapping[str, Any],
+        arrived: float,
+        known: tuple[str, str] | None,
+    ) -> _Change | None:
+        """The change an object makes; None when it is invalid and its last valid
+        version stays.  `known` is the (uid, resourceVersion) handed over before:
+        a new uid is a new object of the same name (the old one was deleted and
+        this one made while the watch was away), and an invalid new object
+        removes the old one, as its DELETED event would have."""
         name = f"{kind} {key[0]}/{key[1]}" if kind != NODE else f"Node {key[1]}"
+        replaced = known is not None and known[0] != _identity(obj)[0]
         try:
             parsed = parse_checked(_PARSERS[kind], obj)
         except Ignored as why:
             log.debug("%s: ignored: %s", name, why)
             parsed = None
         except InvalidObject as err:
-            message = f"{name}: {err}; keeping its previous version, if any"
+            kept = (
+                "removing the object of this name it replaced (another uid)"
+                if replaced
+                else "keeping its previous version, if any"
+            )
+            message = f"{name}: {err}; {kept}"
             if self.problems.get((kind, key)) != message:
                 log.error("%s", message)
             self.problems[(kind, key)] = message
-            return None
+            return _Change(kind, key, None, arrived) if replaced else None
         self.problems.pop((kind, key), None)
         triggered = _trigger_time(obj) if kind == SLICE and parsed is not None else None
         return _Change(kind, key, parsed, arrived, triggered)
@@ -287,6 +306,14 @@ class KubeSource:
                         change.triggered = earlier.triggered
                 self._pending[slot] = change
         self._wake.set()
+
+
+def _identity(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """(uid, resourceVersion): a deleted and re-made object has a new uid."""
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        return ("", "")
+    return (str(meta.get("uid") or ""), str(meta.get("resourceVersion") or ""))
 
 
 def _trigger_time(obj: Mapping[str, Any]) -> float | None:

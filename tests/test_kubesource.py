@@ -446,3 +446,35 @@ def test_objects_gone_from_a_relist_take_their_problems_along(
     assert list(source.problems) == [("Service", ("test", "s1"))]
     source.replace("Service", [], time.monotonic())
     assert source.problems == {}
+
+
+def test_an_object_made_again_invalid_while_away_does_not_keep_the_old_one(
+    agent: Agent, api: tuple[FakeApiServer, Netns]
+) -> None:
+    """Deleted and made again under the same name (a new uid) while the watch was
+    away: the LIST after it is all the agent sees.  An invalid new object must not
+    keep the deleted one's frontends and backends, as a same-uid invalid update
+    keeps its last valid version: its DELETED event, had it come, would have
+    removed them (stale backends after an API blip)."""
+    server, _ = api
+    seed(server, 3)
+    synced(agent, server)
+    server.set_down(True)
+    server.delete("services", "test", "s1")
+    bad = svc(1)
+    bad["spec"]["ports"][0]["port"] = 70000
+    server.create(bad)  # s1 again, a new uid, invalid
+    server.delete("endpointslices", "test", "s2-1")
+    server.create(eps(2, ["10.1.0.300"]))  # s2's slice again, a new uid, invalid
+    server.apply(eps(3, ["10.1.0.3", "10.1.0.33"]))  # an ordinary change, for contrast
+    server.compact()
+    server.set_down(False)
+    converge(agent, lambda: {"10.96.0.2:80": [], "10.96.0.3:80": ["10.1.0.3", "10.1.0.33"]})
+    source = agent.source
+    assert isinstance(source, KubeSource)
+    assert sorted(source.problems.values()) == [
+        "EndpointSlice test/s2-1: endpoints[0].addresses[0]: '10.1.0.300' is not a valid IP "
+        "address; removing the object of this name it replaced (another uid)",
+        "Service test/s1: spec.ports[0].port: 70000 is out of range (1-65535); removing the "
+        "object of this name it replaced (another uid)",
+    ]
