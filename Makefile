@@ -3,7 +3,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: deps demo test lint unit clean bench bench-control-plane bench-dataplane bench-program
+.PHONY: deps demo test lint unit clean bench bench-control-plane bench-dataplane bench-program \
+	test-reliability bench-reliability
 
 deps:
 	@bash scripts/install-deps.sh
@@ -19,7 +20,7 @@ lint: deps
 test: lint
 	$(PY) -m pytest -q tests
 
-bench: bench-control-plane bench-dataplane bench-program
+bench: bench-control-plane bench-dataplane bench-program bench-reliability
 
 # Figures for the README; see the docstring of bench/control_plane.py.
 bench-control-plane: deps
@@ -34,6 +35,18 @@ bench-dataplane: deps
 # number of services; writes bench/results/program.{json,txt}. See bench/program.py.
 bench-program: deps
 	$(PY) bench/program.py
+
+# The reliability suites (README, "Reliability"): every test marked `reliability`.
+# `make test` runs them in their short form; `make bench-reliability` in the full
+# one (LBCTL_RELIABILITY=full, see tests/reliability.py), whose figures also go to
+# bench/results/reliability-*.txt.
+test-reliability: deps
+	$(PY) -m pytest -q -m reliability tests
+
+bench-reliability: deps
+	rm -f bench/results/reliability-input.txt bench/results/reliability-api.txt \
+		bench/results/reliability-packets.txt
+	LBCTL_RELIABILITY=full $(PY) -m pytest -q -m reliability tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

@@ -25,6 +25,8 @@ setup(
             "types-PyYAML",
             # the Kubernetes API schemas deploy/ is checked against (tests/test_deploy.py)
             "kubernetes-validate>=1.37",
+            # property-based generation of malformed objects (tests/test_reliability_input.py)
+            "hypothesis>=6.100",
         ],
     },
     entry_points={"console_scripts": ["lbctl=lbctl.cli:main"]},
