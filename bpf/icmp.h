@@ -110,12 +110,22 @@ static __always_inline int icmp4_error(struct __sk_buff *skb, const struct lb4_c
 	__u32 l3 = ETH_HLEN, icmp_off, quote_off, csum_off;
 	__s64 diff;
 	__be32 words[6];
+	__be16 h_proto;
 	__u16 c;
 
+	/* Only an IPv4 frame: an ARP, IPv6 or tagged frame whose bytes happen to
+	 * read as an ICMP error about a balanced flow is not one. */
+	if (bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &h_proto,
+			       sizeof(h_proto)) ||
+	    h_proto != bpf_htons(ETH_P_IP))
+		return -1;
 	if (bpf_skb_load_bytes(skb, l3, &ip, sizeof(ip)))
 		return -1;
 	if (ip.version != 4 || ip.ihl != 5 || ip.protocol != IPPROTO_ICMP ||
 	    (ip.frag_off & bpf_htons(IP_MF_OFFSET_MASK)))
+		return -1;
+	/* The quote must be inside the datagram, not in bytes after its end. */
+	if (bpf_ntohs(ip.tot_len) < sizeof(ip) + sizeof(icmp) + sizeof(r.q))
 		return -1;
 	icmp_off = l3 + sizeof(ip);
 	if (bpf_skb_load_bytes(skb, icmp_off, &icmp, sizeof(icmp)))

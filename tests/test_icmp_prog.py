@@ -173,3 +173,36 @@ def test_an_error_about_a_node_port_reply_reaches_the_backend(dp: BpfDatapath) -
         packets.ipv4_icmp_error("198.51.100.1", NODE, sent),
         packets.ipv4_icmp_error("198.51.100.1", BACKEND, meant),
     )
+
+
+@pytest.mark.parametrize("ethertype", [0x88B5, 0x86DD, 0x0806, 0x4800])
+def test_only_an_ipv4_frame_is_an_icmp_error(dp: BpfDatapath, ethertype: int) -> None:
+    """The same bytes as an error about a balanced flow (translated above), but in a
+    frame that is not IPv4: nobody's ICMP error, passed as it came.  The packet
+    fuzzer (tests/test_reliability_packets.py) found such frames rewritten."""
+    run(dp, packets.ipv4_tcp(CLIENT, VIP, 40010, 80, "S"))
+    sent = packets.ipv4_tcp(CLIENT, BACKEND, 40010, 8080, "A", b"x" * 100)
+    error = packets.ipv4_icmp_error(ROUTER, CLIENT, sent)
+    frame = error[:12] + ethertype.to_bytes(2, "big") + error[14:]
+    before = stats(dp)
+    result = run(dp, frame)
+    assert (result.retval, result.data) == (TC_ACT_OK, frame)
+    assert stat_delta(before, stats(dp)) == {STAT_PASS: 1}
+
+
+@pytest.mark.parametrize("total", [20, 28, 55])
+def test_a_quote_past_the_datagrams_end_is_no_error(dp: BpfDatapath, total: int) -> None:
+    """The IP total length ends before the quote (found by the packet fuzzer): the
+    stack sees an ICMP message too short to quote anything, so the bytes after it
+    are no quote to translate (doing so broke the checksum of what the length
+    covers)."""
+    run(dp, packets.ipv4_tcp(CLIENT, VIP, 40011, 80, "S"))
+    sent = packets.ipv4_tcp(CLIENT, BACKEND, 40011, 8080, "A", b"x" * 100)
+    error = bytearray(packets.ipv4_icmp_error(ROUTER, CLIENT, sent))
+    error[16:18] = total.to_bytes(2, "big")
+    error[24:26] = b"\0\0"
+    error[24:26] = packets.checksum(bytes(error[14:34])).to_bytes(2, "big")
+    before = stats(dp)
+    result = run(dp, bytes(error))
+    assert (result.retval, result.data) == (TC_ACT_OK, bytes(error))
+    assert stat_delta(before, stats(dp)) == {STAT_PASS: 1}
