@@ -158,7 +158,7 @@ def ip(value: Any, field: str) -> IPAddress:
     if isinstance(value, str):
         try:  # the common case, four times faster than ipaddress' own parser, as strict
             return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, value))
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in the text
             pass
         try:
             found = ipaddress.ip_address(value)

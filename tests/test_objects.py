@@ -357,6 +357,12 @@ def test_an_ipv4_address_with_leading_zeros_is_read_as_decimal(
             parse_service(service(clusterIP=bad))
 
 
+def test_an_address_with_a_nul_is_not_an_address() -> None:
+    """socket.inet_pton raises ValueError, not OSError, on a NUL (found by hypothesis)."""
+    with pytest.raises(InvalidObject, match=re.escape("'10.0.0.1\\x00' is not a valid IP")):
+        parse_endpoint_slice(eps([{"addresses": ["10.0.0.1\x00"]}]))
+
+
 def test_node_port_zero_is_none_allocated() -> None:
     """The API's own "no nodePort"; a ClusterIP Service may carry it."""
     assert parse_service(service(ports=[{"port": 80, "nodePort": 0}])).ports[0].node_port is None
