@@ -9,6 +9,10 @@
 - The PodMonitor, the DaemonSet's prometheus.io annotations and the
   ConfigMap's metricsBindAddress agree on the port, the path and the pods'
   labels, and the job the PodMonitor names is the one the rules select.
+- scrape-config.yaml (plain Prometheus) finds the agent's pod by its labels and
+  annotations: `promtool check service-discovery` runs its relabeling on the
+  targets Kubernetes pod discovery would give for the DaemonSet's pod (Debian's
+  Prometheus has no Kubernetes discovery, so they are given statically).
 - `kubectl apply -k deploy/` stays free of the operator's kinds (they need
   its CRDs); deploy/prometheus/kustomization.yaml applies them.
 
@@ -18,6 +22,7 @@ agent.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -35,6 +40,8 @@ RULES = MONITORING / "lbctl-rules.yaml"
 UNIT_TESTS = MONITORING / "tests" / "lbctl-rules.test.yaml"
 OPERATOR_RULES = MONITORING / "prometheusrule.yaml"
 PODMONITOR = MONITORING / "podmonitor.yaml"
+SCRAPE_CONFIG = MONITORING / "scrape-config.yaml"
+NODE_IP = "192.0.2.7"
 GENERATOR = Path(__file__).resolve().parents[1] / "scripts" / "prometheusrule.py"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 Doc = dict[str, Any]
@@ -197,3 +204,55 @@ def test_kubectl_apply_k_deploy_needs_no_operator() -> None:
         doc = load(MONITORING / resource)
         assert doc["apiVersion"] == "monitoring.coreos.com/v1", resource
         assert doc["metadata"]["namespace"] == "kube-system", resource
+
+
+def pod_discovery(pod: Doc, name: str, node: str) -> list[Doc]:
+    """The targets Kubernetes pod discovery makes of a pod: one per container port."""
+
+    def meta(kind: str, items: dict[str, str]) -> dict[str, str]:
+        return {f"__meta_kubernetes_pod_{kind}_{re.sub(r'[^A-Za-z0-9_]', '_', k)}": v
+                for k, v in items.items()}  # fmt: skip
+
+    labels = {
+        **meta("label", pod["metadata"].get("labels", {})),
+        **meta("annotation", pod["metadata"].get("annotations", {})),
+        "__meta_kubernetes_pod_name": name,
+        "__meta_kubernetes_pod_node_name": node,
+        "__meta_kubernetes_namespace": "kube-system",
+    }
+    ports = [p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])]
+    return [{"targets": [f"{NODE_IP}:{port}" for port in ports], "labels": labels}]
+
+
+def test_the_annotation_scrape_job_finds_the_agent(tmp_path: Path) -> None:
+    (job,) = load(SCRAPE_CONFIG)["scrape_configs"]
+    jobs = set(re.findall(r'up\{job="([^"]+)"\}', RULES.read_text()))
+    assert {job["job_name"]} == jobs and job["honor_labels"] is True
+    (sd,) = job.pop("kubernetes_sd_configs")
+    assert sd["role"] == "pod"
+    pod = find("DaemonSet", "lbctl")["spec"]["template"]
+    bare = json_copy(pod)  # the same pod without the annotations: not scraped
+    del bare["metadata"]["annotations"]
+    other = json_copy(pod)  # another annotated pod: not ours
+    other["metadata"]["labels"] = {"k8s-app": "kube-dns"}
+    job["static_configs"] = [
+        *pod_discovery(pod, "lbctl-x1", "node-a"),
+        *pod_discovery(bare, "lbctl-x2", "node-b"),
+        *pod_discovery(other, "coredns-x3", "node-c"),
+    ]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump({"scrape_configs": [job]}))
+    found = promtool("check", "service-discovery", "--timeout=2s", str(path), job["job_name"])
+    assert found.returncode == 0, found.stdout + found.stderr
+    targets = [t["labels"] for t in json.loads(found.stdout) if t["labels"]]  # {}: dropped
+    assert len(targets) == 1, targets  # both container ports end at the metrics port
+    (target,) = targets
+    _, number = metrics_port()
+    assert target["__address__"] == f"{NODE_IP}:{number}"
+    assert target["__metrics_path__"] == "/metrics" and target["instance"] == "node-a"
+    assert target["job"] == job["job_name"] and target["pod"] == "lbctl-x1"
+
+
+def json_copy(doc: Doc) -> Doc:
+    copied: Doc = json.loads(json.dumps(doc))
+    return copied
