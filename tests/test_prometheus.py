@@ -1,7 +1,7 @@
 """The dashboards and alert rules on a real Prometheus scraping a real agent.
 
 Debian's Prometheus runs inside node A's namespace of tests/extlab.py,
-scraping the agent there every second as the PodMonitor of deploy/prometheus/
+scraping the agent there every 2 s as the PodMonitor of deploy/prometheus/
 makes prometheus-operator scrape it (tests/prometheus.py), and evaluating
 deploy/prometheus/lbctl-rules.yaml.  The agent runs with the ConfigMap's config
 file, following tests/apiserver.py.  While Prometheus watches:
@@ -50,7 +50,7 @@ from tests.test_metrics import rfc3339, send_udp
 
 pytestmark = pytest.mark.netns
 
-SCRAPE_S = 1.0
+SCRAPE_S = 2.0  # also the scrape timeout: generous for a loaded machine
 NAT_PORTS = 20  # per backend: natty's one backend (a1) runs out after 20 flows
 NAT_FLOWS = 25
 DROPS = 400  # over LbctlServiceDropsRising's 1/s averaged over 5 minutes
@@ -124,7 +124,7 @@ def traffic(world: extlab.World) -> None:
     failed = 0
     for _ in range(NAT_FLOWS):  # each from a fresh socket: one NAT port each
         try:
-            udp_request(world.client, NODE_IP, 30091, timeout=0.5)
+            udp_request(world.client, NODE_IP, 30091, timeout=1.5)
         except RequestError:
             failed += 1
     assert failed == NAT_FLOWS - NAT_PORTS
@@ -272,7 +272,7 @@ def test_every_dashboard_query_returns_data(observed: Observed) -> None:
     assert not empty, "no data:\n" + "\n".join(empty)
     # the check sees "no data": a misspelt name; NaN (a quantile without observations)
     span = (observed.started, observed.ended, SCRAPE_S)
-    assert not has_data(observed.prometheus.query_range("rate(lbctl_verdict_total[4s])", *span))
+    assert not has_data(observed.prometheus.query_range("rate(lbctl_verdict_total[8s])", *span))
     assert not has_data([{"metric": {}, "values": [[1, "NaN"], [2, "NaN"]]}])
     assert has_data([{"metric": {}, "values": [[1, "NaN"], [2, "0"]]}])
     for where, values in observed.variable_values.items():
