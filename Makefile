@@ -15,6 +15,8 @@ lint: deps
 	$(BIN)/ruff check lbctl tests bench
 	$(BIN)/ruff format --check lbctl tests bench
 	$(BIN)/mypy --strict lbctl
+	promtool check rules deploy/prometheus/lbctl-rules.yaml
+	$(PY) scripts/prometheusrule.py --check
 
 test: lint
 	$(PY) -m pytest -q tests

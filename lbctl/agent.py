@@ -106,6 +106,7 @@ class AgentOptions:
     cgroup_path: str | None = ""  # None: the cgroup2 mount; "": no socket hooks
     scheduler: str = "random"  # the default of Services without lbctl.io/scheduler
     mode_reason: str = ""  # why this datapath (mode) was chosen, for `lbctl status`
+    configured_mode: str = "auto"  # the mode asked for (auto, ebpf, ipvs), for metrics
 
 
 @dataclasses.dataclass(frozen=True)

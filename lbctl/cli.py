@@ -456,6 +456,7 @@ def _run(args: argparse.Namespace) -> int:
         cgroup_path=cfg.cgroup_path,
         scheduler=cfg.scheduler,
         mode_reason=chosen.reason,
+        configured_mode=cfg.mode,
     )
     agent = Agent(source, datapath, options)
     observe = Observability(agent)
