@@ -203,6 +203,7 @@ class Sessions:
         self.sessions: list[_Session] = []
         self._sel = selectors.DefaultSelector()
         self._stop = threading.Event()
+        self._draining = threading.Event()  # no more lines sent
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def open(self, where: NsLike, ip: str, port: int, tcp: int = 0, udp: int = 0) -> None:
@@ -231,8 +232,14 @@ class Sessions:
             time.sleep(0.05)
 
     def stop(self, rst_every: int = 3) -> None:
-        """Stop exchanging; close the sessions (TCP with FIN, every
-        `rst_every`th with RST); a last answer is waited for."""
+        """Stop sending, wait (up to the deadline) for the answers in flight,
+        then close the sessions (TCP with FIN, every `rst_every`th with RST)."""
+        self._draining.set()
+        until = time.monotonic() + self.deadline
+        while time.monotonic() < until and any(
+            s.waiting_since and not s.broken and not s.udp for s in self.sessions
+        ):
+            time.sleep(0.05)
         self._stop.set()
         self._thread.join(self.deadline + 5)
         assert not self._thread.is_alive(), "the session thread did not stop"
@@ -241,9 +248,17 @@ class Sessions:
                 s.broken = "no answer to the last line before the end"
             if not s.udp and rst_every and n % rst_every == 0:
                 s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self._sel.unregister(s.sock)
+            if self._registered(s):
+                self._sel.unregister(s.sock)
             s.sock.close()
         self._sel.close()
+
+    def _registered(self, s: _Session) -> bool:
+        try:
+            self._sel.get_key(s.sock)
+        except KeyError:
+            return False
+        return True
 
     @property
     def broken(self) -> list[str]:
@@ -261,11 +276,12 @@ class Sessions:
         next_send = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
-            if now >= next_send:
+            if now >= next_send and not self._draining.is_set():
                 next_send = now + self.interval
                 for s in self.sessions:
                     self._send(s, now)
-            for key, _ in self._sel.select(max(0.0, next_send - time.monotonic())):
+            wait = max(0.0, next_send - time.monotonic())
+            for key, _ in self._sel.select(min(wait, self.interval)):
                 self._receive(key.data, time.monotonic())
 
     def _send(self, s: _Session, now: float) -> None:
@@ -328,3 +344,71 @@ def report(capsys: Any, title: str, rows: list[tuple[str, object]]) -> None:
     if out:
         with open(out, "a") as sink:
             sink.write(text)
+
+
+class Flood:
+    """New flows as fast as one thread can inject them: raw frames on
+    `ifname` of `ns` (to `dst_mac`, the node's side), one per flow, from
+    `sources` addresses and every source port in turn, to ip:port; UDP
+    datagrams or TCP SYNs.  Nothing answers their replies: they are flows
+    that only ever open, as in a flood."""
+
+    def __init__(
+        self,
+        ns: Any,
+        ifname: str,
+        dst_mac: str,
+        sources: list[str],
+        ip: str,
+        port: int,
+        proto: str = "udp",
+        flows: int = 20000,
+    ) -> None:
+        from tests import packets
+
+        src_mac = _link_mac(ns, ifname)
+        self.frames = []
+        for n in range(flows):
+            src, sport = sources[n % len(sources)], 1024 + (n // len(sources)) % 64000
+            if proto == "udp":
+                frame = packets.ipv4_udp(
+                    src, ip, sport, port, b"flood", src_mac=src_mac, dst_mac=dst_mac
+                )
+            else:
+                frame = packets.ipv4_tcp(
+                    src, ip, sport, port, "S", seq=n, src_mac=src_mac, dst_mac=dst_mac
+                )
+            self.frames.append(frame)
+        self.ns, self.ifname = ns, ifname
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> Flood:
+        self._thread.start()
+        return self
+
+    def stop(self) -> Flood:
+        self._stop.set()
+        self._thread.join(10)
+        assert not self._thread.is_alive(), "the flood did not stop"
+        return self
+
+    def _loop(self) -> None:
+        with self.ns.open_socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+            sock.bind((self.ifname, 0))
+            while not self._stop.is_set():
+                for frame in self.frames:
+                    try:
+                        sock.send(frame)
+                    except OSError:  # a full queue: go on
+                        continue
+                    self.sent += 1
+                    if self.sent % 256 == 0 and self._stop.is_set():
+                        return
+
+
+def _link_mac(ns: Any, ifname: str) -> str:
+    from tests.netlab import link_mac
+
+    return link_mac(ns, ifname)
