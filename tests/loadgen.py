@@ -204,6 +204,8 @@ class Sessions:
         self._sel = selectors.DefaultSelector()
         self._stop = threading.Event()
         self._draining = threading.Event()  # no more lines sent
+        self.may_leave: set[str] = set()  # pods removed from the Service: UDP moves on
+        self.moves = 0  # UDP sessions that moved from a removed pod
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def open(self, where: NsLike, ip: str, port: int, tcp: int = 0, udp: int = 0) -> None:
@@ -325,8 +327,14 @@ class Sessions:
             pod = line.decode(errors="replace").split(" ", 1)[0]
             if not s.pod:
                 s.pod = pod
-            elif pod != s.pod and not s.broken:
-                s.broken = f"answered by {pod} instead of {s.pod}"
+            elif pod != s.pod:
+                if s.udp and s.pod in self.may_leave:
+                    # a UDP flow has no end: it moves on when its backend
+                    # leaves the Service (kube-proxy flushes its conntrack)
+                    self.moves += 1
+                    s.pod = pod
+                elif not s.broken:
+                    s.broken = f"answered by {pod} instead of {s.pod}"
             s.answered += 1
             s.waiting_since = 0.0
         if s.udp:  # sent and never answered: lost, or one in flight

@@ -68,9 +68,10 @@ class Swept:
     nat: int = 0
     affinity: int = 0
     evicted: int = 0  # live flows ended to make room (a table over HIGH)
-    conntrack_used: int = 0  # entries left, for the pressure report
-    nat_used: int = 0
-    affinity_used: int = 0
+    # entries left, for the full-table report (not what was swept)
+    conntrack_used: int = dataclasses.field(default=0, compare=False)
+    nat_used: int = dataclasses.field(default=0, compare=False)
+    affinity_used: int = dataclasses.field(default=0, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
