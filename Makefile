@@ -3,7 +3,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: deps demo test lint unit clean bench bench-control-plane bench-dataplane bench-program
+.PHONY: deps demo test lint unit clean bench bench-control-plane bench-dataplane bench-program \
+	test-reliability bench-reliability
 
 deps:
 	@bash scripts/install-deps.sh
@@ -21,7 +22,12 @@ lint: deps
 test: lint
 	$(PY) -m pytest -q tests
 
-bench: bench-control-plane bench-dataplane bench-program
+# Issue 18's reliability suites, short (they are part of `make test` too):
+# restarts, rolling updates and full tables under load, each printing its figures.
+test-reliability: deps
+	$(PY) -m pytest -q -m reliability tests
+
+bench: bench-control-plane bench-dataplane bench-program bench-reliability
 
 # Figures for the README; see the docstring of bench/control_plane.py.
 bench-control-plane: deps
@@ -36,6 +42,13 @@ bench-dataplane: deps
 # number of services; writes bench/results/program.{json,txt}. See bench/program.py.
 bench-program: deps
 	$(PY) bench/program.py
+
+# The reliability suites with longer load, more restarts and bigger floods;
+# their figures go to bench/results/reliability.txt too.
+bench-reliability: deps
+	rm -f bench/results/reliability.txt
+	LBCTL_RELIABILITY=full LBCTL_RELIABILITY_OUT=bench/results/reliability.txt \
+		$(PY) -m pytest -q -m reliability tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

@@ -322,7 +322,8 @@ static __always_inline int flow4_decide(const struct pkt4 *p, const struct lb4_c
 }
 
 /* Record the new flow x: NAT port, conntrack.  Returns FLOW_NEW, FLOW_RACED
- * (x now follows the flow another CPU recorded) or FLOW_DROP (no NAT port). */
+ * (x now follows the flow another CPU recorded) or FLOW_DROP (no NAT port,
+ * or no room in the conntrack table). */
 static __always_inline int flow4_record(const struct pkt4 *p, const struct lb4_config *cfg,
 					__u64 now, struct flow4 *x)
 {
@@ -359,7 +360,13 @@ static __always_inline int flow4_record(const struct pkt4 *p, const struct lb4_c
 		if (ct)
 			return flow4_follow(p, ct, x, FLOW_RACED, LB_STAT_DNAT_EST);
 	} else if (rc == CT_FAILED) {
-		stat_inc(LB_STAT_CT_FULL);
+		/* The table is full: the new flow is dropped (its client
+		 * retries), never sent on untracked, whose replies would go
+		 * back untranslated. */
+		if (snat_addr)
+			nat4_unbind(be, snat_addr, snat_port, p->proto);
+		x->stat = LB_STAT_CT_FULL;
+		return FLOW_DROP;
 	}
 	return FLOW_NEW;
 }

@@ -7,11 +7,12 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import time
 from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from lbctl.datapath import ctgc, nodeconf, tc
+from lbctl.datapath import ctgc, layout, nodeconf, tc
 from lbctl.datapath.compiler import Compilation, CompileError
 from lbctl.datapath.entries import has_source_ranges
 from lbctl.datapath.frontends import DatapathError, FrontendTable
@@ -108,6 +109,8 @@ class BpfDatapath:
         self.interfaces: dict[str, int] = {}  # name -> ifindex attached
         self.xdp_interfaces: dict[str, int] = {}  # name -> ifindex with the XDP program
         self._xdp_reported = False
+        self._refused: dict[str, int] = {}  # lb_stats of refused flows, at the last sweep
+        self._warned: dict[str, float] = {}  # full-table warnings, when last logged
         if wait:
             self.load()
 
@@ -271,9 +274,11 @@ class BpfDatapath:
 
     # -- maps -----------------------------------------------------------------------
 
-    def collect_garbage(self) -> None:
+    def collect_garbage(self) -> list[str]:
         """Delete conntrack and NAT entries of flows that timed out, and
-        affinity entries past their timeout or of backends that left."""
+        affinity entries past their timeout or of backends that left; make
+        room in a nearly full flow table.  Returns what the operator should
+        know: a table that was full since the last sweep, and what to do."""
         swept = ctgc.sweep(self.maps, self.settings, affinity=self.table.affinities())
         if swept.conntrack or swept.nat or swept.affinity:
             log.debug(
@@ -282,6 +287,45 @@ class BpfDatapath:
                 swept.nat,
                 swept.affinity,
             )
+        refused = {}
+        for name, stat in (("ct", "LB_STAT_CT_FULL"), ("nat", "LB_STAT_NAT_EXHAUSTED")):
+            per_cpu = self.maps.lb_stats.lookup(layout.ffi.new("__u32 *", layout.const(stat)))
+            refused[name] = int(sum(per_cpu)) if per_cpu is not None else 0
+        news = []
+        s = self.settings
+        if refused["ct"] > self._refused.get("ct", refused["ct"]) or swept.evicted:
+            news.append(
+                f"conntrack table full ({s.ct_size} entries, two per flow, one if "
+                "masqueraded): new flows are refused (lbctl_verdicts_total"
+                '{verdict="conntrack_full"}) or the newest flows ended to make room; '
+                "established flows keep theirs; raise --conntrack-size"
+            )
+        if refused["nat"] > self._refused.get("nat", refused["nat"]):
+            if swept.nat_used >= ctgc.HIGH * s.nat_size or swept.evicted:
+                news.append(
+                    f"NAT table full ({s.nat_size} entries, one per masqueraded flow): new "
+                    'masqueraded flows are refused (lbctl_verdicts_total{verdict="nat_exhausted"}'
+                    "); raise --nat-size"
+                )
+            else:
+                news.append(
+                    "NAT ports exhausted: new masqueraded flows to a backend found no free "
+                    'port (lbctl_verdicts_total{verdict="nat_exhausted"}); widen '
+                    "--nat-port-range, or spread clients over more backends or node addresses"
+                )
+        if swept.affinity_used >= ctgc.HIGH * s.affinity_size:
+            news.append(
+                f"affinity table full ({s.affinity_size} entries, one per client and "
+                "Service port with sessionAffinity ClientIP): the least recently seen "
+                "clients' affinity is forgotten; raise --affinity-size"
+            )
+        self._refused = refused
+        now = time.monotonic()
+        for message in news:
+            if now - self._warned.get(message, -3600.0) >= 60:
+                self._warned[message] = now
+                log.warning("%s", message)
+        return news
 
     def configure(self, conf: NodeConfig) -> None:
         """The node's address, NAT ports and cluster CIDRs."""

@@ -276,7 +276,7 @@ class IpvsDatapath:
             return [f"{service}IPVS virtual service {target}: {os.strerror(err.code)}"]
         return []
 
-    def collect_garbage(self) -> None:
+    def collect_garbage(self) -> list[str]:
         """Delete drained real servers: weight 0 and no connection left."""
         from pyroute2.netlink.exceptions import NetlinkError
 
@@ -302,6 +302,7 @@ class IpvsDatapath:
                 log.warning("IPVS %s:%d: draining: %s", key[0], key[1], os.strerror(err.code))
             if not dests:
                 self.draining.pop(key, None)
+        return []
 
     def _sync_addresses(self, remove_stale: bool) -> list[str]:
         """Every ClusterIP, LoadBalancer IP and externalIP on the dummy link."""
