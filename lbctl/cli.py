@@ -306,7 +306,8 @@ def _node_args(run: argparse.ArgumentParser) -> None:
         "--masquerade-all",
         action="store_const",
         const=True,
-        help="masquerade every balanced flow, not just the ones kube-proxy would",
+        help="masquerade every client of a ClusterIP, as kube-proxy's masqueradeAll "
+        "(externalTrafficPolicy Local frontends still keep the client's address)",
     )
     g.add_argument(
         "--node-ip",
