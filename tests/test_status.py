@@ -267,7 +267,8 @@ def test_status_follows_the_agent_from_unsynced_to_healthy_to_a_removed_datapath
         assert report["agent"]["status"]["healthy"] is True
         assert report["verdict"]["state"] == "datapath absent"
         assert report["verdict"]["problems"] == [
-            f"datapath: no lbctl maps are pinned under {pin_dir}",
+            f"datapath: no lbctl maps are pinned under {pin_dir} (no --bpffs given; used the "
+            "agent's, as its /statusz at 127.0.0.1:10256 says)",
             "datapath: lbctl's tc program is attached to no interface here",
         ]
         assert report["verdict"]["warnings"] == [
