@@ -796,7 +796,7 @@ def agent_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentRun]:
     try:
         sock = node.open_socket()
         sock.bind(("127.0.0.1", 0))
-        server = FakeApiServer(sock, bookmark_interval=0.5).start()
+        server = FakeApiServer(sock).start()
         node.on_delete(server.stop)
         server.apply(k8s_yaml.service("web", "10.96.0.10", [("http", "TCP", 80)]))
         server.apply(k8s_yaml.endpoint_slice("web", ["10.244.0.20"], [("http", "TCP", 8080)]))
