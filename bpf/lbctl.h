@@ -115,7 +115,8 @@
 #define LB_STAT_MAX 22
 
 /* lb4_config.flags */
-#define LB_CFG_F_MASQ_ALL 1   /* masquerade every balanced flow */
+#define LB_CFG_F_MASQ_ALL 1   /* masquerade every flow to a ClusterIP (kube-proxy's
+			       * masqueradeAll); external frontends keep their rules */
 #define LB_CFG_F_DETECTOR 2   /* lb4_cluster_cidrs tells pods from outside clients;
 			       * without it every tc client counts as outside */
 

@@ -1,13 +1,15 @@
 /* Masquerade: which new flows are source-NATed, and their NAT ports.
  *
  * kube-proxy's rules, restated (its KUBE-MARK-MASQ decisions):
- *   - a ClusterIP masquerades clients from outside the cluster CIDRs;
+ *   - a ClusterIP masquerades clients from outside the cluster CIDRs, and
+ *     every client with masqueradeAll;
  *   - a NodePort, LoadBalancer IP or externalIP masquerades everyone, except
  *     with externalTrafficPolicy Local, which masquerades no one: pods keep
- *     every endpoint, outside clients get this node's endpoints only;
+ *     every endpoint, outside clients get this node's endpoints only.
+ *     masqueradeAll does not change that: kube-proxy adds its rule for the
+ *     ClusterIP only, and the policy guarantees the client's address;
  *   - a pod that lands on itself (hairpin) is always masqueraded, or its
- *     reply would go straight back to itself;
- *   - masqueradeAll masquerades every flow.
+ *     reply would go straight back to itself.
  * Masqueraded flows leave with the node's address and a port from the NAT
  * range, chosen here and recorded in nat4.
  */
@@ -62,15 +64,17 @@ static __always_inline int lb4_frontend(const struct pkt4 *p, const struct lb4_c
 	}
 	*masq = 0;
 	if (flags & LB_SVC_F_CLUSTER_IP) {
-		*masq = cfg && (cfg->flags & LB_CFG_F_DETECTOR) && !lb4_internal(cfg, p->saddr);
+		if (cfg && (cfg->flags & LB_CFG_F_MASQ_ALL))
+			*masq = 1;
+		else
+			*masq = cfg && (cfg->flags & LB_CFG_F_DETECTOR) &&
+				!lb4_internal(cfg, p->saddr);
 	} else if (flags & LB_SVC_F_EXTERNAL) {
 		if (!(flags & LB_SVC_F_LOCAL))
 			*masq = 1;
 		else if (!lb4_internal(cfg, p->saddr))
 			svc = lb4_lookup(p, LB_SCOPE_EXTERNAL);
 	}
-	if (cfg && (cfg->flags & LB_CFG_F_MASQ_ALL))
-		*masq = 1;
 	*out = svc;
 	return svc ? FRONTEND_OK : FRONTEND_NONE;
 }

@@ -30,6 +30,7 @@ from lbctl.datapath import nftables
 from lbctl.datapath.maps import MAP_TYPES
 from lbctl.output import columns, counted
 from lbctl.output import render as output_render
+from lbctl.pindir import PinDir, resolve
 
 OK, FAILED, USAGE, AGENT_DOWN, UNHEALTHY, NO_DATAPATH = 0, 1, 2, 3, 4, 5
 STATES = {  # the verdict of each exit code `lbctl status` decides
@@ -39,7 +40,6 @@ STATES = {  # the verdict of each exit code `lbctl status` decides
     NO_DATAPATH: "datapath absent",
 }
 
-DEFAULT_ADDRESS = "127.0.0.1:10256"  # the agent's --healthz-bind-address port, from this node
 _TCA_BPF_ID = 11  # <linux/pkt_cls.h>; pyroute2 0.9 does not decode it
 _HOOKS = (("tc ingress", 0xFFFFFFF2), ("tc egress", 0xFFFFFFF3))  # clsact parents
 _COUNTED_MAPS = ("lb4_services", "lb4_backends")  # small enough to count on every status
@@ -137,12 +137,13 @@ def socket_hooks(pin_dir: Path) -> list[dict[str, Any]]:
     ]
 
 
-def pinned_maps(pin_dir: Path) -> dict[str, Any]:
+def pinned_maps(where: PinDir) -> dict[str, Any]:
     from lbctl.datapath import libbpf
     from lbctl.datapath.bpf import check_bpffs
     from lbctl.datapath.frontends import DatapathError
     from lbctl.datapath.maps import SIZE_FLAGS
 
+    pin_dir = where.path
     try:
         check_bpffs(pin_dir)  # e.g. under `ip netns exec`, which hides bpffs
         unseen = None
@@ -159,7 +160,7 @@ def pinned_maps(pin_dir: Path) -> dict[str, Any]:
             finally:
                 pinned.close()
     return {
-        "directory": str(pin_dir),
+        **where.document(),
         "present": present,
         "missing": [name for name in MAP_TYPES if name not in present],
         "fill": fill,
@@ -192,8 +193,6 @@ def _ipvs_state() -> dict[str, Any] | None:
 
 def collect(address: str, pin_dir: Path | None, timeout: float) -> dict[str, Any]:
     """Everything `lbctl status` shows, and its verdict (`verdict.exitCode`)."""
-    from lbctl.datapath.settings import DEFAULT_PIN_DIR
-
     agent: dict[str, Any] = {"address": address, "reachable": False, "error": None}
     try:
         agent["status"] = fetch(address, timeout)
@@ -201,13 +200,13 @@ def collect(address: str, pin_dir: Path | None, timeout: float) -> dict[str, Any
     except (OSError, ValueError) as err:
         agent["error"] = str(err)
         agent["status"] = None
-    doc = agent["status"] or {}
-    if pin_dir is None:  # the agent's own directory, when it says
-        pin_dir = Path(doc.get("datapath", {}).get("bpffs") or DEFAULT_PIN_DIR)
-    kernel: dict[str, Any] = {"interfaces": interfaces(), "pinnedMaps": pinned_maps(pin_dir)}
+    where = resolve(
+        pin_dir, address, timeout, agent_doc=agent["status"], agent_error=agent["error"]
+    )
+    kernel: dict[str, Any] = {"interfaces": interfaces(), "pinnedMaps": pinned_maps(where)}
     kernel["ipvs"] = _ipvs_state()
     try:
-        kernel["socketHooks"] = socket_hooks(pin_dir)
+        kernel["socketHooks"] = socket_hooks(where.path)
     except OSError as err:
         kernel["socketHooks"] = []
         kernel["socketHooksError"] = str(err)
@@ -253,7 +252,13 @@ def verdict(agent: dict[str, Any], kernel: dict[str, Any]) -> dict[str, Any]:
             if not maps["present"]
             else f"{counted(missing, 'map')} {'is' if missing == 1 else 'are'} not"
         )
-        problems.append((NO_DATAPATH, f"datapath: {what} pinned under {maps['directory']}"))
+        problems.append(
+            (
+                NO_DATAPATH,
+                f"datapath: {what} pinned under {maps['directory']} "
+                f"({'; '.join([*maps['looked'], 'used ' + maps['foundBy']])})",
+            )
+        )
     carrying = {i["name"] for i in kernel["interfaces"] if _ours(i, "tc ingress")}
     if not carrying:
         problems.append(

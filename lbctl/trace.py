@@ -191,15 +191,20 @@ def _masquerade(t: _Trace, svc: Svc, cfg: Config | None, internal: bool, be: Be,
             if detector
             else "a ClusterIP, and no cluster CIDRs tell outside clients apart"
         )
+        if cfg is not None and cfg.flags & _CFG_F_MASQ_ALL:
+            masq, why = True, "masqueradeAll: every client of a ClusterIP"
     elif svc.flags & _SVC_F_EXTERNAL:
         masq = not svc.flags & _SVC_F_LOCAL
         why = (
             "an outside-facing frontend with externalTrafficPolicy Cluster"
             if masq
             else "externalTrafficPolicy Local keeps the client's address"
+            + (
+                " (masqueradeAll covers ClusterIPs only)"
+                if cfg is not None and cfg.flags & _CFG_F_MASQ_ALL
+                else ""
+            )
         )
-    if cfg is not None and cfg.flags & _CFG_F_MASQ_ALL:
-        masq, why = True, "masqueradeAll"
     if be.address == p.src:
         masq, why = True, "hairpin: the client is the backend"
     applies = masq and cfg is not None and cfg.snat_addr is not None

@@ -790,6 +790,8 @@ class AgentRun:
     probes: dict[str, tuple[int, Doc]]  # probe -> (status, JSON body)
     requests: list[Request]  # what the agent asked the API server
     log: str
+    pin_dir: Path  # the agent's --bpffs
+    commands: dict[str, subprocess.CompletedProcess[str]]  # `kubectl exec ds/lbctl -- lbctl ...`
 
 
 @pytest.fixture(scope="module")
@@ -801,7 +803,7 @@ def agent_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentRun]:
     try:
         sock = node.open_socket()
         sock.bind(("127.0.0.1", 0))
-        server = FakeApiServer(sock, bookmark_interval=0.5).start()
+        server = FakeApiServer(sock).start()
         node.on_delete(server.stop)
         server.apply(k8s_yaml.service("web", "10.96.0.10", [("http", "TCP", 80)]))
         server.apply(k8s_yaml.endpoint_slice("web", ["10.244.0.20"], [("http", "TCP", 8080)]))
@@ -849,9 +851,20 @@ def agent_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentRun]:
                 code, raw = http_get(node, port, get["path"])
                 probes[probe] = (code, json.loads(raw))
             requests = list(server.requests)
+            # what `kubectl exec ds/lbctl -- lbctl ...` runs: no flags, the container's
+            # capabilities, the node's namespace
+            commands = {
+                what: subprocess.run(
+                    agent.command(*args), capture_output=True, text=True, timeout=60, check=False
+                )
+                for what, args in (
+                    ("status", ("status", "-o", "json")),
+                    ("maps dump", ("maps", "dump", "services", "-o", "json")),
+                )
+            }
         finally:
             agent.stop()
-        yield AgentRun(body.decode(), probes, requests, agent.text())
+        yield AgentRun(body.decode(), probes, requests, agent.text(), pin_dir, commands)
     finally:
         cleanup_datapath(node, pin_dir)
         node.delete()
@@ -872,6 +885,21 @@ def test_the_agent_runs_and_answers_probes_with_the_daemonsets_settings(
         assert f"attached tc ingress program to {link}" in log, log
     assert "socket hooks on cgroup" in log and "0 errors" in log, log
     assert "ERROR" not in log, log
+
+
+@pytest.mark.netns
+def test_status_and_maps_dump_in_the_pod_need_no_flags(agent_run: AgentRun) -> None:
+    """`kubectl exec ds/lbctl -- lbctl status` and `maps dump` find the agent's maps
+    (its --bpffs is a test directory here, not the default) by asking the agent."""
+    dump = agent_run.commands["maps dump"]
+    assert dump.returncode == 0, dump.stderr
+    services = {f["service"] for f in json.loads(dump.stdout)["frontends"]}
+    assert services == {"test/web", "test/empty"}
+    status = agent_run.commands["status"]
+    assert status.returncode == 0, status.stderr
+    maps = json.loads(status.stdout)["kernel"]["pinnedMaps"]
+    assert maps["directory"] == str(agent_run.pin_dir) and maps["missing"] == [], maps
+    assert maps["foundBy"] == f"the agent's, as its /statusz at 127.0.0.1:{HEALTHZ_PORT} says"
 
 
 @pytest.mark.netns

@@ -224,7 +224,7 @@ def test_status_follows_the_agent_from_unsynced_to_healthy_to_a_removed_datapath
     node = cluster.node
     sock = node.open_socket()
     sock.bind(("127.0.0.1", 0))
-    server = FakeApiServer(sock, bookmark_interval=0.5).start()
+    server = FakeApiServer(sock).start()
     node.on_delete(server.stop)
     server.create(k8s_yaml.service("web", "10.96.0.10", WEB_PORTS))
     server.create(k8s_yaml.endpoint_slice("web", [p.ip for p in cluster.pods], WEB_TARGETS))
@@ -267,7 +267,8 @@ def test_status_follows_the_agent_from_unsynced_to_healthy_to_a_removed_datapath
         assert report["agent"]["status"]["healthy"] is True
         assert report["verdict"]["state"] == "datapath absent"
         assert report["verdict"]["problems"] == [
-            f"datapath: no lbctl maps are pinned under {pin_dir}",
+            f"datapath: no lbctl maps are pinned under {pin_dir} (no --bpffs given; used the "
+            "agent's, as its /statusz at 127.0.0.1:10256 says)",
             "datapath: lbctl's tc program is attached to no interface here",
         ]
         assert report["verdict"]["warnings"] == [
