@@ -140,6 +140,8 @@ if [ "$tool" != docker ]; then
   # RUN steps as chrooted processes of this one: no OCI runtime, so no cgroup of
   # their own (crun refuses a host with cgroup v1 and v2 side by side)
   args+=(--isolation chroot)
+  # the two stages at once: the runtime's packages download while pip installs
+  args+=(--jobs 2)
 fi
 case "$tool" in
   docker) ;;
