@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: deps demo test lint unit clean bench bench-control-plane bench-dataplane bench-program \
+.PHONY: deps demo image test lint unit clean bench bench-control-plane bench-dataplane bench-program \
 	test-reliability bench-reliability
 
 deps:
@@ -11,6 +11,12 @@ deps:
 
 demo: deps
 	@bash scripts/demo.sh
+
+# The agent's image from deploy/Dockerfile, with docker (a running engine),
+# podman or buildah, on a Debian base made here; layers are cached. IMAGE=name:tag
+# to tag it otherwise. See scripts/image.sh.
+image: deps
+	@bash scripts/image.sh
 
 lint: deps
 	$(BIN)/ruff check lbctl tests bench

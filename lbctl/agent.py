@@ -28,6 +28,9 @@ from lbctl.plan import Frontend, FrontendKey, NodeContext, PlanDiff, Planner
 
 log = logging.getLogger(__name__)
 
+# The parts an operator may ask for that can be off while the rest runs (Agent.off).
+SOCKET_HOOKS, INTERFACES, XDP = "socket hooks", "interfaces", "XDP fast path"
+
 
 class Source(Protocol):
     @property
@@ -131,7 +134,12 @@ class Agent:
         self.synced = threading.Event()
         self._missing_links: list[str] = []
         self._missing_external: list[str] = []
+        self._xdp_errors: list[str] = []
         self._xdp_cleared = False
+        # Parts the operator asked for that do not work now, and why: the socket
+        # hooks, named interfaces, the XDP fast path.  With `errors` (Services
+        # left unprogrammed), what keeps the agent from being ready (`ready`).
+        self.off: dict[str, list[str]] = {}
         self._sweep_pending = False
         self.sync_seconds: float | None = None  # how long the first sync took
         # Seconds from a change reaching lbctl to the maps holding it, newest last.
@@ -208,7 +216,7 @@ class Agent:
         for hook in self.poll_observers:
             hook(refs)
         self._attach()
-        self._record(self.datapath.attach_cgroup(self.options.cgroup_path))
+        self._attach_hooks()
 
     def step(self, node_scan: bool = False) -> PlanDiff:
         refs = self.source.poll(self.table)
@@ -280,16 +288,18 @@ class Agent:
                     what = "periodic sync" if now >= next_resync else "retry of failed frontends"
                     next_retry = now + opts.retry_interval_s
                     next_resync = now + opts.sync_period_s
-                    self.errors = []
                     desired = self.planner.frontends()
                     remove_stale = not self._sweep_pending
                     begun = time.monotonic()
                     errors = self.datapath.reconcile(desired, remove_stale)
                     seconds = time.monotonic() - begun
                     self._synced(seconds, True, errors)
-                    self._record(errors)
+                    # in one step: readiness never sees the old errors gone, the new not in
+                    self._record(errors, replace=True)
                     self.last_sync = SyncRecord(time.time(), seconds, what, (*errors,))
                     self._repair_hooks()
+                    if what == "periodic sync" and SOCKET_HOOKS in self.off:
+                        self._attach_hooks()  # e.g. the cgroup is mounted by now
                 if time.monotonic() >= next_gc:
                     # Often, as a full flow table refuses new flows until swept
                     # (ctgc.py); a sweep of a big table waits ten times its length.
@@ -336,16 +346,49 @@ class Agent:
             if missing != self._missing_links:  # report each change once, not every scan
                 self._record(missing)
                 self._missing_links = missing
+            self._part(INTERFACES, missing)
         else:
             wanted = tc.list_interfaces()
         self.datapath.forget_missing(wanted)
         self._record(self.datapath.attach(wanted))
         if self.options.xdp != "off":
-            self._record(self.datapath.attach_xdp(self._external_links(), self.options.xdp))
+            errors = self.datapath.attach_xdp(self._external_links(), self.options.xdp)
+            self._part(XDP, self._missing_external + errors)
+            if errors != self._xdp_errors:  # report each change once, not every scan
+                self._record(errors)
+                self._xdp_errors = errors
         elif not self._xdp_cleared and self.options.interfaces != []:
             # an earlier run's XDP program must not linger (interfaces=[]: touch nothing)
             self._xdp_cleared = True
             self._record(self.datapath.attach_xdp([], "off"))
+
+    def _attach_hooks(self) -> None:
+        errors = self.datapath.attach_cgroup(self.options.cgroup_path)
+        self._part(SOCKET_HOOKS, errors)
+        self._record(errors)
+
+    def _part(self, part: str, errors: list[str]) -> None:
+        if errors:
+            self.off[part] = list(errors)
+        else:
+            self.off.pop(part, None)
+
+    def ready(self) -> tuple[bool, list[str]]:
+        """Whether every part asked for works and every Service is programmed; why not.
+
+        For readiness (/readyz), apart from the agent's health: a datapath that
+        runs with a part off keeps serving the rest."""
+        off = dict(self.off)
+        why = [f"{part} asked for but off: {'; '.join(reasons)}" for part, reasons in off.items()]
+        said = {reason for reasons in off.values() for reason in reasons}
+        errors = [e for e in self.errors if e not in said]
+        if errors:
+            why.append(
+                f"{len(errors)} {'error' if len(errors) == 1 else 'errors'} at the last attempt "
+                f"to program the datapath (a Service left unprogrammed, e.g. a full map; "
+                f"retried every {self.options.retry_interval_s:.0f} s): {errors[0]}"
+            )
+        return not why, why
 
     def _repair_hooks(self) -> None:
         """A program detached by hand (or by another tool) is put back at the
@@ -375,11 +418,12 @@ class Agent:
         for observe in self.sync_observers:
             observe(seconds, full, len(errors))
 
-    def _record(self, errors: list[str]) -> None:
+    def _record(self, errors: list[str], replace: bool = False) -> None:
+        """Log and keep `errors`; `replace`: they are all that is current now."""
         for message in errors:
             log.error("%s", message)
             self._remember(message)
-        self.errors += errors
+        self.errors = list(errors) if replace else self.errors + errors
 
     def _remember(self, message: str) -> None:
         self.recent_errors.pop(message, None)

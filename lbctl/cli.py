@@ -311,7 +311,8 @@ def _node_args(run: argparse.ArgumentParser) -> None:
         "--cgroup",
         dest="cgroup_path",
         metavar="PATH",
-        help="cgroup v2 directory whose processes' sockets are balanced at connect time "
+        help="cgroup v2 directory whose processes' sockets are balanced at connect time, or "
+        "a directory with cgroup2 mounted at its unified (a hybrid host's /sys/fs/cgroup) "
         '(default: the root of the cgroup2 mount; "" turns the socket hooks off)',
     )
 

@@ -12,6 +12,7 @@ DEB_PACKAGES=(
   gcc nginx python3-matplotlib             # make bench: load generator, backends, chart
   user-mode-linux kmod ipvsadm             # a kernel with IPVS for the IPVS fallback's tests
   libcap2-bin                              # capsh: the mode probe's tests drop capabilities
+  podman buildah runc debootstrap          # make image, and the test that runs the image
 )
 # Installed without their Recommends: prometheus would bring node-exporter, a
 # second service the tests do not use.
@@ -51,6 +52,14 @@ if [ ${#missing[@]} -gt 0 ] || [ ${#alone[@]} -gt 0 ]; then
       fi
     done
   fi
+fi
+
+# kubectl, to render deploy/ (`kubectl kustomize`) in the tests: Debian's when
+# the machine has none.
+if ! command -v kubectl >/dev/null; then
+  echo "deps: installing Debian's kubectl (kubernetes-client)"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q kubernetes-client
 fi
 
 # bcc looks for headers at /lib/modules/$(uname -r)/{build,source}. When the
@@ -101,4 +110,14 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   echo "deps: installing lbctl and its test extras into .venv"
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
   touch "$stamp"
+fi
+# The Kubernetes schemas of releases older than the installed kubernetes-validate
+# bundles (deploy/ supports 1.24 on): an earlier release's wheel, read in place by
+# tests/k8s_schemas.py.
+schemas=.venv/share/lbctl-test
+if [ ! -f "$schemas/kubernetes_validate-1.30.0-py3-none-any.whl" ]; then
+  echo "deps: downloading the Kubernetes 1.24 schemas (kubernetes-validate 1.30.0)"
+  mkdir -p "$schemas"
+  .venv/bin/pip download -q --disable-pip-version-check --no-deps -d "$schemas" \
+    kubernetes-validate==1.30.0
 fi

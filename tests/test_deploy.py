@@ -297,7 +297,7 @@ def test_the_daemonset_runs_the_agent_with_the_configmaps_config(tmp_path: Path)
     assert probes == {
         "startupProbe": ("/livez", HEALTHZ_PORT),
         "livenessProbe": ("/livez", HEALTHZ_PORT),
-        "readinessProbe": ("/healthz", HEALTHZ_PORT),
+        "readinessProbe": ("/readyz", HEALTHZ_PORT),
     }
 
     # the node: its network namespace, its name, every node
@@ -357,7 +357,11 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 def test_the_dockerfile_builds_what_the_daemonset_runs() -> None:
     steps = dockerfile_instructions()
-    assert steps[0][0] == "FROM" and re.fullmatch(r"debian:12(-slim)?", steps[0][1]), steps[0]
+    # Debian 12 unless the build names another base (make image: one made from Debian's packages)
+    assert steps[0] == ("ARG", "BASE=debian:12-slim"), steps[0]
+    stages = [arg for cmd, arg in steps if cmd == "FROM"]
+    assert stages == ["${BASE} AS build", "${BASE}"], stages
+    final = steps[max(i for i, (cmd, _) in enumerate(steps) if cmd == "FROM") :]
     runs = " ".join(arg for cmd, arg in steps if cmd == "RUN")
     installs = re.findall(r"apt-get install ([^&;]*)", runs)
     packages = {w for words in installs for w in words.split() if not w.startswith("-")}
@@ -375,9 +379,13 @@ def test_the_dockerfile_builds_what_the_daemonset_runs() -> None:
     copied = {src for cmd, arg in steps if cmd == "COPY" for src in shlex.split(arg)[:-1]}
     assert {"setup.py", "pyproject.toml", "lbctl", "bpf"} <= copied, copied
     assert re.search(rf"{re.escape(prefix)}/bin/pip install .*/src", runs)
-    env = [arg for cmd, arg in steps if cmd == "ENV"]
+    # what runs is installed in the final stage; the venv is copied there whole
+    final_runs = " ".join(arg for cmd, arg in final if cmd == "RUN")
+    assert not RUNTIME_PACKAGES - {"python3-venv"} - set(final_runs.split())
+    assert ("COPY", f"--from=build {prefix} {prefix}") in final
+    env = [arg for cmd, arg in final if cmd == "ENV"]
     assert f"PATH={prefix}/bin:$PATH" in env, "the DaemonSet's command `lbctl` is on PATH"
-    assert ("ENTRYPOINT", '["lbctl"]') in steps
+    assert ("ENTRYPOINT", '["lbctl"]') in final
 
 
 # -- PromQL: the metric names, labels and values a query uses -------------------------

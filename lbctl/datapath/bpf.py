@@ -108,7 +108,6 @@ class BpfDatapath:
         self.failed_programs: dict[str, str] = {}  # optional programs that did not, and why
         self.interfaces: dict[str, int] = {}  # name -> ifindex attached
         self.xdp_interfaces: dict[str, int] = {}  # name -> ifindex with the XDP program
-        self._xdp_reported = False
         self._refused: dict[str, int] = {}  # lb_stats of refused flows, at the last sweep
         self._warned: dict[str, float] = {}  # full-table warnings, when last logged
         if wait:
@@ -192,7 +191,8 @@ class BpfDatapath:
         return errors
 
     def attach_xdp(self, links: Iterable[tc.Link], mode: str) -> list[str]:
-        """The XDP fast path on the external interfaces; the error of each failure.
+        """The XDP fast path on the external interfaces; the error of each failure,
+        at every call while it lasts (the agent logs each change once).
 
         Mode "off" removes lbctl's XDP program from every interface instead."""
         from lbctl.datapath import xdp
@@ -207,9 +207,6 @@ class BpfDatapath:
         fd = self.prog_fds.get("lbctl_xdp")
         if fd is None:
             why = self.failed_programs.get("lbctl_xdp", "it is not part of this build")
-            if self._xdp_reported:
-                return []
-            self._xdp_reported = True
             return [f"XDP fast path (--xdp {mode}) is off: the program did not load: {why}"]
         errors = []
         for link in links:
@@ -227,8 +224,9 @@ class BpfDatapath:
     def attach_cgroup(self, path: str | None) -> list[str]:
         """Socket hooks for the node's own processes, on a cgroup v2 directory.
 
-        None: the root of the cgroup2 mount (every process of the node); "": no
-        hooks, and links a former run left are removed."""
+        A path: that cgroup2 directory, or the cgroup2 mounted at its `unified`
+        (cgroup.find_cgroup2); None: the root of the cgroup2 mount (every process
+        of the node); "": no hooks, and links a former run left are removed."""
         from lbctl.datapath import cgroup
 
         pin_dir = self.settings.pin_dir
@@ -237,7 +235,7 @@ class BpfDatapath:
                 for hook in cgroup.detach(pin_dir):
                     log.info("socket hook %s detached (socket hooks are off)", hook)
                 return []
-            where = Path(path) if path is not None else cgroup.cgroup2_mount()
+            where = cgroup.find_cgroup2(Path(path)) if path is not None else cgroup.cgroup2_mount()
             done = cgroup.attach(where, self.prog_fds, pin_dir)
         except (cgroup.CgroupError, OSError) as err:
             return [f"socket hooks for the node's own processes are off: {err}"]
