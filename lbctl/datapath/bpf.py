@@ -180,12 +180,12 @@ class BpfDatapath:
             if self.interfaces.get(link.name) == link.index:
                 continue
             try:
-                tc.attach(link, self.prog_fd)
+                tc.attach(link, self.prog_fds)
             except tc.AttachError as err:
                 errors.append(str(err))
                 continue
             self.interfaces[link.name] = link.index
-            log.info("attached tc ingress program to %s", link.name)
+            log.info("attached tc ingress and egress programs to %s", link.name)
         return errors
 
     def attach_xdp(self, links: Iterable[tc.Link], mode: str) -> list[str]:
@@ -259,10 +259,11 @@ class BpfDatapath:
         from lbctl.datapath import xdp
 
         gone = []
-        tc_now = set(tc.attached_interfaces()) if self.interfaces else set()
-        for name in [n for n in self.interfaces if n not in tc_now]:
-            del self.interfaces[name]
-            gone.append(f"{name} (tc)")
+        for hook in tc.HOOKS:
+            tc_now = set(tc.attached_interfaces(hook)) if self.interfaces else set()
+            for name in [n for n in self.interfaces if n not in tc_now]:
+                del self.interfaces[name]
+                gone.append(f"{name} (tc {hook.name})")
         xdp_now = set(xdp.attached_interfaces()) if self.xdp_interfaces else set()
         for name in [n for n in self.xdp_interfaces if n not in xdp_now]:
             del self.xdp_interfaces[name]
@@ -284,8 +285,10 @@ class BpfDatapath:
             )
 
     def configure(self, conf: NodeConfig) -> None:
-        """The node's address, NAT ports and cluster CIDRs."""
+        """The node's address, NAT ports and cluster CIDRs; where backends are."""
         nodeconf.write(self.maps, conf)
+        for error in self.table.set_placement(nodeconf.Placement.of(conf)):
+            log.error("%s: its flags stay as they were until the next sync", error)
 
     def reconcile(
         self, desired: Mapping[FrontendKey, Frontend], remove_stale: bool = True

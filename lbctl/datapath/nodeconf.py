@@ -1,7 +1,8 @@
 """What the datapath must know about its node: lb4_config and the cluster CIDRs.
 
 Written at the first sync and whenever the node's address changes; the
-programs read it on every new flow.
+programs read it on every new flow.  The pod network (the cluster CIDRs) and
+the node's own addresses also say where each backend is (`Placement`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from lbctl.datapath.maps import Maps
 
 _CFG_F_MASQ_ALL = layout.const("LB_CFG_F_MASQ_ALL")
 _CFG_F_DETECTOR = layout.const("LB_CFG_F_DETECTOR")
+_CFG_F_NODE_CIDRS = layout.const("LB_CFG_F_NODE_CIDRS")
+_BACKEND_F_MASQ_PODS = layout.const("LB_BACKEND_F_MASQ_PODS")
+_BACKEND_F_HOST = layout.const("LB_BACKEND_F_HOST")
+PLACEMENT_FLAGS = _BACKEND_F_MASQ_PODS | _BACKEND_F_HOST
+_KNOWN_MAX = 1 << 20
 DEFAULT_NAT_PORTS = (61000, 65535)  # above Linux's default ephemeral range (32768-60999)
 
 
@@ -24,6 +30,55 @@ class NodeConfig:
     masquerade_all: bool = False
     cluster_cidrs: tuple[ipaddress.IPv4Network, ...] = ()  # the local traffic detector
     netns_cookie: int = 0  # the node's network namespace, for the socket hooks
+    node_cidrs: bool = False  # cluster_cidrs are this node's spec.podCIDRs (none was given)
+    host_addresses: frozenset[ipaddress.IPv4Address] = frozenset()  # the node's own
+
+
+class Placement:
+    """Where a backend is, seen from this node, as lb4_backend.flags say it:
+
+    - LB_BACKEND_F_HOST: an address of this node (a hostNetwork endpoint here);
+    - LB_BACKEND_F_MASQ_PODS: outside the pod network (the cluster CIDRs, or
+      this node's pod CIDRs when no cluster CIDR is known); nothing is outside
+      when neither is known, since no client could be told to be a pod.
+
+    An address is classified once and remembered: the periodic reconcile asks
+    for every backend."""
+
+    def __init__(
+        self,
+        pod_cidrs: tuple[ipaddress.IPv4Network, ...] = (),
+        host: frozenset[ipaddress.IPv4Address] = frozenset(),
+    ) -> None:
+        self.pod_cidrs = pod_cidrs
+        self.host = host
+        self._known: dict[object, int] = {}
+
+    @classmethod
+    def of(cls, conf: NodeConfig) -> Placement:
+        return cls(conf.cluster_cidrs, conf.host_addresses)
+
+    def same(self, other: Placement) -> bool:
+        return (self.pod_cidrs, self.host) == (other.pod_cidrs, other.host)
+
+    def flags(self, address: object) -> int:
+        known = self._known.get(address)
+        if known is not None:
+            return known
+        if address in self.host:
+            flags = _BACKEND_F_HOST
+        elif (
+            self.pod_cidrs
+            and isinstance(address, ipaddress.IPv4Address)
+            and not any(address in c for c in self.pod_cidrs)
+        ):
+            flags = _BACKEND_F_MASQ_PODS
+        else:
+            flags = 0
+        if len(self._known) >= _KNOWN_MAX:  # addresses that came and went, for weeks
+            self._known.clear()
+        self._known[address] = flags
+        return flags
 
 
 def _cidr_key(network: ipaddress.IPv4Network) -> object:
@@ -45,8 +100,10 @@ def write(maps: Maps, conf: NodeConfig) -> None:
     value = layout.new("struct lb4_config")
     value.snat_addr = layout.ip4(conf.snat_address) if conf.snat_address else 0
     value.nat_port_min, value.nat_port_max = conf.nat_ports
-    value.flags = (_CFG_F_MASQ_ALL if conf.masquerade_all else 0) | (
-        _CFG_F_DETECTOR if wanted else 0
+    value.flags = (
+        (_CFG_F_MASQ_ALL if conf.masquerade_all else 0)
+        | (_CFG_F_DETECTOR if wanted else 0)
+        | (_CFG_F_NODE_CIDRS if wanted and conf.node_cidrs else 0)
     )
     value.netns_cookie = conf.netns_cookie
     maps.lb4_config.update(layout.ffi.new("__u32 *", 0), value)
@@ -68,5 +125,11 @@ def read(maps: Maps) -> dict[str, object]:
         "nat_ports": [value.nat_port_min, value.nat_port_max],
         "masquerade_all": bool(value.flags & _CFG_F_MASQ_ALL),
         "cluster_cidrs": cidrs,
+        "cluster_cidrs_from": cidrs_from(int(value.flags)) if cidrs else None,
         "netns_cookie": int(value.netns_cookie),
     }
+
+
+def cidrs_from(flags: int) -> str:
+    """Where lb4_cluster_cidrs came from, as lb4_config.flags say."""
+    return "the Node's spec.podCIDRs" if flags & _CFG_F_NODE_CIDRS else "--cluster-cidr"
