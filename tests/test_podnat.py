@@ -22,13 +22,14 @@ network itself, and translate back the replies that node A's own stack sends
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests import extlab, k8s_yaml, netlab
-from tests.agent_proc import AgentProcess
+from tests.agent_proc import AgentProcess, lbctl
 from tests.extlab import CLIENT_IP, NODE_A, NODE_IP, World
 from tests.netlab import Lab, Netns, Pod, TcpServer, UdpServer, tcp_request, udp_request
 
@@ -102,7 +103,7 @@ def _manifests(path: Path, world: World, with_node_cidr: bool) -> None:
     k8s_yaml.write(path / "objects.yaml", *objects)
 
 
-def _start(tmp_path: Path, pin_dir: Path, lab: Lab, cluster_cidr: bool) -> Env:
+def _start(tmp_path: Path, pin_dir: Path, lab: Lab, cluster_cidr: bool, *extra: str) -> Env:
     world = extlab.build(lab, pods_a=0, pods_b=1)
     api = _api_host(lab, world.node_a)
     _real_node_rules(world.node_a, NODE_POD_CIDR)
@@ -121,7 +122,7 @@ def _start(tmp_path: Path, pin_dir: Path, lab: Lab, cluster_cidr: bool) -> Env:
     if not cluster_cidr:
         at = flags.index("--cluster-cidr")
         del flags[at : at + 2]
-    agent = AgentProcess(world.node_a, manifests, pin_dir, tmp_path / "agent.log", *flags)
+    agent = AgentProcess(world.node_a, manifests, pin_dir, tmp_path / "agent.log", *flags, *extra)
     return Env(world, api, agent, manifests)
 
 
@@ -196,3 +197,74 @@ def test_a_pod_on_another_node_behind_a_cluster_ip(env: Env) -> None:
         else:
             assert node["cluster_cidrs"] == [NODE_POD_CIDR]
             assert reply.peer_ip == NODE_IP
+
+
+def test_the_xdp_fast_path_leaves_these_flows_to_tc(tmp_path: Path, pin_dir: Path) -> None:
+    """With XDP on the external interface: an outside client's flow to the node
+    itself goes to tc (the FIB says local), and the API server's replies to a
+    masqueraded pod flow arrive on api0, where no XDP program runs."""
+    with Lab() as lab:
+        env = _start(
+            tmp_path, pin_dir, lab, True, "--xdp", "generic", "--external-interfaces", "ext0"
+        )
+        try:
+            env.agent.start()
+            env.agent.wait_for_log("synced:")
+            client, pod = env.world.client, env.world.pod_client
+            for _ in range(3):
+                assert tcp_request(client, NODE_IP, HOSTSVC_NODE_PORT, timeout=3.0).peer_ip == (
+                    CLIENT_IP
+                )
+                assert udp_request(client, NODE_IP, HOSTSVC_NODE_PORT + 1).peer_ip == CLIENT_IP
+                assert tcp_request(pod, KUBERNETES_IP, 443, timeout=3.0).peer_ip == NODE_IP
+            counters = env.agent.dump()["counters"]
+            assert counters["xdp_to_tc"] >= 2 and counters["egress_reverse_nat"] >= 6
+        finally:
+            env.agent.stop()
+
+
+def test_trace_status_and_dump_tell_what_happens(env: Env) -> None:
+    """`lbctl trace` says a pod's flow to the API server is masqueraded and why,
+    and that the node's own endpoint is answered through the egress hook;
+    `lbctl maps dump` shows where each backend is and where the CIDRs came from;
+    `lbctl status` shows the egress program on every interface."""
+    pod = env.world.pod_client
+    node, pin = env.world.node_a, ["--bpffs", str(env.agent.pin_dir)]
+    run = ("trace", *pin, "--address", "127.0.0.1:1", "--timeout", "1")
+    api = lbctl(*run, "--src", pod.ip, "--dst", f"{KUBERNETES_IP}:443", node=node, check=False)
+    assert api.returncode == 0, api.stderr
+    verdict = api.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("VERDICT  forward: "), verdict
+    assert f"masqueraded as {NODE_IP} (a pod " in verdict, verdict
+    assert f"reaching {API_HOST_IP}, outside " in verdict
+    own = lbctl(*run, "--src", pod.ip, "--dst", f"{HOSTSVC_IP}:443", node=node, check=False)
+    assert own.returncode == 0, own.stderr
+    assert "client address kept" in own.stdout.splitlines()[-1]
+    assert "tc egress hook (lbctl_tc_egress)" in own.stdout
+
+    data = env.agent.dump()
+    where = {
+        (fe["address"], be["address"]): be["placement"]
+        for fe in data["frontends"]
+        for be in fe["backends"]
+    }
+    assert where[(KUBERNETES_IP, API_HOST_IP)] == "outside-pod-network"
+    assert where[(HOSTSVC_IP, NODE_IP)] == "this-node"
+    remote = env.world.pods_b[0].ip
+    with_cidr = data["node"]["cluster_cidrs"] == [extlab.CLUSTER_CIDR]
+    assert where[(WEB_IP, remote)] == ("pod-network" if with_cidr else "outside-pod-network")
+    assert data["node"]["cluster_cidrs_from"] == (
+        "clusterCIDR" if with_cidr else "the Node's spec.podCIDRs"
+    )
+    table = lbctl("maps", "dump", "services", *pin, node=node).stdout
+    assert any(
+        row.split()[-3:-1] == ["ready", "node"] and f"{NODE_IP}:6443" in row
+        for row in table.splitlines()
+    ), table
+
+    report = json.loads(lbctl("status", "-o", "json", *pin, node=node, check=False).stdout)
+    hooks = {
+        i["name"]: {p["hook"] for p in i["programs"] if p["owner"] == "lbctl"}
+        for i in report["kernel"]["interfaces"]
+    }
+    assert hooks["lxcpc"] == hooks["api0"] == hooks["ext0"] == {"tc ingress", "tc egress"}

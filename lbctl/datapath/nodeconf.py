@@ -132,4 +132,4 @@ def read(maps: Maps) -> dict[str, object]:
 
 def cidrs_from(flags: int) -> str:
     """Where lb4_cluster_cidrs came from, as lb4_config.flags say."""
-    return "the Node's spec.podCIDRs" if flags & _CFG_F_NODE_CIDRS else "--cluster-cidr"
+    return "the Node's spec.podCIDRs" if flags & _CFG_F_NODE_CIDRS else "clusterCIDR"
