@@ -87,6 +87,36 @@ def load_failure(said: str) -> str:
     )
 
 
+def replace_outgrown_stats(pin_dir: Path) -> bool:
+    """An lb_stats pinned by an older lbctl with fewer counters than this one
+    counts is unpinned, so the programs get a fresh one: adopted, the new
+    counters would never count.  Only the totals start again from zero (as a
+    restarted exporter's do); every other map is adopted as it is.  True when
+    it was replaced."""
+    from lbctl.datapath import layout, libbpf
+
+    pin = pin_dir / "lb_stats"
+    if not pin.exists():
+        return False
+    fd = libbpf.obj_get(str(pin))
+    try:
+        have = libbpf.map_info(fd).max_entries
+    finally:
+        os.close(fd)
+    wanted = layout.const("LB_STAT_MAX")
+    if have >= wanted:
+        return False
+    pin.unlink()
+    log.info(
+        "lb_stats under %s holds %d counters, this lbctl counts %d: made anew, its totals "
+        "start from zero",
+        pin_dir,
+        have,
+        wanted,
+    )
+    return True
+
+
 class _Statfs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
 
@@ -101,6 +131,7 @@ class BpfDatapath:
         self.settings = settings
         check_bpffs(settings.pin_dir)
         settings.pin_dir.mkdir(parents=True, exist_ok=True)
+        replace_outgrown_stats(settings.pin_dir)
         self._compilation: Compilation | None = Compilation(settings)
         self.prog_fd = -1
         self.prog_fds: dict[str, int] = {}  # every program that loaded, by name
