@@ -11,7 +11,10 @@ The world of tests/extlab.py, plus what a real node has and a real cluster needs
 - on node A, a CNI's masquerade rule (`-s podCIDR ! -d podCIDR -j
   MASQUERADE`), conntrack INVALID drop rules on INPUT and FORWARD, strict
   rp_filter, and tx checksum offload off on every sender (the pods, the API
-  host, and node A's interfaces, from which node A's own replies leave).
+  host, and node A's interfaces, from which node A's own replies leave);
+  pods routed as Calico wires them (a /32 per veth) and, in one test, a pod
+  behind a bridge (cni0) with bridged frames through iptables, as the
+  issue's bridge CNI wires it.
 
 lbctl's tc program forwards a balanced packet itself (bpf_fib_lookup +
 bpf_redirect_neigh), past the node's netfilter and so past the CNI's
@@ -23,6 +26,7 @@ network itself, and translate back the replies that node A's own stack sends
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -268,3 +272,54 @@ def test_trace_status_and_dump_tell_what_happens(env: Env) -> None:
         for i in report["kernel"]["interfaces"]
     }
     assert hooks["lxcpc"] == hooks["api0"] == hooks["ext0"] == {"tc ingress", "tc egress"}
+
+
+def _bridged_pod(lab: Lab, node: Netns) -> Pod:
+    """A pod behind a bridge, as the bridge CNI of the issue's node wires it: its
+    veth a port of cni0 (which holds the gateway), bridged frames through
+    iptables (br_netfilter's bridge-nf-call-iptables, as Kubernetes asks)."""
+    node.ip("link", "add", "cni0", "type", "bridge")
+    node.ip("addr", "add", "10.244.0.129/25", "dev", "cni0")
+    node.ip("link", "set", "cni0", "up")
+    node.sysctl("net.bridge.bridge-nf-call-iptables", 1)
+    ns = lab.netns("bpod")
+    netlab.veth(node, "vethbpod", ns, "eth0")
+    node.ip("link", "set", "vethbpod", "master", "cni0")
+    ns.ip("addr", "add", "10.244.0.140/25", "dev", "eth0")
+    ns.ip("route", "add", "default", "via", "10.244.0.129")
+    netlab.tx_checksum_offload(ns, "eth0", on=False)
+    for link in ("cni0", "vethbpod"):
+        netlab.tx_checksum_offload(node, link, on=False)
+    return Pod(ns=ns, name="bpod", ip="10.244.0.140", host_if="vethbpod")
+
+
+def test_a_pod_behind_a_bridge_cni(tmp_path: Path, pin_dir: Path) -> None:
+    """The same three Services from a pod on a bridge: the node's replies leave
+    through cni0 and then the pod's port, each with lbctl's egress program."""
+    with Lab() as lab:
+        env = _start(tmp_path, pin_dir, lab, True)
+        pod = _bridged_pod(lab, env.world.node_a)
+        try:
+            env.agent.start()
+            env.agent.wait_for_log("synced:")
+            deadline = time.monotonic() + 10  # the agent attaches new links every second
+            while (
+                "lbctl_tc_ingress"
+                not in env.world.node_a.run(
+                    "tc", "filter", "show", "dev", "vethbpod", "ingress"
+                ).stdout
+            ):
+                assert time.monotonic() < deadline, "vethbpod never got lbctl's program"
+                time.sleep(0.1)
+            for _ in range(3):
+                for ask in (tcp_request, udp_request):
+                    port = 443 if ask is tcp_request else 53
+                    api = ask(pod, KUBERNETES_IP, port, timeout=3.0)
+                    assert (api.pod, api.peer_ip) == ("apihost", NODE_IP)
+                    own = ask(pod, HOSTSVC_IP, port, timeout=3.0)
+                    assert (own.pod, own.peer_ip) == ("nodea", pod.ip)
+                    web = ask(pod, WEB_IP, port, timeout=3.0)
+                    assert (web.pod, web.peer_ip) == ("b0", pod.ip)
+            assert env.agent.dump()["counters"]["egress_reverse_nat"] >= 6
+        finally:
+            env.agent.stop()
