@@ -19,7 +19,6 @@ _CFG_F_NODE_CIDRS = layout.const("LB_CFG_F_NODE_CIDRS")
 _BACKEND_F_MASQ_PODS = layout.const("LB_BACKEND_F_MASQ_PODS")
 _BACKEND_F_HOST = layout.const("LB_BACKEND_F_HOST")
 PLACEMENT_FLAGS = _BACKEND_F_MASQ_PODS | _BACKEND_F_HOST
-_KNOWN_MAX = 1 << 20
 DEFAULT_NAT_PORTS = (61000, 65535)  # above Linux's default ephemeral range (32768-60999)
 
 
@@ -42,8 +41,8 @@ class Placement:
       this node's pod CIDRs when no cluster CIDR is known); nothing is outside
       when neither is known, since no client could be told to be a pod.
 
-    An address is classified once and remembered: the periodic reconcile asks
-    for every backend."""
+    Asked for every backend at every sync: integer tests only (an
+    IPv4Address's own hash, or `in` a network, costs several times more)."""
 
     def __init__(
         self,
@@ -52,7 +51,8 @@ class Placement:
     ) -> None:
         self.pod_cidrs = pod_cidrs
         self.host = host
-        self._known: dict[object, int] = {}
+        self._host = {int(a) for a in host}
+        self._nets = [(int(c.network_address), int(c.netmask)) for c in pod_cidrs]
 
     @classmethod
     def of(cls, conf: NodeConfig) -> Placement:
@@ -62,23 +62,15 @@ class Placement:
         return (self.pod_cidrs, self.host) == (other.pod_cidrs, other.host)
 
     def flags(self, address: object) -> int:
-        known = self._known.get(address)
-        if known is not None:
-            return known
-        if address in self.host:
-            flags = _BACKEND_F_HOST
-        elif (
-            self.pod_cidrs
-            and isinstance(address, ipaddress.IPv4Address)
-            and not any(address in c for c in self.pod_cidrs)
-        ):
-            flags = _BACKEND_F_MASQ_PODS
-        else:
-            flags = 0
-        if len(self._known) >= _KNOWN_MAX:  # addresses that came and went, for weeks
-            self._known.clear()
-        self._known[address] = flags
-        return flags
+        if not isinstance(address, ipaddress.IPv4Address):
+            return 0
+        ip = int(address)
+        if ip in self._host:
+            return _BACKEND_F_HOST
+        for net, mask in self._nets:
+            if ip & mask == net:
+                return 0
+        return _BACKEND_F_MASQ_PODS if self._nets else 0
 
 
 def _cidr_key(network: ipaddress.IPv4Network) -> object:
