@@ -118,7 +118,7 @@ static __always_inline int flow4_follow(const struct pkt4 *p, struct ct4_entry *
 
 /* A new flow to frontend svc: choose a backend and whether to masquerade. */
 static __always_inline int flow4_new(const struct pkt4 *p, const struct lb_service *svc,
-				     int masq, const struct lb4_config *cfg,
+				     int masq, int internal, const struct lb4_config *cfg,
 				     struct ct4_entry *old, __u64 now, struct flow4 *x)
 {
 	struct lb4_backend *be;
@@ -140,8 +140,7 @@ static __always_inline int flow4_new(const struct pkt4 *p, const struct lb_servi
 		x->stat = LB_STAT_DROP_NO_BACKEND;
 		return FLOW_DROP;
 	}
-	if (be->addr == p->saddr)
-		masq = 1; /* hairpin */
+	masq = masq4_backend(p, cfg, be, masq, internal);
 	x->snat = masq && cfg && cfg->snat_addr;
 	x->saddr = x->snat ? cfg->snat_addr : p->saddr;
 	x->sport = p->sport; /* the NAT port is taken by flow4_commit() */
@@ -286,7 +285,7 @@ static __always_inline int flow4_decide(const struct pkt4 *p, const struct lb4_c
 	struct ct4_key k = {};
 	struct ct4_entry *ct;
 	struct lb_service *svc = NULL;
-	int rc, masq = 0;
+	int rc, masq = 0, internal = -1;
 
 	ct4_forward_key(&k, p);
 	ct = ct4.lookup(&k);
@@ -307,14 +306,14 @@ static __always_inline int flow4_decide(const struct pkt4 *p, const struct lb4_c
 		}
 	}
 
-	rc = lb4_frontend(p, cfg, &svc, &masq);
+	rc = lb4_frontend(p, cfg, &svc, &masq, &internal);
 	if (rc == FRONTEND_DENIED) {
 		x->stat = LB_STAT_DROP_SOURCE_RANGE;
 		x->frontend_id = svc ? svc->frontend_id : 0;
 		return FLOW_DROP;
 	}
 	if (rc == FRONTEND_OK && svc)
-		return flow4_new(p, svc, masq, cfg, ct, now, x);
+		return flow4_new(p, svc, masq, internal, cfg, ct, now, x);
 	rc = flow4_reply(p, cfg, now, x, direct);
 	if (rc == FLOW_PASS && direct)
 		rc = flow4_direct(p, now, x);

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
+import ipaddress
 import logging
 import threading
 import time
@@ -327,7 +328,14 @@ class Agent:
             self.options.node,
             snat_address=policy.snat_address(local, api),
             netns_cookie=self._netns_cookie,
+            host_addresses=frozenset(a.address for a in local),
         )
+        if not conf.cluster_cidrs and node is not None:
+            # No cluster CIDR: this node's own pod ranges tell its pods
+            # (kube-proxy's NodeCIDR detector), see docs/datapath.md.
+            own = tuple(c for c in node.pod_cidrs if isinstance(c, ipaddress.IPv4Network))
+            if own:
+                conf = dataclasses.replace(conf, cluster_cidrs=own, node_cidrs=True)
         return context, conf
 
     def _configure(self, conf: NodeConfig) -> None:
@@ -337,8 +345,38 @@ class Agent:
             log.warning("no IPv4 address on this node: traffic that needs masquerading is not")
         elif self.node_config is None or self.node_config.snat_address != conf.snat_address:
             log.info("masquerading with %s", conf.snat_address)
+        before = self.node_config
+        if before is None or (before.cluster_cidrs, before.node_cidrs) != (
+            conf.cluster_cidrs,
+            conf.node_cidrs,
+        ):
+            self._report_pod_network(conf)
         self.datapath.configure(conf)
         self.node_config = conf
+
+    def _report_pod_network(self, conf: NodeConfig) -> None:
+        if self.datapath.mode != "ebpf":
+            return  # IPVS: the node's netfilter, with the CNI's rules, carries the traffic
+        cidrs = ", ".join(str(c) for c in conf.cluster_cidrs)
+        if conf.node_cidrs:
+            log.info(
+                "pod network: this node's spec.podCIDRs %s (no --cluster-cidr): pods' flows "
+                "to endpoints outside them, pods of other nodes included, are masqueraded",
+                cidrs,
+            )
+        elif cidrs:
+            log.info(
+                "pod network: --cluster-cidr %s: pods' flows to endpoints outside it are "
+                "masqueraded",
+                cidrs,
+            )
+        else:
+            log.warning(
+                "pod network unknown: no --cluster-cidr and the Node has no spec.podCIDRs; "
+                "pods' flows to endpoints outside the pod network (the API server's, for "
+                "one) are not masqueraded and time out where those hosts cannot route back "
+                "to pods: set --cluster-cidr (clusterCIDR) to the cluster's pod CIDRs"
+            )
 
     def _attach(self) -> None:
         if self.options.interfaces is not None:

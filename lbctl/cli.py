@@ -261,7 +261,10 @@ def _node_args(run: argparse.ArgumentParser) -> None:
         type=_config_value(config.parse_cidrs),
         metavar="CIDR[,CIDR]",
         help="the pods' CIDRs: clients inside are pods, others are masqueraded when they "
-        "reach a ClusterIP (kube-proxy's clusterCIDR; default none: nobody is told apart)",
+        "reach a ClusterIP, and pods are masqueraded when they reach an endpoint outside "
+        "(kube-proxy's clusterCIDR; default: the Node's spec.podCIDRs, which tell only this "
+        "node's pods, so pods of other nodes count as outside; without either nobody is "
+        "told apart)",
     )
     g.add_argument(
         "--node-port-addresses",
@@ -553,7 +556,7 @@ def _cleanup(args: argparse.Namespace) -> int:
             removed.append(name)
     if pin_dir.is_dir() and not any(pin_dir.iterdir()):
         pin_dir.rmdir()
-    print(f"detached from: {', '.join(detached) or 'no interface'}")
+    print(f"tc programs (ingress, egress) detached from: {', '.join(detached) or 'no interface'}")
     print(f"XDP program detached from: {', '.join(fast) or 'no interface'}")
     print(f"socket hooks detached: {', '.join(hooks) or 'none'}")
     print(f"removed pinned maps: {', '.join(removed) or 'none'} (under {pin_dir})")

@@ -402,4 +402,21 @@ def parse_node(obj: Mapping[str, Any]) -> Node:
         if raw.get("type") in ("InternalIP", "ExternalIP"):
             addresses.append(_ip(raw.get("address"), f"status.addresses[{i}].address"))
     zone = labels.get(ZONE_LABEL)
-    return Node(str(name), str(zone) if zone else None, tuple(addresses))
+    return Node(str(name), str(zone) if zone else None, tuple(addresses), _pod_cidrs(obj))
+
+
+def _pod_cidrs(obj: Mapping[str, Any]) -> tuple[IPNetwork, ...]:
+    """spec.podCIDRs, or the older single spec.podCIDR: the node's pod ranges."""
+    spec = _mapping(obj.get("spec"), "spec")
+    field = "spec.podCIDRs"
+    raw = _list(spec.get("podCIDRs"), field)
+    if not raw and spec.get("podCIDR"):
+        field, raw = "spec.podCIDR", [spec["podCIDR"]]
+    out = []
+    for i, text in enumerate(raw):
+        try:
+            out.append(ipaddress.ip_network(str(text)))
+        except ValueError:
+            where = field if field == "spec.podCIDR" else f"{field}[{i}]"
+            raise InvalidObject(f"{where}: {text!r} is not a CIDR such as 10.244.1.0/24") from None
+    return tuple(out)

@@ -77,9 +77,9 @@ def _bpf_prog_id(options: Any) -> int | None:
 def _tc_programs(ipr: Any, index: int) -> list[dict[str, Any]]:
     from pyroute2.netlink.exceptions import NetlinkError
 
-    from lbctl.datapath.compiler import PROGRAM as PROGRAM_NAME
-    from lbctl.datapath.tc import FILTER_PRIO, INGRESS_PARENT_ID
+    from lbctl.datapath.tc import FILTER_PRIO, HOOKS
 
+    programs = {hook.parent_id: hook.program for hook in HOOKS}  # lbctl's, by hook
     found = []
     for hook, parent in _HOOKS:
         try:
@@ -91,7 +91,7 @@ def _tc_programs(ipr: Any, index: int) -> list[dict[str, Any]]:
             if f.get_attr("TCA_KIND") != "bpf" or options is None:
                 continue
             name, prio = str(options.get_attr("TCA_BPF_NAME") or ""), int(f["info"]) >> 16
-            ours = name == PROGRAM_NAME and prio == FILTER_PRIO and parent == INGRESS_PARENT_ID
+            ours = name == programs.get(parent) and prio == FILTER_PRIO
             found.append(
                 {
                     "hook": hook,
@@ -270,6 +270,12 @@ def verdict(agent: dict[str, Any], kernel: dict[str, Any]) -> dict[str, Any]:
             if name in present and name not in carrying:
                 warnings.append(
                     f"interface {name}: the agent attached its program but the kernel shows none"
+                )
+            elif name in present and not _ours(present[name], "tc egress"):
+                warnings.append(
+                    f"interface {name}: the agent attached its egress program but the kernel "
+                    "shows none (replies of the node's own stack to Service clients there "
+                    "keep the endpoint's address)"
                 )
         for name in doc.get("datapath", {}).get("xdpAttached", []):
             if name in present and not _ours(present[name], "xdp"):

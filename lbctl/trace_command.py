@@ -196,13 +196,17 @@ def render_table(r: dict[str, Any]) -> str:
     verdict = f"VERDICT  {r['verdict']}: {r['reason']}"
     masq = r.get("masquerade")
     if masq and r["verdict"] == "forward":
-        verdict += (
-            f", masqueraded as {masq['address']} ({masq['why']})"
-            if masq["applies"]
-            else f", client address kept ({masq['why']})"
-        )
+        verdict += ", " + "; ".join(_masquerade_text(m) for m in masq.get("byBackend") or [masq])
     parts.append(f"{verdict} (exit {r['exitCode']})")
     return "\n\n".join(parts) + "\n"
+
+
+def _masquerade_text(masq: dict[str, Any]) -> str:
+    """One masquerade decision, as the verdict line says it."""
+    to = f"to {masq['backend']}: " if "backend" in masq else ""
+    if masq["applies"]:
+        return f"{to}masqueraded as {masq.get('address')} ({masq['why']})"
+    return f"{to}client address kept ({masq['why']})"
 
 
 def render(result: dict[str, Any], output: str) -> str:

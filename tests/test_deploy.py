@@ -890,7 +890,7 @@ def test_the_agent_runs_and_answers_probes_with_the_daemonsets_settings(
         assert body["synced"] is True and body["mode"] == "ebpf" and body["problems"] == []
     log = agent_run.log
     for link in ("dep0", "dep1"):
-        assert f"attached tc ingress program to {link}" in log, log
+        assert f"attached tc ingress and egress programs to {link}" in log, log
     assert "socket hooks on cgroup" in log and "0 errors" in log, log
     assert "ERROR" not in log, log
 

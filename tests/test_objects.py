@@ -249,3 +249,21 @@ def test_a_bad_weight_is_logged_once_and_counts_as_one(
     assert text.startswith("EndpointSlice ns/web-1: metadata.annotations[")
     assert message in text
     assert text.endswith("a weight is a whole number in 1-100; using 1 instead")
+
+
+def test_a_nodes_pod_ranges() -> None:
+    """spec.podCIDRs (dual-stack: one per family), or the older spec.podCIDR alone."""
+    from lbctl.objects import parse_node
+    from tests import k8s_yaml
+
+    node = parse_node(k8s_yaml.node("n1", addresses=["192.0.2.1"], pod_cidrs=["10.244.1.0/24"]))
+    assert node.pod_cidrs == (ipaddress.ip_network("10.244.1.0/24"),)
+    both = k8s_yaml.node("n1", pod_cidrs=["10.244.1.0/24", "fd00:10:244:1::/64"])
+    assert [c.version for c in parse_node(both).pod_cidrs] == [4, 6]
+    old = k8s_yaml.node("n1")
+    old["spec"] = {"podCIDR": "10.244.2.0/24"}
+    assert parse_node(old).pod_cidrs == (ipaddress.ip_network("10.244.2.0/24"),)
+    assert parse_node(k8s_yaml.node("n1")).pod_cidrs == ()
+    bad = k8s_yaml.node("n1", pod_cidrs=["10.244.1.1/24"])
+    with pytest.raises(InvalidObject, match=r"spec.podCIDRs\[0\]: '10.244.1.1/24' is not a CIDR"):
+        parse_node(bad)

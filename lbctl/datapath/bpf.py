@@ -88,6 +88,36 @@ def load_failure(said: str) -> str:
     )
 
 
+def replace_outgrown_stats(pin_dir: Path) -> bool:
+    """An lb_stats pinned by an older lbctl with fewer counters than this one
+    counts is unpinned, so the programs get a fresh one: adopted, the new
+    counters would never count.  Only the totals start again from zero (as a
+    restarted exporter's do); every other map is adopted as it is.  True when
+    it was replaced."""
+    from lbctl.datapath import layout, libbpf
+
+    pin = pin_dir / "lb_stats"
+    if not pin.exists():
+        return False
+    fd = libbpf.obj_get(str(pin))
+    try:
+        have = libbpf.map_info(fd).max_entries
+    finally:
+        os.close(fd)
+    wanted = layout.const("LB_STAT_MAX")
+    if have >= wanted:
+        return False
+    pin.unlink()
+    log.info(
+        "lb_stats under %s holds %d counters, this lbctl counts %d: made anew, its totals "
+        "start from zero",
+        pin_dir,
+        have,
+        wanted,
+    )
+    return True
+
+
 class _Statfs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
 
@@ -102,6 +132,7 @@ class BpfDatapath:
         self.settings = settings
         check_bpffs(settings.pin_dir)
         settings.pin_dir.mkdir(parents=True, exist_ok=True)
+        replace_outgrown_stats(settings.pin_dir)
         self._compilation: Compilation | None = Compilation(settings)
         self.prog_fd = -1
         self.prog_fds: dict[str, int] = {}  # every program that loaded, by name
@@ -182,12 +213,12 @@ class BpfDatapath:
             if self.interfaces.get(link.name) == link.index:
                 continue
             try:
-                tc.attach(link, self.prog_fd)
+                tc.attach(link, self.prog_fds)
             except tc.AttachError as err:
                 errors.append(str(err))
                 continue
             self.interfaces[link.name] = link.index
-            log.info("attached tc ingress program to %s", link.name)
+            log.info("attached tc ingress and egress programs to %s", link.name)
         return errors
 
     def attach_xdp(self, links: Iterable[tc.Link], mode: str) -> list[str]:
@@ -260,10 +291,11 @@ class BpfDatapath:
         from lbctl.datapath import xdp
 
         gone = []
-        tc_now = set(tc.attached_interfaces()) if self.interfaces else set()
-        for name in [n for n in self.interfaces if n not in tc_now]:
-            del self.interfaces[name]
-            gone.append(f"{name} (tc)")
+        for hook in tc.HOOKS:
+            tc_now = set(tc.attached_interfaces(hook)) if self.interfaces else set()
+            for name in [n for n in self.interfaces if n not in tc_now]:
+                del self.interfaces[name]
+                gone.append(f"{name} (tc {hook.name})")
         xdp_now = set(xdp.attached_interfaces()) if self.xdp_interfaces else set()
         for name in [n for n in self.xdp_interfaces if n not in xdp_now]:
             del self.xdp_interfaces[name]
@@ -326,8 +358,10 @@ class BpfDatapath:
         return news
 
     def configure(self, conf: NodeConfig) -> None:
-        """The node's address, NAT ports and cluster CIDRs."""
+        """The node's address, NAT ports and cluster CIDRs; where backends are."""
         nodeconf.write(self.maps, conf)
+        for error in self.table.set_placement(nodeconf.Placement.of(conf)):
+            log.error("%s: its flags stay as they were until the next sync", error)
 
     def reconcile(
         self, desired: Mapping[FrontendKey, Frontend], remove_stale: bool = True
