@@ -242,6 +242,21 @@ static __always_inline int flow4_reply(const struct pkt4 *p, const struct lb4_co
 	return FLOW_REPLY;
 }
 
+/* Is the flow's backend an address of this node?  Its datagrams, once
+ * translated, go to the node's own stack, and on the way may pass an lbctl
+ * hook a second time: a bridge hands a frame its port's hook translated up
+ * to the node through the bridge device's own hook.  There a translated
+ * datagram looks exactly like a direct one, so UDP to the node's own
+ * addresses never takes a reply tuple over (a TCP SYN is safe: the flow it
+ * belongs to is never closing). */
+static __always_inline int lb4_backend_on_node(const struct ct4_entry *fwd)
+{
+	__u32 id = fwd->backend_id;
+	struct lb4_backend *be = lb4_backends.lookup(&id);
+
+	return be && (be->flags & LB_BACKEND_F_HOST);
+}
+
 /* A client's packet to no frontend, straight to an address and port that a
  * balanced flow of the same client port has as its backend: does it take
  * that flow's reply tuple over (see flow4_retire_entry)? */
@@ -273,6 +288,8 @@ static __always_inline int flow4_direct(const struct pkt4 *p, __u64 now, struct 
 		return flow4_retire_entry(&k, NULL, 0, x); /* a leftover: nobody's */
 	if (p->proto == IPPROTO_TCP && !(fwd->flags & CT_F_CLOSING))
 		return FLOW_PASS; /* an open connection keeps its tuple */
+	if (p->proto == IPPROTO_UDP && lb4_backend_on_node(fwd))
+		return FLOW_PASS; /* maybe this flow's own datagram, seen again */
 	return flow4_retire_entry(&k, fwd, 0, x);
 }
 
