@@ -539,7 +539,7 @@ def _dump(args: argparse.Namespace) -> int:
 def _cleanup(args: argparse.Namespace) -> int:
     if args.kube_proxy:
         return _cleanup_kube_proxy(args)
-    from lbctl.datapath import cgroup, tc, xdp
+    from lbctl.datapath import cgroup, pinsets, record, tc, xdp
     from lbctl.datapath.maps import MAP_TYPES
 
     if not args.force:
@@ -554,6 +554,13 @@ def _cleanup(args: argparse.Namespace) -> int:
         if pin.exists():
             pin.unlink()
             removed.append(name)
+    # the layout record and what an interrupted upgrade left (lbctl/datapath/upgrade.py)
+    for staging in pinsets.staging_dirs(args.bpffs):
+        pinsets.discard(staging)
+        removed.append(staging.name)
+    if (args.bpffs / record.NAME).exists():
+        (args.bpffs / record.NAME).unlink()
+        removed.append(record.NAME)
     if args.bpffs.is_dir() and not any(args.bpffs.iterdir()):
         args.bpffs.rmdir()
     print(f"detached from: {', '.join(detached) or 'no interface'}")
