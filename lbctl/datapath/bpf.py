@@ -21,7 +21,8 @@ from lbctl.datapath.ranges import SourceRangeTable, Vip, ranges_of, vip_of
 from lbctl.datapath.record import RecordError
 from lbctl.datapath.settings import BpfSettings
 from lbctl.datapath.structs import LayoutError
-from lbctl.datapath.upgrade import Report, Upgrade
+from lbctl.datapath.upgrade import Upgrade
+from lbctl.datapath.upgradeplan import Report
 from lbctl.plan import SCOPE_NAMES, Frontend, FrontendKey, PlanDiff
 
 log = logging.getLogger(__name__)

@@ -119,7 +119,7 @@ def open_live(pin_dir: Path, table_size: int, problems: list[str]) -> PinnedSet 
             found = None
     if found is not None:
         layout = found.to_layout()
-        label = f"the pinned maps ({layout.name})"
+        label = f"the pinned maps ({layout.name}, recorded by lbctl {found.lbctl})"
         return PinnedSet(pin_dir, label, layout, dict(found.settings), maps, found)
     layout = record.layout_1()
     sizes = {name: raw.info.max_entries for name, raw in maps.items()}

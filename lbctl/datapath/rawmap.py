@@ -21,6 +21,17 @@ from lbctl.datapath import layout, libbpf
 ffi = layout.ffi
 ffi.cdef(
     """
+/* The head of libbpf's struct bpf_map_create_opts, up to map_flags (libbpf
+ * takes a shorter struct of an older caller, as `sz` tells it). */
+struct lbctl_map_create_opts {
+    size_t sz;
+    uint32_t btf_fd;
+    uint32_t btf_key_type_id;
+    uint32_t btf_value_type_id;
+    uint32_t btf_vmlinux_value_type_id;
+    uint32_t inner_map_fd;
+    uint32_t map_flags;
+};
 int bpf_map_create(int map_type, const char *map_name, uint32_t key_size, uint32_t value_size,
                    uint32_t max_entries, const void *opts);
 """
@@ -72,10 +83,15 @@ def info(fd: int) -> Info:
     )
 
 
-def create(kind: str, name: str, key_size: int, value_size: int, max_entries: int) -> int:
+def create(
+    kind: str, name: str, key_size: int, value_size: int, max_entries: int, flags: int = 0
+) -> int:
     """A new map's descriptor (the record map; bcc makes the datapath's)."""
+    opts = ffi.new("struct lbctl_map_create_opts *")
+    opts.sz = ffi.sizeof("struct lbctl_map_create_opts")
+    opts.map_flags = flags
     fd = int(
-        _lib.bpf_map_create(KINDS[kind], name.encode(), key_size, value_size, max_entries, ffi.NULL)
+        _lib.bpf_map_create(KINDS[kind], name.encode(), key_size, value_size, max_entries, opts)
     )
     if fd < 0:
         raise OSError(-fd, f"create map {name}: {os.strerror(-fd)}")

@@ -66,9 +66,7 @@ class Record:
     state: int = LIVE
 
     def to_layout(self) -> Layout:
-        if self.header == layout1.HEADER and self.declarations == layout1.MAP_DECLARATIONS:
-            return layout_1()
-        return Layout(f"layout {self.layout} (lbctl {self.lbctl})", self.header, self.declarations)
+        return Layout(layout_name(self.layout), self.header, self.declarations)
 
     def document(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -80,6 +78,11 @@ class Record:
 def layout_1() -> Layout:
     """The layout of maps pinned without a record."""
     return Layout(layout1.NAME, layout1.HEADER, layout1.MAP_DECLARATIONS)
+
+
+def layout_name(fingerprint: str) -> str:
+    """How messages name a layout: "layout 1", or by its fingerprint."""
+    return layout1.NAME if fingerprint == layout_1().fingerprint else f"layout {fingerprint}"
 
 
 def read(pin: Path) -> Record | None:

@@ -163,7 +163,9 @@ class Layout:
         from lbctl.datapath.settings import bpf_source_dir
 
         root = bpf_source_dir()
-        return cls("this version", (root / "lbctl.h").read_text(), (root / "maps.h").read_text())
+        maps = _COMMENT.sub(" ", (root / "maps.h").read_text())
+        declarations = "\n".join(m.group(0) for m in _DECLARATION.finditer(maps))
+        return cls("this build's layout", (root / "lbctl.h").read_text(), declarations)
 
     def const(self, name: str) -> int:
         return int(getattr(self._consts, name))

@@ -40,18 +40,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import struct
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from lbctl import __version__
-from lbctl.datapath import convert, layout, libbpf, mapspec, migrate, pinsets, record, swap
+from lbctl.datapath import convert, libbpf, mapspec, migrate, pinsets, record, swap, upgradeplan
 from lbctl.datapath.mapspec import MapSpec
 from lbctl.datapath.pinsets import PinnedSet
-from lbctl.datapath.rawmap import ARRAYS, RawMap
+from lbctl.datapath.rawmap import RawMap
 from lbctl.datapath.settings import BpfSettings
 from lbctl.datapath.structs import Layout
 
@@ -70,69 +67,7 @@ def _pause(step: str) -> None:
             time.sleep(3600)
 
 
-@dataclasses.dataclass
-class MapPlan:
-    name: str
-    action: str  # keep, create, copy (into a new map), merge (into a staging map)
-    why: str
-    target: RawMap | None = None  # merge: the staging map that stays
-    sources: list[tuple[PinnedSet, RawMap]] = dataclasses.field(default_factory=list)
-    counts: migrate.Counts = dataclasses.field(default_factory=migrate.Counts)
-
-
-Move = tuple[MapPlan, migrate.MapMove, list[migrate.Source]]
-
-
-@dataclasses.dataclass
-class Report:
-    """What an agent's start did with the pinned maps, for the log and `lbctl status`."""
-
-    found: str = "nothing pinned"
-    layout: str = ""  # this build's layout fingerprint
-    action: str = "created"  # created, adopted, migrated
-    maps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)
-    problems: list[str] = dataclasses.field(default_factory=list)
-    hooks: str = ""
-    time: float = dataclasses.field(default_factory=time.time)
-    seconds: float = 0.0
-
-    def lines(self) -> list[str]:
-        head = f"pinned maps: {self.action}; found {self.found}; this build: layout {self.layout}"
-        out = [head]
-        for m in self.maps:
-            out.append(
-                f"map {m['name']}: {m['action']} ({m['why']}): {m['written']} entries written"
-                + (f", {m['notCarried']} not carried over" if m["notCarried"] else "")
-            )
-        if self.hooks:
-            out.append(f"{self.hooks}; done in {self.seconds:.2f} s")
-        return out + self.notes
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _differences(spec: MapSpec, pinned: PinnedSet, raw: RawMap) -> list[str]:
-    """How a pinned map differs from what this build needs; [] when it is the same."""
-    out = []
-    info = raw.info
-    if info.kind != spec.kind:
-        out.append(f"kind {info.kind} -> {spec.kind}")
-    if info.max_entries != spec.max_entries:
-        flags = ", ".join(mapspec.FLAGS.get(f, f) for f in spec.fields) or "this build"
-        out.append(f"capacity {info.max_entries} -> {spec.max_entries} ({flags})")
-    if info.flags != spec.flags:
-        out.append(f"map flags {info.flags:#x} -> {spec.flags:#x}")
-    decl = pinned.layout.maps.get(spec.name)
-    if decl is None:
-        out.append(f"{pinned.layout.name} does not declare it")
-        return out
-    for what, ctype, new in (("key", decl.key, spec.key), ("value", decl.value, spec.value)):
-        old = pinned.layout.describe(ctype)
-        if old.shape() != new.shape():
-            out.append(f"{what} layout {ctype} changed")
-    return out
+Move = tuple[upgradeplan.MapPlan, migrate.MapMove, list[migrate.Source]]
 
 
 class Upgrade:
@@ -142,15 +77,13 @@ class Upgrade:
         started = time.monotonic()
         self.pin_dir = settings.pin_dir
         self.layout = Layout.current()
-        self.report = Report(layout=self.layout.fingerprint)
+        self.report = upgradeplan.Report(layout=self.layout.fingerprint)
         self._recover()
         self.sources = self._open_sources(settings.table_size)
-        self.settings = self._fit(settings)
+        self.settings = upgradeplan.fit(self.layout, self.sources, settings, self.report.problems)
         self.specs = mapspec.specs(self.layout, self.settings)
-        self.plans = self._plan()
-        live = (
-            self.sources[0] if self.sources and self.sources[0].directory == self.pin_dir else None
-        )
+        self.plans = upgradeplan.plan(self.specs, self.sources)
+        live = next((s for s in self.sources if s.directory == self.pin_dir), None)
         known = set(live.layout.maps) if live else set()
         self.retire = (set(live.maps) & known) - set(self.specs) if live else set()
         moving = any(p.action in ("copy", "merge") for p in self.plans.values())
@@ -222,96 +155,6 @@ class Upgrade:
             self.report.found = "; ".join(s.label for s in out)
         return out
 
-    def _objects(self, name: str) -> list[tuple[PinnedSet, RawMap]]:
-        """The distinct pinned maps of this name, oldest set first."""
-        seen: set[int] = set()
-        out = []
-        for pinned in self.sources:
-            raw = pinned.maps.get(name)
-            if raw is not None and raw.id not in seen:
-                seen.add(raw.id)
-                out.append((pinned, raw))
-        return out
-
-    def _fit(self, requested: BpfSettings) -> BpfSettings:
-        """The settings, with a capacity too small for what a map holds kept as pinned."""
-        settings = requested
-        for _ in range(len(mapspec.FLAGS)):
-            changed = False
-            kept_fields: set[str] = set()
-            for name, spec in mapspec.specs(self.layout, settings).items():
-                objects = self._objects(name)
-                if not objects or len(spec.fields) != 1 or spec.fields[0] in kept_fields:
-                    continue
-                pinned, newest = objects[-1]
-                field = spec.fields[0]
-                if newest.info.kind in ARRAYS or spec.max_entries >= newest.info.max_entries:
-                    continue
-                held = max(raw.count() for _, raw in objects)
-                before = pinned.settings.get(field)
-                if held <= spec.max_entries or not isinstance(before, int):
-                    continue
-                flag = mapspec.FLAGS.get(field, field)
-                self.report.problems.append(
-                    f"map {name} holds {held} entries but {flag} {getattr(requested, field)} "
-                    f"makes room for {spec.max_entries}: kept at {before} (the pinned size) so "
-                    f"no entry is dropped; fix: set {flag} to at least {held} (with room to "
-                    f"grow), or lower it again once fewer entries are held"
-                )
-                kept: dict[str, Any] = {field: before}
-                settings = dataclasses.replace(settings, **kept)
-                kept_fields.add(field)
-                changed = True
-            fitted = self._fit_tables(requested, settings)
-            changed |= fitted != settings
-            settings = fitted
-            if not changed:
-                break
-        return settings
-
-    def _fit_tables(self, requested: BpfSettings, settings: BpfSettings) -> BpfSettings:
-        """Rows of lb_tables in use must stay: a smaller --max-tables is kept as pinned."""
-        services = self._objects("lb4_services")
-        if not services:
-            return settings
-        pinned, raw = services[-1]
-        decl = pinned.layout.maps.get("lb4_services")
-        leaf = pinned.layout.describe(decl.value).leaf("table") if decl else None
-        before = pinned.settings.get("max_tables")
-        if leaf is None or not isinstance(before, int) or settings.max_tables >= before:
-            return settings
-        at, end = leaf.offset, leaf.offset + leaf.size
-        rows = max((int.from_bytes(v[at:end], sys.byteorder) for _, v in raw.entries()), default=0)
-        if rows <= settings.max_tables:
-            return settings
-        note = (
-            f"map lb_tables has row {rows} in use but --max-tables {requested.max_tables} "
-            f"leaves {settings.max_tables} rows: kept at {before} (the pinned number) so no "
-            f"Service's table is lost; fix: set --max-tables to at least {rows}"
-        )
-        if note not in self.report.problems:
-            self.report.problems.append(note)
-        return dataclasses.replace(settings, max_tables=before)
-
-    def _plan(self) -> dict[str, MapPlan]:
-        plans = {}
-        for name, spec in self.specs.items():
-            objects = self._objects(name)
-            if not objects:
-                plans[name] = MapPlan(name, "create", "new in this build")
-                continue
-            newest_set, newest = objects[-1]
-            newest_diff = _differences(spec, newest_set, newest)
-            if len(objects) == 1 and not newest_diff:
-                plans[name] = MapPlan(name, "keep", "unchanged", sources=objects)
-            elif not newest_diff:
-                plan = MapPlan(name, "merge", "left by an interrupted upgrade", newest)
-                plan.sources = objects[:-1]
-                plans[name] = plan
-            else:
-                plans[name] = MapPlan(name, "copy", "; ".join(newest_diff), sources=objects)
-        return plans
-
     def _stage(self) -> None:
         self.staging = pinsets.new_staging(self.pin_dir)
         for plan in self.plans.values():
@@ -323,7 +166,7 @@ class Upgrade:
 
     # -- after loading ------------------------------------------------------------
 
-    def finish(self, map_fds: Mapping[str, int], prog_fds: Mapping[str, int]) -> Report:
+    def finish(self, map_fds: Mapping[str, int], prog_fds: Mapping[str, int]) -> upgradeplan.Report:
         """Move the entries, swap the programs, commit; or just record the layout."""
         started = time.monotonic()
         targets = {name: RawMap(fd, f"{name} (new)", owns_fd=False) for name, fd in map_fds.items()}
@@ -445,37 +288,10 @@ class Upgrade:
                 self.report.notes.append(f"map {spec.name}: {note}")
         source = migrate.Source(raw, key, value)
         if spec.name == "lb_tables":
-            source.key_fix = self._table_index(pinned)
+            source.key_fix = upgradeplan.table_index(pinned, self.settings)
         if spec.value.leaf("table_len") is not None:
-            source.value_fix = self._clamp_table_len(pinned)
+            source.value_fix = upgradeplan.clamp_table_len(pinned, self.settings)
         return source
-
-    def _table_index(self, pinned: PinnedSet) -> migrate.Fix:
-        """lb_tables entry (row, i) moves to its place in rows of the new --table-size."""
-        old_size = int(pinned.settings.get("table_size", self.settings.table_size))
-        new_size, rows = self.settings.table_size, self.settings.max_tables
-
-        def fix(key: bytes) -> bytes | None:
-            row, i = divmod(struct.unpack("=I", key)[0], old_size)
-            if i >= new_size or row >= rows:
-                return None  # cut: the first sync rebuilds the row for the new size
-            return struct.pack("=I", row * new_size + i)
-
-        return fix
-
-    def _clamp_table_len(self, pinned: PinnedSet) -> migrate.Fix | None:
-        """A row cut to a smaller --table-size: its service reads only what is left."""
-        new_size = self.settings.table_size
-        if int(pinned.settings.get("table_size", new_size)) <= new_size:
-            return None
-
-        def fix(value: bytes) -> bytes:
-            out = bytearray(value)
-            svc: Any = layout.ffi.from_buffer("struct lb_service *", out)
-            svc.table_len = min(svc.table_len, new_size)
-            return bytes(out)
-
-        return fix
 
     def _delta(self, moves: list[Move]) -> None:
         for plan, move, sources in moves:
