@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: deps demo test lint unit clean bench bench-control-plane bench-dataplane bench-program
+.PHONY: deps demo test lint unit clean bench bench-control-plane bench-dataplane bench-program bench-upgrade
 
 deps:
 	@bash scripts/install-deps.sh
@@ -19,7 +19,7 @@ lint: deps
 test: lint
 	$(PY) -m pytest -q tests
 
-bench: bench-control-plane bench-dataplane bench-program
+bench: bench-control-plane bench-dataplane bench-program bench-upgrade
 
 # Figures for the README; see the docstring of bench/control_plane.py.
 bench-control-plane: deps
@@ -34,6 +34,11 @@ bench-dataplane: deps
 # number of services; writes bench/results/program.{json,txt}. See bench/program.py.
 bench-program: deps
 	$(PY) bench/program.py
+
+# Upgrades in place: map copy cost by size, flows kept across real agent upgrades;
+# writes bench/results/upgrade.{json,txt}. See bench/upgrade.py.
+bench-upgrade: deps
+	$(PY) bench/upgrade.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

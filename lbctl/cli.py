@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Compile and attach the BPF datapath, program it from the source "
         "(the Kubernetes API or a manifest directory), and apply every change until "
         "stopped. On exit the datapath stays in place (pinned maps, attached programs) so "
-        "traffic keeps flowing and a restart adopts it; `lbctl cleanup` removes it. "
+        "traffic keeps flowing and a restart adopts it, also a newer lbctl or other "
+        "capacity flags: maps of another layout or size are converted in place without "
+        "dropping a flow (docs/control-plane.md, Upgrades); `lbctl cleanup` removes it. "
         "Settings come from --config FILE (see examples/lbctl-config.yaml); a flag "
         "overrides the file.",
     )

@@ -27,6 +27,7 @@ def kernel_layout(pin_dir: Path) -> dict[str, Any]:
     if found is not None:
         out["record"] = {
             "layout": found.layout,
+            "name": record.layout_name(found.layout),
             "lbctl": found.lbctl,
             "written": _time(found.written),
             "lastUpgrade": found.history[-1] if found.history else None,
@@ -67,7 +68,8 @@ def rows(doc: dict[str, Any] | None, kernel: dict[str, Any]) -> list[tuple[str, 
     if held.get("error"):
         out.append(("LAYOUT", f"record unreadable: {held['error']}"))
     elif found:
-        out.append(("LAYOUT", f"{found['layout']} (record written by lbctl {found['lbctl']})"))
+        name = found.get("name") or f"layout {found['layout']}"
+        out.append(("LAYOUT", f"{name} (record written by lbctl {found['lbctl']})"))
     ours = ((doc or {}).get("datapath") or {}).get("upgrade")
     last = ours if ours and ours.get("action") == "migrated" else (found or {}).get("lastUpgrade")
     if last:

@@ -62,6 +62,9 @@ class _Digests:
         self._sorted = array("q", sorted(values))
         self._more: set[int] = set()
 
+    def values(self) -> Iterable[int]:
+        return [*self._sorted, *self._more]
+
     def __contains__(self, digest: int) -> bool:
         if digest in self._more:
             return True
@@ -70,6 +73,18 @@ class _Digests:
 
     def add(self, digest: int) -> None:
         self._more.add(digest)
+
+    def missing(self, digests: list[int]) -> list[int]:
+        """Indexes of the digests not held: one pass over both, sorted."""
+        held, more, out = self._sorted, self._more, []
+        order = sorted(range(len(digests)), key=digests.__getitem__)
+        at, end = 0, len(held)
+        for i in order:
+            d = digests[i]
+            at = bisect.bisect_left(held, d, at, end)
+            if (at == end or held[at] != d) and d not in more:
+                out.append(i)
+        return sorted(out)
 
 
 @dataclasses.dataclass
@@ -83,6 +98,12 @@ class Source:
     value_fix: Fix | None = None
     seen: _Digests | None = None  # digests of its entries at the copy
     base: dict[bytes, bytes] | None = None  # "add" maps: converted values at the copy
+
+    @property
+    def as_is(self) -> bool:
+        """Entries need no change at all (the same layout, no fix)."""
+        plain = self.key_fix is None and self.value_fix is None
+        return plain and self.key.identical and self.value.identical
 
     def convert(self, key: bytes, value: bytes, slot_out: int) -> tuple[bytes, bytes] | None:
         nk = self.key(key)
@@ -117,54 +138,74 @@ class MapMove:
 
     def copy(self, source: Source, fresh: bool, prefer_source: bool) -> Counts:
         """All of the source's entries; `fresh`: the target is empty and not served yet."""
-        counts, digests = Counts(), []
+        counts, digests, written = Counts(), array("q"), array("q")
         base: dict[bytes, bytes] | None = {} if self.rule == "add" else None
+        # The same layout and nothing to fix: entries go over as they are, a chunk a batch.
+        as_is = fresh and source.as_is and base is None and not self.array
         for chunk in source.raw.chunks():
-            batch = []
-            for key, value in chunk:
-                digests.append(hash(key + value))
-                zero = self.array and not any(value)
-                if zero and base is None:
+            digests.extend([hash(key + value) for key, value in chunk])
+            if as_is:
+                batch = chunk
+            else:
+                batch = self._converted(source, chunk, base, counts)
+                if not fresh:
+                    for moved in batch:
+                        self._merge(source, moved, prefer_source, None, counts)
                     continue
-                moved = source.convert(key, value, self.target.slot)
-                if moved is None:
-                    counts.unconvertible += 1
-                    continue
-                if base is not None:
-                    base[key] = moved[1]
-                if zero:
-                    continue
-                if fresh:
-                    batch.append(moved)
-                else:
-                    self._merge(source, moved, prefer_source, None, counts)
             if batch:
                 failed = self.target.write(batch)
                 counts.refused += len(failed)
                 counts.written += len(batch) - len(failed)
-                for nk, nv in batch:
-                    self.written.add(hash(nk + nv))
+                refused = {key for key, _ in failed}
+                written.extend([hash(k + v) for k, v in batch if k not in refused])
+        self.written = _Digests([*self.written.values(), *written])
         source.seen, source.base = _Digests(digests), base
         return counts
+
+    def _converted(
+        self,
+        source: Source,
+        chunk: list[tuple[bytes, bytes]],
+        base: dict[bytes, bytes] | None,
+        counts: Counts,
+    ) -> list[tuple[bytes, bytes]]:
+        """A chunk in the target's layout; an array's zero entries left out."""
+        out = []
+        for key, value in chunk:
+            zero = self.array and not any(value)
+            if zero and base is None:
+                continue
+            moved = source.convert(key, value, self.target.slot)
+            if moved is None:
+                counts.unconvertible += 1
+                continue
+            if base is not None:
+                base[key] = moved[1]
+            if not zero:
+                out.append(moved)
+        return out
 
     def delta(self, source: Source) -> Counts:
         """The entries the source changed since `copy`, merged into the target."""
         counts = Counts()
         seen = source.seen if source.seen is not None else _Digests()
-        for key, value in source.raw.entries():
-            digest = hash(key + value)
-            if digest in seen:
-                continue
-            seen.add(digest)
-            moved = source.convert(key, value, self.target.slot)
-            if moved is None:
-                counts.unconvertible += 1
-                continue
-            before = source.base.get(key) if source.base is not None else None
-            self._merge(source, moved, False, before, counts)
-            if source.base is not None:
-                source.base[key] = moved[1]
+        for chunk in source.raw.chunks():
+            changed = seen.missing([hash(key + value) for key, value in chunk])
+            for i in changed:
+                self._delta_one(source, *chunk[i], counts)
         return counts
+
+    def _delta_one(self, source: Source, key: bytes, value: bytes, counts: Counts) -> None:
+        assert source.seen is not None
+        source.seen.add(hash(key + value))
+        moved = source.convert(key, value, self.target.slot)
+        if moved is None:
+            counts.unconvertible += 1
+            return
+        before = source.base.get(key) if source.base is not None else None
+        self._merge(source, moved, False, before, counts)
+        if source.base is not None:
+            source.base[key] = moved[1]
 
     def _merge(
         self,

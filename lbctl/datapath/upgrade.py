@@ -171,6 +171,7 @@ class Upgrade:
         started = time.monotonic()
         targets = {name: RawMap(fd, f"{name} (new)", owns_fd=False) for name, fd in map_fds.items()}
         self._check(targets)
+        self.report.time = time.time()
         if self.staging is None:
             self.report.action = "adopted" if self.sources else "created"
             self._write_record(self.pin_dir / record.NAME, targets, record.LIVE)
@@ -223,6 +224,7 @@ class Upgrade:
             )
         self.report.hooks = swapped.summary()
         self.report.seconds = self._prepare_s + time.monotonic() - started
+        self.report.time = time.time()
         self._close()
         self._append_history()
         return self.report
