@@ -478,3 +478,28 @@ def test_an_agent_that_stops_before_loading_leaves_no_staging_directory(
     dp.close()
     assert not pinsets.staging_dirs(pin_dir)
     assert sizes(pin_dir)["ct4"] == 4096, "the pinned maps are untouched"
+
+
+def test_maps_of_a_layout_this_version_cannot_read_are_replaced_and_the_agent_runs(
+    pin_dir: Path, template: Template
+) -> None:
+    """E.g. a record of a future lbctl whose header this cffi cannot parse."""
+    clone(template[0], pin_dir)
+    rec = record.read(pin_dir / record.NAME)
+    assert rec is not None
+    rec.header = "struct ct4_entry { this is not C };"
+    rec.layout = "f00d"
+    record.write(pin_dir / record.NAME, rec)
+    dp = BpfDatapath(settings(pin_dir))
+    try:
+        report = dp.upgrade_report
+        assert report is not None and report.action == "migrated"
+        problems = "\n".join(report.problems)
+        assert "lbctl_meta (lbctl 0.1.0)" in problems and "cannot be read" in problems
+        assert "replaced by empty ones (established flows through them are lost)" in problems
+        assert dp.reconcile(frontends()) == [], "the agent serves on"
+    finally:
+        dp.close()
+    assert contents(pin_dir)["ct4"] == {}
+    rec = record.read(pin_dir / record.NAME)
+    assert rec is not None and rec.layout == Layout.current().fingerprint

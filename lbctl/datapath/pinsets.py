@@ -21,7 +21,7 @@ from typing import Any
 
 from lbctl.datapath import cgroup, mapspec, record
 from lbctl.datapath.rawmap import RawMap
-from lbctl.datapath.structs import Layout
+from lbctl.datapath.structs import Layout, LayoutError
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def open_live(pin_dir: Path, table_size: int, problems: list[str]) -> PinnedSet 
             )
             found = None
     if found is not None:
-        layout = found.to_layout()
+        layout = readable(found, pin_dir, problems)
         label = f"the pinned maps ({layout.name}, recorded by lbctl {found.lbctl})"
         return PinnedSet(pin_dir, label, layout, dict(found.settings), maps, found)
     layout = record.layout_1()
@@ -128,9 +128,22 @@ def open_live(pin_dir: Path, table_size: int, problems: list[str]) -> PinnedSet 
     return PinnedSet(pin_dir, label, layout, settings, maps, None)
 
 
-def open_staging(directory: Path, found: record.Record) -> PinnedSet:
+def readable(found: record.Record, where: Path, problems: list[str]) -> Layout:
+    """The record's layout; one that declares no map when this version cannot read it."""
+    try:
+        return found.to_layout()
+    except LayoutError as err:
+        problems.append(
+            f"layout record {where / record.NAME} (lbctl {found.lbctl}): {err}; its maps "
+            "cannot be converted: they are replaced by empty ones (established flows through "
+            "them are lost); fix: upgrade with an lbctl that reads that layout"
+        )
+        return Layout(f"layout {found.layout} (unreadable)", "", "")
+
+
+def open_staging(directory: Path, found: record.Record, problems: list[str]) -> PinnedSet:
     maps = open_maps(directory, set(found.map_ids))
-    layout = found.to_layout()
+    layout = readable(found, directory, problems)
     label = f"the maps of an upgrade interrupted by a crash ({directory.name}, {layout.name})"
     return PinnedSet(directory, label, layout, dict(found.settings), maps, found)
 

@@ -152,7 +152,7 @@ class Layout:
         self.ffi = cffi.FFI()
         try:
             self.ffi.cdef(layout.cdef_text(header))
-        except cffi.CDefError as err:
+        except (cffi.CDefError, cffi.FFIError) as err:
             raise LayoutError(f"{name}: its lbctl.h cannot be read: {err}") from err
         self._consts: Any = self.ffi.dlopen(None)
         self._declared = _declared_types(header)
@@ -183,7 +183,7 @@ class Layout:
         if ctype not in self._descs:
             try:
                 tp = self.ffi.typeof(ctype)
-            except cffi.CDefError as err:
+            except (cffi.CDefError, cffi.FFIError) as err:
                 raise LayoutError(f"{self.name}: no type {ctype!r} in its lbctl.h") from err
             leaves = tuple(self._leaves(tp, "", 0, ctype.removeprefix("struct ").strip()))
             self._descs[ctype] = StructDesc(ctype, int(self.ffi.sizeof(tp)), leaves)

@@ -50,7 +50,7 @@ from lbctl.datapath.mapspec import MapSpec
 from lbctl.datapath.pinsets import PinnedSet
 from lbctl.datapath.rawmap import RawMap
 from lbctl.datapath.settings import BpfSettings
-from lbctl.datapath.structs import Layout
+from lbctl.datapath.structs import Layout, LayoutError
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class Upgrade:
         for staging in pinsets.staging_dirs(self.pin_dir):
             found = record.read(staging / record.NAME)
             assert found is not None and found.state == record.COPIED  # _recover saw to it
-            out.append(pinsets.open_staging(staging, found))
+            out.append(pinsets.open_staging(staging, found, self.report.problems))
             self.report.notes.append(
                 f"found {staging.name}, an upgrade interrupted after its copy: its maps and "
                 "the pinned ones are merged (the newer entry wins)"
@@ -268,8 +268,21 @@ class Upgrade:
         return moves
 
     def _source(self, spec: MapSpec, pinned: PinnedSet, raw: RawMap) -> migrate.Source | None:
-        decl = pinned.layout.maps[spec.name]
-        old_key, old_value = pinned.layout.describe(decl.key), pinned.layout.describe(decl.value)
+        decl = pinned.layout.maps.get(spec.name)
+        if decl is None:
+            self.report.problems.append(
+                f"map {spec.name} of {pinned.label}: its layout does not describe it, so it "
+                "cannot be read; the new map starts without its entries"
+            )
+            return None
+        try:
+            old_key = pinned.layout.describe(decl.key)
+            old_value = pinned.layout.describe(decl.value)
+        except LayoutError as err:
+            self.report.problems.append(
+                f"map {spec.name} of {pinned.label}: {err}; the new map starts without its entries"
+            )
+            return None
         if (raw.info.key_size, raw.info.value_size) != (old_key.size, old_value.size):
             self.report.problems.append(
                 f"map {spec.name} of {pinned.label} has key/value sizes {raw.info.key_size}/"

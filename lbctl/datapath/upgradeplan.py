@@ -28,7 +28,7 @@ from lbctl.datapath.mapspec import MapSpec
 from lbctl.datapath.pinsets import PinnedSet
 from lbctl.datapath.rawmap import ARRAYS, RawMap
 from lbctl.datapath.settings import BpfSettings
-from lbctl.datapath.structs import Layout
+from lbctl.datapath.structs import Layout, LayoutError
 
 Sources = Sequence[PinnedSet]
 
@@ -90,7 +90,11 @@ def differences(spec: MapSpec, pinned: PinnedSet, raw: RawMap) -> list[str]:
         out.append(f"{pinned.layout.name} does not declare it")
         return out
     for what, ctype, new in (("key", decl.key, spec.key), ("value", decl.value, spec.value)):
-        old = pinned.layout.describe(ctype)
+        try:
+            old = pinned.layout.describe(ctype)
+        except LayoutError as err:
+            out.append(f"{what} layout {ctype} unreadable ({err})")
+            continue
         if old.shape() != new.shape():
             out.append(f"{what} layout {ctype} changed")
     return out
@@ -156,7 +160,10 @@ def _fit_tables(
         return settings
     pinned, raw = services[-1]
     decl = pinned.layout.maps.get("lb4_services")
-    leaf = pinned.layout.describe(decl.value).leaf("table") if decl else None
+    try:
+        leaf = pinned.layout.describe(decl.value).leaf("table") if decl else None
+    except LayoutError:
+        return settings  # reported when its maps are planned
     before = pinned.settings.get("max_tables")
     if leaf is None or not isinstance(before, int) or settings.max_tables >= before:
         return settings
