@@ -104,13 +104,11 @@ def test_every_capacity_flag_changes_without_losing_a_flow(node: Node) -> None:
         assert re.search(r"LAST UPGRADE +migrated at .*; lb_tables copied", table.stdout), table
         # Smaller than what the map holds: kept, said, and the agent serves on.
         node.agents[-1].terminate()
-        held = len(node.dump()["flows"])
         agent = node.start({**sizes, "--conntrack-size": 4})
         assert "but --conntrack-size 4 makes room for 4: kept at 5000" in agent.log_text()
         flows.check("after --conntrack-size 4, which was kept at 5000")
         warnings = node.status()["verdict"]["warnings"]
         assert any("set --conntrack-size to at least" in w for w in warnings), warnings
-        assert held >= len(flows.flows)
     finally:
         flows.close()
 
