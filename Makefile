@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
 .PHONY: deps demo image test lint unit clean bench bench-control-plane bench-dataplane bench-program \
-	test-reliability bench-reliability
+	test-reliability bench-reliability bench-upgrade
 
 deps:
 	@bash scripts/install-deps.sh
@@ -33,7 +33,7 @@ test: lint
 test-reliability: deps
 	$(PY) -m pytest -q -m reliability tests
 
-bench: bench-control-plane bench-dataplane bench-program bench-reliability
+bench: bench-control-plane bench-dataplane bench-program bench-reliability bench-upgrade
 
 # Figures for the README; see the docstring of bench/control_plane.py.
 bench-control-plane: deps
@@ -55,6 +55,11 @@ bench-reliability: deps
 	rm -f bench/results/reliability.txt
 	LBCTL_RELIABILITY=full LBCTL_RELIABILITY_OUT=bench/results/reliability.txt \
 		$(PY) -m pytest -q -m reliability tests
+
+# Upgrades in place: map copy cost by size, flows kept across real agent upgrades;
+# writes bench/results/upgrade.{json,txt}. See bench/upgrade.py.
+bench-upgrade: deps
+	$(PY) bench/upgrade.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

@@ -85,7 +85,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import machine
-from lbctl.datapath import layout, libbpf
+from lbctl.datapath import layout, libbpf, record
 from lbctl.datapath.bpf import BpfDatapath
 from lbctl.datapath.compiler import EGRESS_PROGRAM
 from lbctl.datapath.maps import MAP_TYPES
@@ -719,6 +719,7 @@ def report(results: dict[str, Any]) -> list[str]:
 def remove_pins(path: Path) -> None:
     for name in MAP_TYPES:
         (path / name).unlink(missing_ok=True)
+    (path / record.NAME).unlink(missing_ok=True)  # the maps' layout record
     if path.exists():
         path.rmdir()
 

@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Compile and attach the BPF datapath, program it from the source "
         "(the Kubernetes API or a manifest directory), and apply every change until "
         "stopped. On exit the datapath stays in place (pinned maps, attached programs) so "
-        "traffic keeps flowing and a restart adopts it; `lbctl cleanup` removes it. "
+        "traffic keeps flowing and a restart adopts it, also a newer lbctl or other "
+        "capacity flags: maps of another layout or size are converted in place without "
+        "dropping a flow (docs/control-plane.md, Upgrades); `lbctl cleanup` removes it. "
         "Settings come from --config FILE (see examples/lbctl-config.yaml); a flag "
         "overrides the file.",
     )
@@ -535,7 +537,7 @@ def _dump(args: argparse.Namespace) -> int:
 def _cleanup(args: argparse.Namespace) -> int:
     if args.kube_proxy:
         return _cleanup_kube_proxy(args)
-    from lbctl.datapath import cgroup, tc, xdp
+    from lbctl.datapath import cgroup, pinsets, record, tc, xdp
     from lbctl.datapath.maps import MAP_TYPES
     from lbctl.pindir import resolve
 
@@ -554,6 +556,13 @@ def _cleanup(args: argparse.Namespace) -> int:
         if pin.exists():
             pin.unlink()
             removed.append(name)
+    # the layout record and what an interrupted upgrade left (lbctl/datapath/upgrade.py)
+    for staging in pinsets.staging_dirs(pin_dir):
+        pinsets.discard(staging)
+        removed.append(staging.name)
+    if (pin_dir / record.NAME).exists():
+        (pin_dir / record.NAME).unlink()
+        removed.append(record.NAME)
     if pin_dir.is_dir() and not any(pin_dir.iterdir()):
         pin_dir.rmdir()
     print(f"tc programs (ingress, egress) detached from: {', '.join(detached) or 'no interface'}")

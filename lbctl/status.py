@@ -19,11 +19,11 @@ absent; when several hold, the lowest.
 from __future__ import annotations
 
 import datetime
-import struct
 import sys
 from pathlib import Path
 from typing import Any
 
+from lbctl import upgrade_status
 from lbctl.agentclient import get_json
 from lbctl.config import parse_bind_address
 from lbctl.datapath import nftables
@@ -40,7 +40,6 @@ STATES = {  # the verdict of each exit code `lbctl status` decides
     NO_DATAPATH: "datapath absent",
 }
 
-_TCA_BPF_ID = 11  # <linux/pkt_cls.h>; pyroute2 0.9 does not decode it
 _HOOKS = (("tc ingress", 0xFFFFFFF2), ("tc egress", 0xFFFFFFF3))  # clsact parents
 _COUNTED_MAPS = ("lb4_services", "lb4_backends")  # small enough to count on every status
 
@@ -60,23 +59,10 @@ def fetch(address: str, timeout: float) -> dict[str, Any]:
 # -- the kernel ----------------------------------------------------------------------
 
 
-def _bpf_prog_id(options: Any) -> int | None:
-    """TCA_BPF_ID from the raw attributes of a bpf filter's options."""
-    raw = bytes(options.data[options.offset + 4 : options.offset + options.length])
-    pos = 0
-    while pos + 4 <= len(raw):
-        length, kind = struct.unpack_from("=HH", raw, pos)
-        if length < 4:
-            break
-        if kind & 0x3FFF == _TCA_BPF_ID and length >= 8:
-            return int(struct.unpack_from("=I", raw, pos + 4)[0])
-        pos += (length + 3) & ~3
-    return None
-
-
 def _tc_programs(ipr: Any, index: int) -> list[dict[str, Any]]:
     from pyroute2.netlink.exceptions import NetlinkError
 
+    from lbctl.datapath.swap import filter_prog_id
     from lbctl.datapath.tc import FILTER_PRIO, HOOKS
 
     programs = {hook.parent_id: hook.program for hook in HOOKS}  # lbctl's, by hook
@@ -96,7 +82,7 @@ def _tc_programs(ipr: Any, index: int) -> list[dict[str, Any]]:
                 {
                     "hook": hook,
                     "program": name,
-                    "id": _bpf_prog_id(options),
+                    "id": filter_prog_id(options),
                     "priority": prio,
                     "owner": "lbctl" if ours else "other",
                 }
@@ -205,6 +191,7 @@ def collect(address: str, pin_dir: Path | None, timeout: float) -> dict[str, Any
     )
     kernel: dict[str, Any] = {"interfaces": interfaces(), "pinnedMaps": pinned_maps(where)}
     kernel["ipvs"] = _ipvs_state()
+    kernel["layout"] = upgrade_status.kernel_layout(where.path)
     try:
         kernel["socketHooks"] = socket_hooks(where.path)
     except OSError as err:
@@ -283,6 +270,7 @@ def verdict(agent: dict[str, Any], kernel: dict[str, Any]) -> dict[str, Any]:
                     f"interface {name}: the agent attached its XDP program but the kernel "
                     "shows none"
                 )
+        warnings += upgrade_status.warnings(doc, kernel)
         failing = doc.get("errors", {}).get("current", [])
         if failing:
             warnings.append(
@@ -374,6 +362,7 @@ def render_table(report: dict[str, Any]) -> str:
         fill = ", ".join(f"{n} {f['entries']}/{f['capacity']}" for n, f in maps["fill"].items())
         pinned = f"{maps['directory']}: {len(maps['present'])} of {len(MAP_TYPES)} maps"
         rows.append(("PINNED MAPS", pinned + (f"; {fill}" if fill else "")))
+        rows += upgrade_status.rows(doc, kernel)
         if held is not None:  # left by an earlier run in IPVS mode
             rows.append(
                 (

@@ -303,10 +303,10 @@ def test_maps_of_an_older_agent_get_the_backends_place_when_adopted(dp: BpfDatap
     assert all(restarted.matches(fe) for fe in SERVICES)
 
 
-def test_an_lb_stats_pinned_by_an_older_lbctl_is_made_anew(pin_dir: Path) -> None:
-    """Adopted, an lb_stats with the 21 counters of the lbctl before the egress hook
-    would never count egress_reverse_nat (a lookup beyond its end fails); the
-    other maps are adopted as they are."""
+def test_an_lb_stats_pinned_by_an_older_lbctl_grows(pin_dir: Path) -> None:
+    """Adopted as it is, an lb_stats with the 21 counters of the lbctl before the
+    egress hook would never count egress_reverse_nat (a lookup beyond its end
+    fails): the upgrade copies it into one of this lbctl's size."""
     import subprocess
 
     from lbctl.datapath.settings import BpfSettings

@@ -16,10 +16,14 @@ from lbctl.datapath import ctgc, layout, nodeconf, tc
 from lbctl.datapath.compiler import Compilation, CompileError
 from lbctl.datapath.entries import has_source_ranges
 from lbctl.datapath.frontends import DatapathError, FrontendTable
-from lbctl.datapath.maps import MAP_SIZES, Maps
+from lbctl.datapath.maps import Maps
 from lbctl.datapath.nodeconf import NodeConfig
 from lbctl.datapath.ranges import SourceRangeTable, Vip, ranges_of, vip_of
+from lbctl.datapath.record import RecordError
 from lbctl.datapath.settings import BpfSettings
+from lbctl.datapath.structs import LayoutError
+from lbctl.datapath.upgrade import Upgrade
+from lbctl.datapath.upgradeplan import Report
 from lbctl.plan import SCOPE_NAMES, Frontend, FrontendKey, PlanDiff
 
 log = logging.getLogger(__name__)
@@ -88,36 +92,6 @@ def load_failure(said: str) -> str:
     )
 
 
-def replace_outgrown_stats(pin_dir: Path) -> bool:
-    """An lb_stats pinned by an older lbctl with fewer counters than this one
-    counts is unpinned, so the programs get a fresh one: adopted, the new
-    counters would never count.  Only the totals start again from zero (as a
-    restarted exporter's do); every other map is adopted as it is.  True when
-    it was replaced."""
-    from lbctl.datapath import layout, libbpf
-
-    pin = pin_dir / "lb_stats"
-    if not pin.exists():
-        return False
-    fd = libbpf.obj_get(str(pin))
-    try:
-        have = libbpf.map_info(fd).max_entries
-    finally:
-        os.close(fd)
-    wanted = layout.const("LB_STAT_MAX")
-    if have >= wanted:
-        return False
-    pin.unlink()
-    log.info(
-        "lb_stats under %s holds %d counters, this lbctl counts %d: made anew, its totals "
-        "start from zero",
-        pin_dir,
-        have,
-        wanted,
-    )
-    return True
-
-
 class _Statfs(ctypes.Structure):
     _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
 
@@ -129,11 +103,25 @@ class BpfDatapath:
 
     def __init__(self, settings: BpfSettings, wait: bool = True) -> None:
         """Start compiling; with `wait` False, `load()` finishes the job later."""
-        self.settings = settings
         check_bpffs(settings.pin_dir)
         settings.pin_dir.mkdir(parents=True, exist_ok=True)
-        replace_outgrown_stats(settings.pin_dir)
-        self._compilation: Compilation | None = Compilation(settings)
+        # What is pinned already decides where bcc pins and which sizes hold
+        # (lbctl/datapath/upgrade.py): the settings may keep a pinned capacity.
+        try:
+            self.upgrade: Upgrade | None = Upgrade(settings)
+        except (OSError, LayoutError, RecordError) as err:
+            raise DatapathError(
+                f"reading the maps pinned under {settings.pin_dir}: {err}; to start over, "
+                f"`lbctl cleanup --bpffs {settings.pin_dir}` (established connections through "
+                "them are lost)"
+            ) from err
+        self.settings = self.upgrade.settings
+        self.upgrade_report: Report | None = None
+        try:
+            self._compilation: Compilation | None = Compilation(self.upgrade.compile_settings)
+        except BaseException:
+            self.upgrade.abandon()
+            raise
         self.prog_fd = -1
         self.prog_fds: dict[str, int] = {}  # every program that loaded, by name
         self.failed_programs: dict[str, str] = {}  # optional programs that did not, and why
@@ -153,9 +141,12 @@ class BpfDatapath:
         if self._compilation is None:
             return
         compilation, self._compilation = self._compilation, None
+        upgrade, self.upgrade = self.upgrade, None
+        assert upgrade is not None
         try:
             loaded = compilation.result()
         except CompileError as err:
+            upgrade.abandon()
             raise DatapathError(load_failure(str(err))) from err
         if loaded.log:
             log.debug("the BPF compiler said: %s", loaded.log)
@@ -164,41 +155,27 @@ class BpfDatapath:
         self.failed_programs = loaded.failed
         for name, why in loaded.failed.items():
             log.error("BPF program %s did not load, its feature is off: %s", name, why)
-        self.maps = Maps.from_fds(loaded.map_fds.__getitem__, owns_fds=True)
         try:
-            self._check_sizes()
-        except DatapathError:
-            self.close()
+            report = upgrade.finish(loaded.map_fds, loaded.prog_fds)
+        except BaseException as err:
+            loaded.close()
+            self.prog_fds, self.prog_fd = {}, -1
+            if isinstance(err, (OSError, LayoutError, RecordError)):
+                raise DatapathError(
+                    f"adopting the maps pinned under {self.settings.pin_dir}: {err}"
+                ) from err
             raise
+        self.upgrade_report = report
+        for line in report.lines():
+            log.info("%s", line)
+        for problem in report.problems:
+            log.error("%s", problem)
+        self.maps = Maps.from_fds(loaded.map_fds.__getitem__, owns_fds=True)
         self.table = FrontendTable(self.maps, self.settings.table_size)
         self.table.counters.enabled = self.settings.service_counters
         self.table.adopt()
         self.ranges = SourceRangeTable(self.maps)
         self.ranges.adopt()
-
-    def _check_sizes(self) -> None:
-        """Pinned maps keep the size they were created with; say so if it differs."""
-        s = self.settings
-        maps = self.maps.all()
-        for name, (field, flag) in MAP_SIZES.items():
-            size = getattr(s, field)
-            have = maps[name].max_entries
-            if have != size:
-                raise DatapathError(
-                    f"map {name} is pinned under {s.pin_dir} with {have} entries but "
-                    f"{flag} asks for {size}; a pinned map cannot be resized: "
-                    f"run `lbctl cleanup --bpffs {s.pin_dir}` first (established connections "
-                    "through the old maps are lost), or keep the old size"
-                )
-        have = self.maps.lb_tables.max_entries
-        if have != s.max_tables * s.table_size:
-            raise DatapathError(
-                f"map lb_tables is pinned under {s.pin_dir} with {have} entries but "
-                f"--max-tables {s.max_tables} x --table-size {s.table_size} asks for "
-                f"{s.max_tables * s.table_size}; a pinned map cannot be resized: run "
-                f"`lbctl cleanup --bpffs {s.pin_dir}` first (established connections through "
-                "the old maps are lost), or keep the old sizes"
-            )
 
     # -- hooks ------------------------------------------------------------------
 
@@ -412,6 +389,9 @@ class BpfDatapath:
             with contextlib.suppress(CompileError):
                 self._compilation.result().close()
             self._compilation = None
+        if self.upgrade is not None:  # its staging directory was never served
+            self.upgrade.abandon()
+            self.upgrade = None
         if hasattr(self, "maps"):
             self.maps.close()
         for fd in self.prog_fds.values():

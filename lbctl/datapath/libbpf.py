@@ -326,7 +326,8 @@ class BpfMap:
                 errno.EINVAL,
                 f"map {name} has key/value sizes {info.key_size}/{info.value_size} but "
                 f"bpf/lbctl.h says {want[0]}/{want[1]}: it was made by another lbctl "
-                "version; run `lbctl cleanup` to remove the old maps",
+                "version; start this version's agent (`lbctl run`), which converts the maps "
+                "in place, or use the lbctl that made them",
             )
 
     @classmethod
