@@ -3,8 +3,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: deps demo test lint unit clean bench bench-control-plane bench-dataplane bench-program \
-	test-reliability bench-reliability
+.PHONY: deps demo image test lint unit clean bench bench-control-plane bench-dataplane bench-program \
+	test-reliability bench-reliability bench-upgrade
 
 deps:
 	@bash scripts/install-deps.sh
@@ -12,15 +12,29 @@ deps:
 demo: deps
 	@bash scripts/demo.sh
 
+# The agent's image from deploy/Dockerfile, with docker (a running engine),
+# podman or buildah, on a Debian base made here; layers are cached. IMAGE=name:tag
+# to tag it otherwise. See scripts/image.sh.
+image: deps
+	@bash scripts/image.sh
+
 lint: deps
 	$(BIN)/ruff check lbctl tests bench
 	$(BIN)/ruff format --check lbctl tests bench
 	$(BIN)/mypy --strict lbctl
+	promtool check rules deploy/prometheus/lbctl-rules.yaml
+	$(PY) scripts/prometheusrule.py --check
 
 test: lint
 	$(PY) -m pytest -q tests
 
-bench: bench-control-plane bench-dataplane bench-program bench-reliability
+# Issue 18's reliability suites, short (they are part of `make test` too):
+# restarts, rolling updates and full tables under load; API faults, malformed
+# objects and packet fuzzing; each printing its figures.
+test-reliability: deps
+	$(PY) -m pytest -q -m reliability tests
+
+bench: bench-control-plane bench-dataplane bench-program bench-reliability bench-upgrade
 
 # Figures for the README; see the docstring of bench/control_plane.py.
 bench-control-plane: deps
@@ -36,17 +50,17 @@ bench-dataplane: deps
 bench-program: deps
 	$(PY) bench/program.py
 
-# The reliability suites (README, "Reliability"): every test marked `reliability`.
-# `make test` runs them in their short form; `make bench-reliability` in the full
-# one (LBCTL_RELIABILITY=full, see tests/reliability.py), whose figures also go to
-# bench/results/reliability-*.txt.
-test-reliability: deps
-	$(PY) -m pytest -q -m reliability tests
-
+# The reliability suites with longer load, more restarts and bigger floods, more
+# faults, objects and frames; their figures go to bench/results/reliability.txt too.
 bench-reliability: deps
-	rm -f bench/results/reliability-input.txt bench/results/reliability-api.txt \
-		bench/results/reliability-packets.txt
-	LBCTL_RELIABILITY=full $(PY) -m pytest -q -m reliability tests
+	rm -f bench/results/reliability.txt
+	LBCTL_RELIABILITY=full LBCTL_RELIABILITY_OUT=bench/results/reliability.txt \
+		$(PY) -m pytest -q -m reliability tests
+
+# Upgrades in place: map copy cost by size, flows kept across real agent upgrades;
+# writes bench/results/upgrade.{json,txt}. See bench/upgrade.py.
+bench-upgrade: deps
+	$(PY) bench/upgrade.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

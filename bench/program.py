@@ -22,7 +22,12 @@ by tests/packets.py:
 - the schedulers on new flows to a service of 10 backends: random, maglev,
   sh, rr, lc, ClientIP affinity (a hit: the client's backend is remembered),
   and lc with 100 and 1,000 backends (the cost of its slot scan);
-- a packet to no service: the tc program's cheapest path.
+- a packet to no service: the tc program's cheapest path;
+- the egress program: a forwarded packet (received on an interface: every
+  pod -> pod packet on its way out of the receiving pod's veth), a packet of
+  the node's own that answers no flow, and a reply it translates: the
+  ClusterIP flow's reply as if the node's stack had sent it (no ingress
+  interface), the same lookups and rewrite as a hostNetwork endpoint's reply.
 
 Baselines, measured in the same run and the same way: a packet to no service,
 and empty tc and XDP programs (return TC_ACT_OK / XDP_PASS) compiled here.
@@ -80,8 +85,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import machine
-from lbctl.datapath import layout, libbpf
+from lbctl.datapath import layout, libbpf, record
 from lbctl.datapath.bpf import BpfDatapath
+from lbctl.datapath.compiler import EGRESS_PROGRAM
 from lbctl.datapath.maps import MAP_TYPES
 from lbctl.datapath.nodeconf import NodeConfig
 from lbctl.datapath.settings import BpfSettings
@@ -143,6 +149,9 @@ PATHS = {
     "xdp-no-service": "XDP: packet to no service",
     "xdp-nodeport-new": "XDP: NodePort from outside, new (SYN; masquerade)",
     "xdp-nodeport-established": "XDP: NodePort, established",
+    "egress-forwarded": "tc egress: a forwarded packet (pod to pod): leaves at once",
+    "egress-own-traffic": "tc egress: the node's own packet, no reply of a flow",
+    "egress-reply": "tc egress: a reply translated (a hostNetwork endpoint's reply's work)",
     **{f"sched-{name}": f"tc: new flow (SYN), {name.replace('-', ' ')} backends"
        for name, *_ in SCHED_SERVICES},
 }  # fmt: skip
@@ -372,7 +381,10 @@ def prepare(size: int, dp: BpfDatapath, fib: Fib, empty: dict[str, int], runs: i
         NodeConfig(
             snat_address=ip(NODE),
             nat_ports=NAT_PORTS,
-            cluster_cidrs=(ipaddress.IPv4Network(CLUSTER_CIDR),),
+            # the decoys' endpoints are pods too: a pod's flow to them keeps its address
+            cluster_cidrs=tuple(
+                ipaddress.IPv4Network(c) for c in (CLUSTER_CIDR, DECOY_ENDPOINT_NET)
+            ),
         )
     )
     errors = dp.reconcile(services(size))
@@ -384,6 +396,7 @@ def prepare(size: int, dp: BpfDatapath, fib: Fib, empty: dict[str, int], runs: i
     if xdp is None:
         raise RuntimeError(f"lbctl_xdp did not load: {dp.failed_programs}")
     tc = dp.prog_fd
+    egress = dp.prog_fds[EGRESS_PROGRAM]
     with fib.ns.entered():
         backend, _ = open_flow(dp, fib, CLIENT, VIP, 80)
         np_backend, nat_port = open_flow(dp, fib, OUTSIDE, NODE, NODE_PORT)
@@ -449,6 +462,18 @@ def prepare(size: int, dp: BpfDatapath, fib: Fib, empty: dict[str, int], runs: i
         Case(
             "xdp-nodeport-established", "xdp", xdp, [np_est], fib.in0, XDP_REDIRECT,
             {"established": 1, "xdp_redirected": 1}, {NODE}, {np_backend},
+        ),
+        Case(
+            "egress-forwarded", "tc", egress, [tcp(backend, CLIENT, TARGET, 40000, "A")],
+            fib.out0, TC_ACT_OK, {},
+        ),
+        Case(
+            "egress-own-traffic", "tc", egress, [tcp(NODE, CLIENT, 50000, TARGET, "A")], 0,
+            TC_ACT_OK, {},
+        ),
+        Case(
+            "egress-reply", "tc", egress, [tcp(backend, CLIENT, TARGET, 40000, "A")], 0,
+            TC_ACT_OK, {"reverse_nat": 1, "egress_reverse_nat": 1}, {VIP}, {CLIENT},
         ),
     ]  # fmt: skip
     for label, addr, _, n, aff in SCHED_SERVICES:
@@ -694,6 +719,7 @@ def report(results: dict[str, Any]) -> list[str]:
 def remove_pins(path: Path) -> None:
     for name in MAP_TYPES:
         (path / name).unlink(missing_ok=True)
+    (path / record.NAME).unlink(missing_ok=True)  # the maps' layout record
     if path.exists():
         path.rmdir()
 

@@ -93,7 +93,12 @@ static __always_inline void ct4_forward_key(struct ct4_key *k, const struct pkt4
  * CT_F_LC, CT_F_AFFINITY).  With BPF_NOEXIST the
  * forward insert fails when another CPU recorded the same new flow first;
  * the caller then follows that entry instead.  A masqueraded flow (snat_addr
- * set) has its reverse entry in nat4, made by nat4_bind. */
+ * set) has its reverse entry in nat4, made by nat4_bind.  CT_FAILED: the
+ * table is full (a plain hash: nothing is evicted for the new flow), and
+ * nothing of the flow was recorded. */
+#ifndef EEXIST
+#define EEXIST 17
+#endif
 #define CT_CREATED 0
 #define CT_LOST_RACE 1
 #define CT_FAILED -1
@@ -103,8 +108,10 @@ static __always_inline int ct4_create(const struct pkt4 *p, const struct lb4_bac
 				      int exclusive, __be32 snat_addr, __be16 snat_port,
 				      __u8 flags)
 {
-	struct ct4_key k = {};
+	struct ct4_key k = {}, fwd;
 	struct ct4_entry e = {};
+	__u64 open;
+	int rc;
 
 	e.created_ns = now;
 	e.last_seen_ns = now;
@@ -121,12 +128,16 @@ static __always_inline int ct4_create(const struct pkt4 *p, const struct lb4_bac
 	e.nat_port = be->port;
 	e.snat_addr = snat_addr;
 	e.snat_port = snat_port;
-	if (exclusive ? ct4.insert(&k, &e) : ct4.update(&k, &e))
-		return exclusive ? CT_LOST_RACE : CT_FAILED;
-	if (e.open)
-		lb_conn_open(backend_id);
-	if (snat_addr)
+	rc = exclusive ? ct4.insert(&k, &e) : ct4.update(&k, &e);
+	if (rc)
+		return rc == -EEXIST ? CT_LOST_RACE : CT_FAILED; /* else the table is full */
+	open = e.open;
+	if (snat_addr) {
+		if (open)
+			lb_conn_open(backend_id);
 		return CT_CREATED;
+	}
+	fwd = k;
 
 	k.saddr = be->addr;
 	k.daddr = p->saddr;
@@ -138,8 +149,14 @@ static __always_inline int ct4_create(const struct pkt4 *p, const struct lb4_bac
 	e.snat_addr = 0;
 	e.snat_port = 0;
 	e.open = 0; /* the forward entry alone counts */
-	if (ct4.update(&k, &e))
+	if (ct4.update(&k, &e)) {
+		/* No room for the reverse entry: a forward entry alone would
+		 * send the flow on while its replies go back untranslated. */
+		ct4.delete(&fwd);
 		return CT_FAILED;
+	}
+	if (open)
+		lb_conn_open(backend_id);
 	return CT_CREATED;
 }
 

@@ -118,7 +118,7 @@ static __always_inline int flow4_follow(const struct pkt4 *p, struct ct4_entry *
 
 /* A new flow to frontend svc: choose a backend and whether to masquerade. */
 static __always_inline int flow4_new(const struct pkt4 *p, const struct lb_service *svc,
-				     int masq, const struct lb4_config *cfg,
+				     int masq, int internal, const struct lb4_config *cfg,
 				     struct ct4_entry *old, __u64 now, struct flow4 *x)
 {
 	struct lb4_backend *be;
@@ -140,8 +140,7 @@ static __always_inline int flow4_new(const struct pkt4 *p, const struct lb_servi
 		x->stat = LB_STAT_DROP_NO_BACKEND;
 		return FLOW_DROP;
 	}
-	if (be->addr == p->saddr)
-		masq = 1; /* hairpin */
+	masq = masq4_backend(p, cfg, be, masq, internal);
 	x->snat = masq && cfg && cfg->snat_addr;
 	x->saddr = x->snat ? cfg->snat_addr : p->saddr;
 	x->sport = p->sport; /* the NAT port is taken by flow4_commit() */
@@ -243,6 +242,21 @@ static __always_inline int flow4_reply(const struct pkt4 *p, const struct lb4_co
 	return FLOW_REPLY;
 }
 
+/* Is the flow's backend an address of this node?  Its datagrams, once
+ * translated, go to the node's own stack, and on the way may pass an lbctl
+ * hook a second time: a bridge hands a frame its port's hook translated up
+ * to the node through the bridge device's own hook.  There a translated
+ * datagram looks exactly like a direct one, so UDP to the node's own
+ * addresses never takes a reply tuple over (a TCP SYN is safe: the flow it
+ * belongs to is never closing). */
+static __always_inline int lb4_backend_on_node(const struct ct4_entry *fwd)
+{
+	__u32 id = fwd->backend_id;
+	struct lb4_backend *be = lb4_backends.lookup(&id);
+
+	return be && (be->flags & LB_BACKEND_F_HOST);
+}
+
 /* A client's packet to no frontend, straight to an address and port that a
  * balanced flow of the same client port has as its backend: does it take
  * that flow's reply tuple over (see flow4_retire_entry)? */
@@ -274,6 +288,8 @@ static __always_inline int flow4_direct(const struct pkt4 *p, __u64 now, struct 
 		return flow4_retire_entry(&k, NULL, 0, x); /* a leftover: nobody's */
 	if (p->proto == IPPROTO_TCP && !(fwd->flags & CT_F_CLOSING))
 		return FLOW_PASS; /* an open connection keeps its tuple */
+	if (p->proto == IPPROTO_UDP && lb4_backend_on_node(fwd))
+		return FLOW_PASS; /* maybe this flow's own datagram, seen again */
 	return flow4_retire_entry(&k, fwd, 0, x);
 }
 
@@ -286,7 +302,7 @@ static __always_inline int flow4_decide(const struct pkt4 *p, const struct lb4_c
 	struct ct4_key k = {};
 	struct ct4_entry *ct;
 	struct lb_service *svc = NULL;
-	int rc, masq = 0;
+	int rc, masq = 0, internal = -1;
 
 	ct4_forward_key(&k, p);
 	ct = ct4.lookup(&k);
@@ -307,14 +323,14 @@ static __always_inline int flow4_decide(const struct pkt4 *p, const struct lb4_c
 		}
 	}
 
-	rc = lb4_frontend(p, cfg, &svc, &masq);
+	rc = lb4_frontend(p, cfg, &svc, &masq, &internal);
 	if (rc == FRONTEND_DENIED) {
 		x->stat = LB_STAT_DROP_SOURCE_RANGE;
 		x->frontend_id = svc ? svc->frontend_id : 0;
 		return FLOW_DROP;
 	}
 	if (rc == FRONTEND_OK && svc)
-		return flow4_new(p, svc, masq, cfg, ct, now, x);
+		return flow4_new(p, svc, masq, internal, cfg, ct, now, x);
 	rc = flow4_reply(p, cfg, now, x, direct);
 	if (rc == FLOW_PASS && direct)
 		rc = flow4_direct(p, now, x);
@@ -322,7 +338,8 @@ static __always_inline int flow4_decide(const struct pkt4 *p, const struct lb4_c
 }
 
 /* Record the new flow x: NAT port, conntrack.  Returns FLOW_NEW, FLOW_RACED
- * (x now follows the flow another CPU recorded) or FLOW_DROP (no NAT port). */
+ * (x now follows the flow another CPU recorded) or FLOW_DROP (no NAT port,
+ * or no room in the conntrack table). */
 static __always_inline int flow4_record(const struct pkt4 *p, const struct lb4_config *cfg,
 					__u64 now, struct flow4 *x)
 {
@@ -359,7 +376,13 @@ static __always_inline int flow4_record(const struct pkt4 *p, const struct lb4_c
 		if (ct)
 			return flow4_follow(p, ct, x, FLOW_RACED, LB_STAT_DNAT_EST);
 	} else if (rc == CT_FAILED) {
-		stat_inc(LB_STAT_CT_FULL);
+		/* The table is full: the new flow is dropped (its client
+		 * retries), never sent on untracked, whose replies would go
+		 * back untranslated. */
+		if (snat_addr)
+			nat4_unbind(be, snat_addr, snat_port, p->proto);
+		x->stat = LB_STAT_CT_FULL;
+		return FLOW_DROP;
 	}
 	return FLOW_NEW;
 }

@@ -56,9 +56,13 @@ static __always_inline void ip_csum_fill(struct iphdr *ip)
 }
 
 /* Point the quote (and the outer header) where the flow's sender sees it,
- * with the decisions tc takes for the flow's own packets (flow.h). */
+ * with the decisions tc takes for the flow's own packets (flow.h).  On the
+ * egress hook (`egress`) only errors about a packet sent to a backend: the
+ * node's stack (a backend on this node, or a router on the way) routed them
+ * to the client already.  One about a reply it received was routed towards
+ * the VIP, out of an interface that may not lead to the backend. */
 static __always_inline int icmp4_translate(const struct lb4_config *cfg, __u64 now,
-					   struct icmp4_rewrite *r)
+					   struct icmp4_rewrite *r, int egress)
 {
 	struct icmp4_quote *q = &r->q;
 	struct ct4_key k = {};
@@ -78,6 +82,8 @@ static __always_inline int icmp4_translate(const struct lb4_config *cfg, __u64 n
 		 * itself comes from the service. */
 		if (r->outer_saddr == p.saddr)
 			r->outer_saddr = x.saddr;
+	} else if (egress) {
+		return 0;
 	} else {
 		/* The quote is a reply we sent to a client, p the client's packet
 		 * of the flow, and x that packet as the backend got it. */
@@ -97,10 +103,11 @@ static __always_inline int icmp4_translate(const struct lb4_config *cfg, __u64 n
 	return 1;
 }
 
-/* An ICMP error about a balanced flow, translated and forwarded; -1 when
- * the packet is not one (the caller passes it). */
+/* An ICMP error about a balanced flow, translated and forwarded (on the
+ * egress hook, `egress`: translated and left on its way); -1 when the packet
+ * is not one (the caller passes it). */
 static __always_inline int icmp4_error(struct __sk_buff *skb, const struct lb4_config *cfg,
-				       __u64 now)
+				       __u64 now, int egress)
 {
 	struct iphdr ip;
 	struct icmphdr icmp;
@@ -142,7 +149,7 @@ static __always_inline int icmp4_error(struct __sk_buff *skb, const struct lb4_c
 	old = r.q;
 	r.outer_saddr = ip.saddr;
 	r.outer_daddr = ip.daddr;
-	if (!icmp4_translate(cfg, now, &r))
+	if (!icmp4_translate(cfg, now, &r, egress))
 		return -1;
 
 	/* The quoted UDP checksum (0: none) follows its pseudo-header and ports. */
@@ -182,6 +189,10 @@ static __always_inline int icmp4_error(struct __sk_buff *skb, const struct lb4_c
 				 sizeof(__be32), 0)))
 		return TC_ACT_SHOT;
 	stat_inc(LB_STAT_ICMP_ERROR);
+	if (egress) {
+		stat_inc(LB_STAT_EGRESS_RNAT);
+		return TC_ACT_OK;
+	}
 	p.l3_off = l3;
 	p.saddr = r.outer_saddr;
 	p.daddr = r.outer_daddr;

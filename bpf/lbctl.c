@@ -1,6 +1,7 @@
 /* lbctl's BPF programs, compiled as one unit so they share every map.
  *
- *   lbctl_tc.c   tc ingress: balancing, NAT, rejects, source ranges
+ *   lbctl_tc.c   tc ingress: balancing, NAT, rejects, source ranges;
+ *                tc egress: the replies of the node's own stack
  *   lbctl_sock.c cgroup socket hooks: the node's own processes
  *   lbctl_xdp.c  XDP on the external interfaces: the fast path for traffic
  *                from outside, handing tc what it cannot finish

@@ -43,10 +43,19 @@
  * must use the same one, so they pick the same backend for the same flow. */
 #define LB_HASH_SEED 0x6c62636c
 
-/* lb_backend.flags: the endpoint conditions of EndpointSlice v1. */
+/* lb_backend.flags: the endpoint conditions of EndpointSlice v1 ... */
 #define LB_BACKEND_F_READY 1
 #define LB_BACKEND_F_SERVING 2
 #define LB_BACKEND_F_TERMINATING 4
+/* ... and where the endpoint is, as the agent sees it from this node. */
+#define LB_BACKEND_F_MASQ_PODS 8 /* outside the pod network (lb4_cluster_cidrs): a
+				  * pod's new flow to it is masqueraded, as the
+				  * CNI's masquerade rule, which lbctl's redirect
+				  * bypasses, would have done */
+#define LB_BACKEND_F_HOST 16     /* an address of this node (a hostNetwork
+				  * endpoint here): its flows are never
+				  * masqueraded; the node's stack answers them
+				  * and lbctl_tc_egress translates the replies */
 
 /* ct_key.dir */
 #define CT_DIR_FORWARD 0
@@ -112,12 +121,20 @@
 #define LB_STAT_ICMP_ERROR 20       /* an ICMP error about a balanced flow, translated */
 #define LB_STAT_REPLY_RETIRED 21    /* a direct flow took a balanced flow's reply tuple
 				     * (bpf/flow.h: tuple clashes); the packet passed */
-#define LB_STAT_MAX 22
+#define LB_STAT_EGRESS_RNAT 22      /* a reply (or ICMP error) of the node's own stack
+				     * translated by the egress hook; it also counts
+				     * its verdict (reverse_nat, icmp_errors_translated) */
+#define LB_STAT_MAX 23
 
 /* lb4_config.flags */
-#define LB_CFG_F_MASQ_ALL 1   /* masquerade every balanced flow */
+#define LB_CFG_F_MASQ_ALL 1   /* masquerade every flow to a ClusterIP (kube-proxy's
+			       * masqueradeAll); external frontends keep their rules */
 #define LB_CFG_F_DETECTOR 2   /* lb4_cluster_cidrs tells pods from outside clients;
 			       * without it every tc client counts as outside */
+#define LB_CFG_F_NODE_CIDRS 4 /* lb4_cluster_cidrs holds this node's spec.podCIDRs
+			       * (no cluster CIDR was given): kube-proxy's NodeCIDR
+			       * detector.  The programs do not read it; `lbctl
+			       * maps dump` and `lbctl trace` say it */
 
 /* lb4_config: one entry (index 0) of settings that change at run time. */
 struct lb4_config {
@@ -131,7 +148,8 @@ struct lb4_config {
 			       * translate only there */
 };
 
-/* lb4_cluster_cidrs (LPM trie): the cluster's pod CIDRs. */
+/* lb4_cluster_cidrs (LPM trie): the pod network: the cluster's pod CIDRs, or
+ * this node's (LB_CFG_F_NODE_CIDRS). */
 struct lb4_cidr_key {
 	__u32 prefixlen;
 	__be32 addr;

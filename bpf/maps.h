@@ -17,11 +17,16 @@ BPF_TABLE_PINNED("hash", __u32, struct lb4_backend, lb4_backends,
 		 LBCTL_MAX_BACKENDS, LBCTL_PIN(lb4_backends));
 BPF_TABLE_PINNED("hash", __u32, struct lb_frontend_meta, lb_frontend_meta,
 		 LBCTL_MAX_SERVICES, LBCTL_PIN(lb_frontend_meta));
-BPF_TABLE_PINNED("lru_hash", struct ct4_key, struct ct4_entry, ct4,
+/* ct4 and nat4 are plain hashes, not LRU ones: when full, a new flow is
+ * refused (LB_STAT_CT_FULL, LB_STAT_NAT_EXHAUSTED) instead of evicting an
+ * entry of an established flow, which would break it.  The agent's sweep
+ * (lbctl/datapath/ctgc.py) deletes dead flows and, when a table is nearly
+ * full, the newest ones. */
+BPF_TABLE_PINNED("hash", struct ct4_key, struct ct4_entry, ct4,
 		 LBCTL_CT_SIZE, LBCTL_PIN(ct4));
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_stats, LB_STAT_MAX,
 		 LBCTL_PIN(lb_stats));
-BPF_TABLE_PINNED("lru_hash", struct ct4_key, struct nat4_entry, nat4,
+BPF_TABLE_PINNED("hash", struct ct4_key, struct nat4_entry, nat4,
 		 LBCTL_NAT_SIZE, LBCTL_PIN(nat4));
 BPF_TABLE_PINNED("array", __u32, struct lb4_config, lb4_config, 1,
 		 LBCTL_PIN(lb4_config));

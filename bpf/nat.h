@@ -1,13 +1,22 @@
 /* Masquerade: which new flows are source-NATed, and their NAT ports.
  *
  * kube-proxy's rules, restated (its KUBE-MARK-MASQ decisions):
- *   - a ClusterIP masquerades clients from outside the cluster CIDRs;
+ *   - a ClusterIP masquerades clients from outside the cluster CIDRs, and
+ *     every client with masqueradeAll;
  *   - a NodePort, LoadBalancer IP or externalIP masquerades everyone, except
  *     with externalTrafficPolicy Local, which masquerades no one: pods keep
- *     every endpoint, outside clients get this node's endpoints only;
+ *     every endpoint, outside clients get this node's endpoints only.
+ *     masqueradeAll does not change that: kube-proxy adds its rule for the
+ *     ClusterIP only, and the policy guarantees the client's address;
  *   - a pod that lands on itself (hairpin) is always masqueraded, or its
- *     reply would go straight back to itself;
- *   - masqueradeAll masquerades every flow.
+ *     reply would go straight back to itself.
+ * And what the node's netfilter would do after kube-proxy, which lbctl's
+ * redirect bypasses (the backend's flags, set by the agent, say where it is):
+ *   - a pod's flow to an endpoint outside the pod network is masqueraded,
+ *     as the CNI's masquerade rule would (LB_BACKEND_F_MASQ_PODS);
+ *   - a flow to an address of this node is never masqueraded: it is
+ *     delivered to the node's own stack, which never masquerades an input
+ *     packet (LB_BACKEND_F_HOST; the egress hook translates the replies).
  * Masqueraded flows leave with the node's address and a port from the NAT
  * range, chosen here and recorded in nat4.
  */
@@ -46,9 +55,11 @@ static __always_inline int lb4_source_allowed(const struct pkt4 *p)
 #define FRONTEND_OK 1
 #define FRONTEND_DENIED 2 /* outside loadBalancerSourceRanges */
 
-/* The frontend entry a new flow uses, and whether it is masqueraded. */
+/* The frontend entry a new flow uses, and whether it is masqueraded (before
+ * the backend has its say, masq4_backend()).  *internal: whether the client
+ * is a pod, when this had to find out (else left at -1). */
 static __always_inline int lb4_frontend(const struct pkt4 *p, const struct lb4_config *cfg,
-					struct lb_service **out, int *masq)
+					struct lb_service **out, int *masq, int *internal)
 {
 	struct lb_service *svc = lb4_lookup(p, LB_SCOPE_ALL);
 	__u16 flags;
@@ -62,17 +73,38 @@ static __always_inline int lb4_frontend(const struct pkt4 *p, const struct lb4_c
 	}
 	*masq = 0;
 	if (flags & LB_SVC_F_CLUSTER_IP) {
-		*masq = cfg && (cfg->flags & LB_CFG_F_DETECTOR) && !lb4_internal(cfg, p->saddr);
-	} else if (flags & LB_SVC_F_EXTERNAL) {
-		if (!(flags & LB_SVC_F_LOCAL))
+		if (cfg && (cfg->flags & LB_CFG_F_MASQ_ALL)) {
 			*masq = 1;
-		else if (!lb4_internal(cfg, p->saddr))
-			svc = lb4_lookup(p, LB_SCOPE_EXTERNAL);
+		} else if (cfg && (cfg->flags & LB_CFG_F_DETECTOR)) {
+			*internal = lb4_internal(cfg, p->saddr);
+			*masq = !*internal;
+		}
+	} else if (flags & LB_SVC_F_EXTERNAL) {
+		if (!(flags & LB_SVC_F_LOCAL)) {
+			*masq = 1;
+		} else {
+			*internal = lb4_internal(cfg, p->saddr);
+			if (!*internal)
+				svc = lb4_lookup(p, LB_SCOPE_EXTERNAL);
+		}
 	}
-	if (cfg && (cfg->flags & LB_CFG_F_MASQ_ALL))
-		*masq = 1;
 	*out = svc;
 	return svc ? FRONTEND_OK : FRONTEND_NONE;
+}
+
+/* The backend's say in masquerading a new flow of client p (see the rules
+ * above): masq as the frontend decided, internal as lb4_frontend() found it
+ * (-1: not looked up; the common pod -> pod flow never needs it here). */
+static __always_inline int masq4_backend(const struct pkt4 *p, const struct lb4_config *cfg,
+					 const struct lb4_backend *be, int masq, int internal)
+{
+	if (be->flags & LB_BACKEND_F_HOST)
+		return 0;
+	if (be->addr == p->saddr)
+		return 1; /* hairpin */
+	if (masq || !(be->flags & LB_BACKEND_F_MASQ_PODS))
+		return masq;
+	return internal < 0 ? lb4_internal(cfg, p->saddr) : internal;
 }
 
 static __always_inline void nat4_key(struct ct4_key *k, __be32 be_addr, __be16 be_port,

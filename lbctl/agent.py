@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
+import ipaddress
 import logging
 import threading
 import time
@@ -27,6 +28,9 @@ from lbctl.model import ServiceRef, ServiceTable
 from lbctl.plan import Frontend, FrontendKey, NodeContext, PlanDiff, Planner
 
 log = logging.getLogger(__name__)
+
+# The parts an operator may ask for that can be off while the rest runs (Agent.off).
+SOCKET_HOOKS, INTERFACES, XDP = "socket hooks", "interfaces", "XDP fast path"
 
 
 class Source(Protocol):
@@ -66,8 +70,8 @@ class Datapath(Protocol):
         """The node's address, NAT ports and cluster CIDRs."""
         ...
 
-    def collect_garbage(self) -> None:
-        """Forget flows that timed out."""
+    def collect_garbage(self) -> list[str]:
+        """Forget flows that timed out; what an operator should know (a full table)."""
         ...
 
     def reconcile(
@@ -98,6 +102,7 @@ class AgentOptions:
     link_scan_interval_s: float = 1.0
     retry_interval_s: float = 5.0
     sync_period_s: float = 30.0  # a full reconcile of the maps with the plan
+    gc_interval_s: float = 2.0  # the flow tables' sweep, at most 10 % of a CPU
     ready_timeout_s: float = 60.0  # how long the first sync waits for the whole source
     node_name: str | None = None  # for endpoint locality (external/internalTrafficPolicy Local)
     addresses: AddressPolicy = dataclasses.field(default_factory=AddressPolicy)
@@ -106,6 +111,7 @@ class AgentOptions:
     cgroup_path: str | None = ""  # None: the cgroup2 mount; "": no socket hooks
     scheduler: str = "random"  # the default of Services without lbctl.io/scheduler
     mode_reason: str = ""  # why this datapath (mode) was chosen, for `lbctl status`
+    configured_mode: str = "auto"  # the mode asked for (auto, ebpf, ipvs), for metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +135,12 @@ class Agent:
         self.synced = threading.Event()
         self._missing_links: list[str] = []
         self._missing_external: list[str] = []
+        self._xdp_errors: list[str] = []
         self._xdp_cleared = False
+        # Parts the operator asked for that do not work now, and why: the socket
+        # hooks, named interfaces, the XDP fast path.  With `errors` (Services
+        # left unprogrammed), what keeps the agent from being ready (`ready`).
+        self.off: dict[str, list[str]] = {}
         self._sweep_pending = False
         self.sync_seconds: float | None = None  # how long the first sync took
         # Seconds from a change reaching lbctl to the maps holding it, newest last.
@@ -206,7 +217,7 @@ class Agent:
         for hook in self.poll_observers:
             hook(refs)
         self._attach()
-        self._record(self.datapath.attach_cgroup(self.options.cgroup_path))
+        self._attach_hooks()
 
     def step(self, node_scan: bool = False) -> PlanDiff:
         refs = self.source.poll(self.table)
@@ -260,7 +271,7 @@ class Agent:
     def _loop(self, stop: threading.Event) -> None:
         opts = self.options
         now = time.monotonic()
-        next_links = next_retry = now
+        next_links = next_retry = next_gc = now
         next_resync = now + opts.sync_period_s
         while not stop.is_set():
             self.source.wait(opts.poll_interval_s)
@@ -278,17 +289,26 @@ class Agent:
                     what = "periodic sync" if now >= next_resync else "retry of failed frontends"
                     next_retry = now + opts.retry_interval_s
                     next_resync = now + opts.sync_period_s
-                    self.errors = []
                     desired = self.planner.frontends()
                     remove_stale = not self._sweep_pending
                     begun = time.monotonic()
                     errors = self.datapath.reconcile(desired, remove_stale)
                     seconds = time.monotonic() - begun
                     self._synced(seconds, True, errors)
-                    self._record(errors)
+                    # in one step: readiness never sees the old errors gone, the new not in
+                    self._record(errors, replace=True)
                     self.last_sync = SyncRecord(time.time(), seconds, what, (*errors,))
-                    self.datapath.collect_garbage()
                     self._repair_hooks()
+                    if what == "periodic sync" and SOCKET_HOOKS in self.off:
+                        self._attach_hooks()  # e.g. the cgroup is mounted by now
+                if time.monotonic() >= next_gc:
+                    # Often, as a full flow table refuses new flows until swept
+                    # (ctgc.py); a sweep of a big table waits ten times its length.
+                    begun = time.monotonic()
+                    for message in self.datapath.collect_garbage():
+                        self._remember(message)
+                    took = time.monotonic() - begun
+                    next_gc = time.monotonic() + max(opts.gc_interval_s, 10 * took)
             except Exception as err:  # one bad tick must not take the agent down
                 log.exception("agent loop error; continuing")
                 self._remember(f"agent loop error: {err}")
@@ -308,7 +328,14 @@ class Agent:
             self.options.node,
             snat_address=policy.snat_address(local, api),
             netns_cookie=self._netns_cookie,
+            host_addresses=frozenset(a.address for a in local),
         )
+        if not conf.cluster_cidrs and node is not None:
+            # No cluster CIDR: this node's own pod ranges tell its pods
+            # (kube-proxy's NodeCIDR detector), see docs/datapath.md.
+            own = tuple(c for c in node.pod_cidrs if isinstance(c, ipaddress.IPv4Network))
+            if own:
+                conf = dataclasses.replace(conf, cluster_cidrs=own, node_cidrs=True)
         return context, conf
 
     def _configure(self, conf: NodeConfig) -> None:
@@ -318,8 +345,38 @@ class Agent:
             log.warning("no IPv4 address on this node: traffic that needs masquerading is not")
         elif self.node_config is None or self.node_config.snat_address != conf.snat_address:
             log.info("masquerading with %s", conf.snat_address)
+        before = self.node_config
+        if before is None or (before.cluster_cidrs, before.node_cidrs) != (
+            conf.cluster_cidrs,
+            conf.node_cidrs,
+        ):
+            self._report_pod_network(conf)
         self.datapath.configure(conf)
         self.node_config = conf
+
+    def _report_pod_network(self, conf: NodeConfig) -> None:
+        if self.datapath.mode != "ebpf":
+            return  # IPVS: the node's netfilter, with the CNI's rules, carries the traffic
+        cidrs = ", ".join(str(c) for c in conf.cluster_cidrs)
+        if conf.node_cidrs:
+            log.info(
+                "pod network: this node's spec.podCIDRs %s (no --cluster-cidr): pods' flows "
+                "to endpoints outside them, pods of other nodes included, are masqueraded",
+                cidrs,
+            )
+        elif cidrs:
+            log.info(
+                "pod network: --cluster-cidr %s: pods' flows to endpoints outside it are "
+                "masqueraded",
+                cidrs,
+            )
+        else:
+            log.warning(
+                "pod network unknown: no --cluster-cidr and the Node has no spec.podCIDRs; "
+                "pods' flows to endpoints outside the pod network (the API server's, for "
+                "one) are not masqueraded and time out where those hosts cannot route back "
+                "to pods: set --cluster-cidr (clusterCIDR) to the cluster's pod CIDRs"
+            )
 
     def _attach(self) -> None:
         if self.options.interfaces is not None:
@@ -327,16 +384,49 @@ class Agent:
             if missing != self._missing_links:  # report each change once, not every scan
                 self._record(missing)
                 self._missing_links = missing
+            self._part(INTERFACES, missing)
         else:
             wanted = tc.list_interfaces()
         self.datapath.forget_missing(wanted)
         self._record(self.datapath.attach(wanted))
         if self.options.xdp != "off":
-            self._record(self.datapath.attach_xdp(self._external_links(), self.options.xdp))
+            errors = self.datapath.attach_xdp(self._external_links(), self.options.xdp)
+            self._part(XDP, self._missing_external + errors)
+            if errors != self._xdp_errors:  # report each change once, not every scan
+                self._record(errors)
+                self._xdp_errors = errors
         elif not self._xdp_cleared and self.options.interfaces != []:
             # an earlier run's XDP program must not linger (interfaces=[]: touch nothing)
             self._xdp_cleared = True
             self._record(self.datapath.attach_xdp([], "off"))
+
+    def _attach_hooks(self) -> None:
+        errors = self.datapath.attach_cgroup(self.options.cgroup_path)
+        self._part(SOCKET_HOOKS, errors)
+        self._record(errors)
+
+    def _part(self, part: str, errors: list[str]) -> None:
+        if errors:
+            self.off[part] = list(errors)
+        else:
+            self.off.pop(part, None)
+
+    def ready(self) -> tuple[bool, list[str]]:
+        """Whether every part asked for works and every Service is programmed; why not.
+
+        For readiness (/readyz), apart from the agent's health: a datapath that
+        runs with a part off keeps serving the rest."""
+        off = dict(self.off)
+        why = [f"{part} asked for but off: {'; '.join(reasons)}" for part, reasons in off.items()]
+        said = {reason for reasons in off.values() for reason in reasons}
+        errors = [e for e in self.errors if e not in said]
+        if errors:
+            why.append(
+                f"{len(errors)} {'error' if len(errors) == 1 else 'errors'} at the last attempt "
+                f"to program the datapath (a Service left unprogrammed, e.g. a full map; "
+                f"retried every {self.options.retry_interval_s:.0f} s): {errors[0]}"
+            )
+        return not why, why
 
     def _repair_hooks(self) -> None:
         """A program detached by hand (or by another tool) is put back at the
@@ -366,11 +456,12 @@ class Agent:
         for observe in self.sync_observers:
             observe(seconds, full, len(errors))
 
-    def _record(self, errors: list[str]) -> None:
+    def _record(self, errors: list[str], replace: bool = False) -> None:
+        """Log and keep `errors`; `replace`: they are all that is current now."""
         for message in errors:
             log.error("%s", message)
             self._remember(message)
-        self.errors += errors
+        self.errors = list(errors) if replace else self.errors + errors
 
     def _remember(self, message: str) -> None:
         self.recent_errors.pop(message, None)

@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Compile and attach the BPF datapath, program it from the source "
         "(the Kubernetes API or a manifest directory), and apply every change until "
         "stopped. On exit the datapath stays in place (pinned maps, attached programs) so "
-        "traffic keeps flowing and a restart adopts it; `lbctl cleanup` removes it. "
+        "traffic keeps flowing and a restart adopts it, also a newer lbctl or other "
+        "capacity flags: maps of another layout or size are converted in place without "
+        "dropping a flow (docs/control-plane.md, Upgrades); `lbctl cleanup` removes it. "
         "Settings come from --config FILE (see examples/lbctl-config.yaml); a flag "
         "overrides the file.",
     )
@@ -151,21 +153,7 @@ def _parser() -> argparse.ArgumentParser:
         "3 the agent does not answer, 4 it is unhealthy, 5 the datapath is absent.",
     )
     status.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
-    status.add_argument(
-        "--address",
-        default="127.0.0.1:10256",
-        metavar="HOST:PORT",
-        help="the agent's health server (its --healthz-bind-address; default 127.0.0.1:10256)",
-    )
-    status.add_argument(
-        "--bpffs",
-        type=Path,
-        metavar="DIR",
-        help=f"lbctl's pinned maps (default: the agent's, else {DEFAULT_PIN_DIR})",
-    )
-    status.add_argument(
-        "--timeout", type=float, default=2.0, metavar="SECONDS", help="for the agent's answer"
-    )
+    _datapath_args(status)
 
     trace = sub.add_parser(
         "trace",
@@ -192,21 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("--dst", required=True, metavar="IP:PORT", help="where the packet is sent")
     trace.add_argument("--proto", choices=["tcp", "udp"], default="tcp", help="default tcp")
     trace.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
-    trace.add_argument(
-        "--address",
-        default="127.0.0.1:10256",
-        metavar="HOST:PORT",
-        help="the agent's health server, for its plan (default 127.0.0.1:10256)",
-    )
-    trace.add_argument(
-        "--bpffs",
-        type=Path,
-        metavar="DIR",
-        help=f"lbctl's pinned maps (default: the agent's, else {DEFAULT_PIN_DIR})",
-    )
-    trace.add_argument(
-        "--timeout", type=float, default=2.0, metavar="SECONDS", help="for the agent's answer"
-    )
+    _datapath_args(trace, "; also for its plan")
 
     maps = sub.add_parser("maps", help="inspect the datapath's maps")
     maps_sub = maps.add_subparsers(dest="maps_command", required=True, metavar="ACTION")
@@ -234,7 +208,7 @@ def _parser() -> argparse.ArgumentParser:
         help="only this Service's frontends and the flows, NAT bindings and affinity of them",
     )
     dump.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
-    _bpffs_arg(dump)
+    _datapath_args(dump)
 
     cleanup = sub.add_parser(
         "cleanup",
@@ -245,7 +219,7 @@ def _parser() -> argparse.ArgumentParser:
         "remove only what kube-proxy left (its iptables chains and the rules jumping to "
         "them, its nftables tables, its IPVS services and kube-ipvs0), nothing of lbctl's.",
     )
-    _bpffs_arg(cleanup)
+    _datapath_args(cleanup)
     cleanup.add_argument(
         "--kube-proxy",
         action="store_true",
@@ -289,7 +263,10 @@ def _node_args(run: argparse.ArgumentParser) -> None:
         type=_config_value(config.parse_cidrs),
         metavar="CIDR[,CIDR]",
         help="the pods' CIDRs: clients inside are pods, others are masqueraded when they "
-        "reach a ClusterIP (kube-proxy's clusterCIDR; default none: nobody is told apart)",
+        "reach a ClusterIP, and pods are masqueraded when they reach an endpoint outside "
+        "(kube-proxy's clusterCIDR; default: the Node's spec.podCIDRs, which tell only this "
+        "node's pods, so pods of other nodes count as outside; without either nobody is "
+        "told apart)",
     )
     g.add_argument(
         "--node-port-addresses",
@@ -306,7 +283,8 @@ def _node_args(run: argparse.ArgumentParser) -> None:
         "--masquerade-all",
         action="store_const",
         const=True,
-        help="masquerade every balanced flow, not just the ones kube-proxy would",
+        help="masquerade every client of a ClusterIP, as kube-proxy's masqueradeAll "
+        "(externalTrafficPolicy Local frontends still keep the client's address)",
     )
     g.add_argument(
         "--node-ip",
@@ -338,18 +316,34 @@ def _node_args(run: argparse.ArgumentParser) -> None:
         "--cgroup",
         dest="cgroup_path",
         metavar="PATH",
-        help="cgroup v2 directory whose processes' sockets are balanced at connect time "
+        help="cgroup v2 directory whose processes' sockets are balanced at connect time, or "
+        "a directory with cgroup2 mounted at its unified (a hybrid host's /sys/fs/cgroup) "
         '(default: the root of the cgroup2 mount; "" turns the socket hooks off)',
     )
 
 
-def _bpffs_arg(p: argparse.ArgumentParser) -> None:
+def _datapath_args(p: argparse.ArgumentParser, address_use: str = "") -> None:
+    """--bpffs, --address and --timeout: how status, trace, maps dump and cleanup find
+    the datapath, all alike (lbctl/pindir.py)."""
+    from lbctl.pindir import DEFAULT_ADDRESS
+
     p.add_argument(
         "--bpffs",
         type=Path,
-        default=DEFAULT_PIN_DIR,
         metavar="DIR",
-        help=f"directory on bpffs for lbctl's pinned maps (default {DEFAULT_PIN_DIR})",
+        help="lbctl's pinned maps (default: the running agent's, as its /statusz on --address "
+        "says; with the agent down, the maps of lbctl's programs attached in this network "
+        f"namespace; else {DEFAULT_PIN_DIR})",
+    )
+    p.add_argument(
+        "--address",
+        default=DEFAULT_ADDRESS,
+        metavar="HOST:PORT",
+        help="the agent's health server, to ask it where its maps are"
+        f"{address_use} (its --healthz-bind-address; default {DEFAULT_ADDRESS})",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=2.0, metavar="SECONDS", help="for the agent's answer"
     )
 
 
@@ -456,6 +450,7 @@ def _run(args: argparse.Namespace) -> int:
         cgroup_path=cfg.cgroup_path,
         scheduler=cfg.scheduler,
         mode_reason=chosen.reason,
+        configured_mode=cfg.mode,
     )
     agent = Agent(source, datapath, options)
     observe = Observability(agent)
@@ -509,6 +504,7 @@ def _node_name(cfg: Config) -> str:
 
 def _dump(args: argparse.Namespace) -> int:
     from lbctl import dump, dump_render, output
+    from lbctl.pindir import MISSING_FIX, resolve
 
     sections: tuple[str, ...] = dump.SECTIONS
     if args.map is not None:
@@ -519,19 +515,21 @@ def _dump(args: argparse.Namespace) -> int:
         sections = (section,)
     if args.service is not None and args.service.count("/") != 1:
         raise ValueError(f"--service {args.service!r} must be NAMESPACE/NAME, e.g. default/web")
-    if not (args.bpffs / "lb4_services").exists():
+    where = resolve(args.bpffs, args.address, args.timeout)
+    if not (where.path / "lb4_services").exists():
         from lbctl import ipvsdump
         from lbctl.datapath import ipvs
+        from lbctl.datapath.bpf import check_bpffs
 
         if ipvs.present():  # the IPVS fallback runs here
             state = ipvs.read_state()
             sys.stdout.write(output.render(state, args.output, ipvsdump.render_table))
             return 0
+        check_bpffs(where.path)  # e.g. under `ip netns exec`, which hides bpffs: says so
         raise FileNotFoundError(
-            f"no lbctl maps under {args.bpffs} and no IPVS datapath ({ipvs.LINK}) here: "
-            f"is the agent running in this network namespace, with --bpffs {args.bpffs}?"
+            f"{where.missing()}, and no IPVS datapath ({ipvs.LINK}) here: {MISSING_FIX}"
         )
-    data = dump.read(args.bpffs, sections, args.service)
+    data = dump.read(where.path, sections, args.service)
     sys.stdout.write(output.render(data, args.output, dump_render.render_table))
     return 0
 
@@ -539,27 +537,40 @@ def _dump(args: argparse.Namespace) -> int:
 def _cleanup(args: argparse.Namespace) -> int:
     if args.kube_proxy:
         return _cleanup_kube_proxy(args)
-    from lbctl.datapath import cgroup, tc, xdp
+    from lbctl.datapath import cgroup, pinsets, record, tc, xdp
     from lbctl.datapath.maps import MAP_TYPES
+    from lbctl.pindir import resolve
 
+    # before anything is detached: with the agent down, the attached programs tell
+    where = resolve(args.bpffs, args.address, args.timeout)
+    pin_dir = where.path
     if not args.force:
-        _refuse_while_in_use(args.bpffs)
-    hooks = cgroup.detach(args.bpffs)
+        _refuse_while_in_use(pin_dir)
+    hooks = cgroup.detach(pin_dir)
     links = tc.all_links()
     detached = tc.detach(link.name for link in links)
     fast = xdp.detach(link.name for link in links)
     removed = []
     for name in MAP_TYPES:
-        pin = args.bpffs / name
+        pin = pin_dir / name
         if pin.exists():
             pin.unlink()
             removed.append(name)
-    if args.bpffs.is_dir() and not any(args.bpffs.iterdir()):
-        args.bpffs.rmdir()
-    print(f"detached from: {', '.join(detached) or 'no interface'}")
+    # the layout record and what an interrupted upgrade left (lbctl/datapath/upgrade.py)
+    for staging in pinsets.staging_dirs(pin_dir):
+        pinsets.discard(staging)
+        removed.append(staging.name)
+    if (pin_dir / record.NAME).exists():
+        (pin_dir / record.NAME).unlink()
+        removed.append(record.NAME)
+    if pin_dir.is_dir() and not any(pin_dir.iterdir()):
+        pin_dir.rmdir()
+    print(f"tc programs (ingress, egress) detached from: {', '.join(detached) or 'no interface'}")
     print(f"XDP program detached from: {', '.join(fast) or 'no interface'}")
     print(f"socket hooks detached: {', '.join(hooks) or 'none'}")
-    print(f"removed pinned maps: {', '.join(removed) or 'none'} (under {args.bpffs})")
+    print(f"removed pinned maps: {', '.join(removed) or 'none'} (under {pin_dir})")
+    if not removed:
+        print(f"  {where.missing()}")
     from lbctl.datapath import ipvs
 
     if ipvs.present():  # the IPVS fallback's virtual services, link and table

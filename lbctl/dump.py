@@ -36,7 +36,11 @@ STAT_NAMES = {
     "LB_STAT_AFFINITY": "affinity_followed",
     "LB_STAT_ICMP_ERROR": "icmp_errors_translated",
     "LB_STAT_REPLY_RETIRED": "reply_retired",
+    "LB_STAT_EGRESS_RNAT": "egress_reverse_nat",
 }
+
+_BACKEND_F_HOST = layout.const("LB_BACKEND_F_HOST")
+_BACKEND_F_MASQ_PODS = layout.const("LB_BACKEND_F_MASQ_PODS")
 
 
 def backend_state(flags: int) -> str:
@@ -44,6 +48,18 @@ def backend_state(flags: int) -> str:
     if b.terminating:
         return "terminating" if b.serving else "terminating,not-serving"
     return "ready" if b.ready else ("serving" if b.serving else "not-ready")
+
+
+def backend_placement(flags: int, pod_network_known: bool) -> str | None:
+    """Where a backend is, as its flags say: "this-node" (delivered to the node's
+    own stack, replies translated by the egress hook), "outside-pod-network"
+    (pods' flows to it are masqueraded), "pod-network", or None when the pod
+    network is unknown (no cluster CIDRs)."""
+    if flags & _BACKEND_F_HOST:
+        return "this-node"
+    if flags & _BACKEND_F_MASQ_PODS:
+        return "outside-pod-network"
+    return "pod-network" if pod_network_known else None
 
 
 def read_counters(maps: Maps) -> dict[str, int]:
@@ -126,6 +142,7 @@ def _frontends(maps: Maps, service: str | None) -> list[dict[str, Any]]:
     metas = {int(k[0]): v for k, v in maps.lb_frontend_meta.items()}
     slots = {(k.frontend_id, k.slot): v.backend_id for k, v in maps.lb_slots.items()}
     conns = open_flows(maps)
+    known = len(maps.lb4_cluster_cidrs) > 0
     ranges: dict[tuple[int, int, int], list[str]] = {}
     for k, _ in maps.lb4_source_ranges.items():
         network = f"{layout.ip4_str(k.saddr)}/{k.prefixlen - 64}"
@@ -150,6 +167,7 @@ def _frontends(maps: Maps, service: str | None) -> list[dict[str, Any]]:
                     "address": layout.ip4_str(be.addr),
                     "port": layout.port_num(be.port),
                     "state": backend_state(be.flags),
+                    "placement": backend_placement(be.flags, known),
                 }
             )
             if ident in conns:

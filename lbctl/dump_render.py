@@ -19,7 +19,7 @@ class Table:
 
 
 def _services(frontends: list[dict[str, Any]]) -> str:
-    headers = "SERVICE PORT KIND FRONTEND PROTO SCHED FLAGS SLOT BACKEND STATE OPEN"
+    headers = "SERVICE PORT KIND FRONTEND PROTO SCHED FLAGS SLOT BACKEND STATE WHERE OPEN"
     table = Table(headers.split())
     for fe in frontends:
         first = [fe["service"], fe["port_name"] or "-", fe["kind"] or "-"]
@@ -30,13 +30,18 @@ def _services(frontends: list[dict[str, Any]]) -> str:
             flags.append(f"affinity={fe['affinity_timeout_s']}s")
         first.append(" ".join(flags) or "-")
         if not fe["backends"]:
-            table.rows.append([*first, "-", "(no backends)", "", ""])
+            table.rows.append([*first, "-", "(no backends)", "", "", ""])
         for i, be in enumerate(fe["backends"]):
             lead = first if i == 0 else [""] * len(first)
             target = "(missing)" if be.get("missing") else f"{be['address']}:{be['port']}"
             opened = str(be["open_flows"]) if "open_flows" in be else "-"
-            table.rows.append([*lead, str(be["slot"]), target, be.get("state", ""), opened])
+            where = _WHERE.get(be.get("placement"), "-")
+            table.rows.append([*lead, str(be["slot"]), target, be.get("state", ""), where, opened])
     return table.render()
+
+
+# a backend's placement, in a word: see dump.backend_placement
+_WHERE = {"this-node": "node", "outside-pod-network": "outside", "pod-network": "pods"}
 
 
 def _node(node: dict[str, Any]) -> str:
@@ -44,6 +49,7 @@ def _node(node: dict[str, Any]) -> str:
         f"node: masquerade address {node.get('snat_address') or 'none'}, NAT ports "
         f"{'-'.join(map(str, node.get('nat_ports', []))) or '-'}, cluster CIDRs "
         f"{','.join(node['cluster_cidrs']) or 'none'}"
+        + (f" (from {node['cluster_cidrs_from']})" if node.get("cluster_cidrs_from") else "")
     )
 
 

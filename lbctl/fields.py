@@ -178,7 +178,9 @@ def ip(value: Any, field: str) -> IPAddress:
     raise InvalidObject(f"{field}: {show(value)} is not a valid IP address")
 
 
-def network(value: Any, field: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+def network(
+    value: Any, field: str, example: str = "203.0.113.0/24"
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """A CIDR such as 203.0.113.0/24; surrounding blanks are tolerated, as kube-proxy
     tolerates them; host bits set are refused, as the API refuses them."""
     raw = text(value, field).strip()
@@ -188,7 +190,7 @@ def network(value: Any, field: str) -> ipaddress.IPv4Network | ipaddress.IPv6Net
             address = str(ip(address, field))  # leading zeros, as for addresses
         return ipaddress.ip_network(f"{address}{slash}{length}")
     except (ValueError, InvalidObject):
-        raise InvalidObject(f"{field}: {show(raw)} is not a CIDR such as 203.0.113.0/24") from None
+        raise InvalidObject(f"{field}: {show(raw)} is not a CIDR such as {example}") from None
 
 
 def port(value: Any, field: str) -> int:

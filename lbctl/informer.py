@@ -8,6 +8,14 @@ LISTs again and the sink diffs the new state against the old.  Errors back
 off exponentially with jitter; while the API cannot be reached nothing is
 handed over, so the datapath keeps what it has.
 
+A watch may be silent for all of its `timeoutSeconds`: the API promises no
+BOOKMARK at any interval (kube-apiserver's watch cache sends one about 2 s
+before the watch's timeout; newer ones also about every minute; a watch
+served from etcd, none), and a quiet resource has no events.  So the read
+timeout is the watch's `timeoutSeconds` plus a margin: a healthy watch ends
+by the server closing it, which is no error, and only a watch silent past
+its own timeout (a peer gone without a reset) is a failure.
+
 The official `kubernetes` client makes the calls (configuration, auth, TLS),
 with `_preload_content=False`: lbctl reads the JSON itself, because building
 the client's model objects for 10,000 Services would take seconds.
@@ -47,6 +55,10 @@ class WatchError(Exception):
     """The server sent an ERROR event other than 410."""
 
 
+class WatchHung(Exception):
+    """The watch stayed silent past the timeout the server was asked to close it at."""
+
+
 class Backoff:
     """Exponential delays with full jitter, reset after a success."""
 
@@ -73,7 +85,7 @@ class Reflector:
         *,
         page_size: int = 1000,
         watch_timeout_s: int = 300,
-        idle_timeout_s: float = 120.0,
+        hang_margin_s: float = 30.0,
         backoff: Backoff | None = None,
         **selectors: str,
     ) -> None:
@@ -81,10 +93,11 @@ class Reflector:
         self.list_func = list_func
         self.sink = sink
         self.page_size = page_size
-        self.watch_timeout_s = watch_timeout_s
-        # A watch that brings nothing, not even a bookmark (the server sends one
-        # about every minute), for this long is dead: a peer gone without a reset.
-        self.idle_timeout_s = idle_timeout_s
+        self.watch_timeout_s = watch_timeout_s  # the server closes the watch after it
+        # A watch silent for longer than the server's own timeout plus this margin
+        # is dead (a peer gone without a reset); a shorter silence is a quiet one.
+        self.hang_margin_s = hang_margin_s
+        self.read_timeout_s = watch_timeout_s + hang_margin_s
         self.backoff = backoff or Backoff()
         self.selectors = selectors  # e.g. field_selector="metadata.name=node-a"
         self.resource_version: str | None = None
@@ -124,9 +137,17 @@ class Reflector:
             try:
                 if self.resource_version is None:
                     self._list()
+                began = time.monotonic()
                 self._watch()
                 if not self._stop.is_set():
                     self.watch_restarts["closed"] += 1
+                    log.debug(
+                        "%s: the server ended the watch after %.1f s; watching again from "
+                        "resourceVersion %s",
+                        self.kind,
+                        time.monotonic() - began,
+                        self.resource_version,
+                    )
             except Gone as why:
                 log.info("%s: %s; listing again", self.kind, why)
                 if self._watching:
@@ -136,6 +157,9 @@ class Reflector:
                 if self._gone_in_a_row > 1:  # lists that go stale at once: slow down
                     self._stop.wait(self.backoff.next())
             except Exception as err:  # anything the API or the network throws
+                if self._stop.is_set():  # stop() broke the read: no failure of the API
+                    log.debug("%s: stopped (%s)", self.kind, _short(err))
+                    break
                 self.api_errors += 1
                 if self._watching:
                     self.watch_restarts["error"] += 1
@@ -192,23 +216,35 @@ class Reflector:
             **self.selectors,
         }
         try:
-            resp = self._call(kwargs, timeout=self.idle_timeout_s)
+            resp = self._call(kwargs, timeout=self.read_timeout_s)
         except Exception as err:
             if _status(err) == 410:
                 raise Gone(f"resourceVersion {self.resource_version} is too old") from err
             raise
         self._response = resp
         self._watching = True  # from here on, an end is a watch restart
+        # The server took the watch: the API is reachable again, even if this
+        # resource stays quiet (no event, no bookmark) for the whole watch.
+        self._connected()
         try:
             if self._stop.is_set():  # stop() came before the response was known
                 return
-            for line in _lines(resp):
-                if self._stop.is_set():
-                    return
-                self._handle(json.loads(line), time.monotonic())
-                self._gone_in_a_row = 0
-                if self._failing or self.backoff.failures:
-                    self._connected()
+            try:
+                for line in _lines(resp):
+                    if self._stop.is_set():
+                        return
+                    self._handle(json.loads(line), time.monotonic())
+                    self._gone_in_a_row = 0
+                    if self._failing or self.backoff.failures:
+                        self._connected()
+            except Exception as err:
+                if self._stop.is_set() or not _timed_out(err):
+                    raise
+                raise WatchHung(
+                    f"the watch sent nothing for {self.read_timeout_s:.0f} s, "
+                    f"{self.hang_margin_s:.0f} s past the timeoutSeconds={self.watch_timeout_s} "
+                    "the server should have closed it at: the connection is dead"
+                ) from err
         finally:
             self._response = None
             resp.release_conn()
@@ -243,6 +279,23 @@ def _lines(resp: Any) -> Iterator[str]:
             yield line
 
 
+def _timed_out(err: BaseException) -> bool:
+    """Is this a read timeout, however urllib3 wrapped it?"""
+    import urllib3
+
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, urllib3.exceptions.ReadTimeoutError | TimeoutError):
+            return True
+        if "timed out" in str(cause):
+            return True
+        nested = [a for a in getattr(cause, "args", ()) if isinstance(a, BaseException)]
+        cause = cause.__cause__ or cause.__context__ or (nested[0] if nested else None)
+    return False
+
+
 def _status(err: Exception) -> int | None:
     status = getattr(err, "status", None)
     return status if isinstance(status, int) else None
@@ -253,6 +306,8 @@ def _describe(err: Exception) -> str:
     if status is not None:
         reason = getattr(err, "reason", "") or ""
         return f"the API answered {status} {reason}".rstrip()
+    if isinstance(err, WatchHung):
+        return str(err)
     import urllib3
 
     if isinstance(err, urllib3.exceptions.HTTPError | OSError):

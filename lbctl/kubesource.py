@@ -99,7 +99,7 @@ class KubeSource:
         *,
         page_size: int = 1000,
         watch_timeout_s: int = 300,
-        idle_timeout_s: float = 120.0,
+        hang_margin_s: float = 30.0,
         backoff: Callable[[], Backoff] = Backoff,
     ) -> None:
         from kubernetes import client  # imported late: manifest mode does not need it
@@ -120,7 +120,7 @@ class KubeSource:
                 self,
                 page_size=page_size,
                 watch_timeout_s=watch_timeout_s,
-                idle_timeout_s=idle_timeout_s,
+                hang_margin_s=hang_margin_s,
                 backoff=backoff(),
                 **selectors,
             )

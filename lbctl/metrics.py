@@ -7,12 +7,17 @@
   change, the time of the last successful sync, and Service and
   EndpointSlice changes (applied and pending);
 - the API source: failed requests and watch restarts per resource;
-- per-Service datapath counters, read from lb_fe_stats at scrape time;
+- per-Service datapath counters, read from lb_fe_stats at scrape time: every
+  series of a Service port, each drop reason included, from the moment its
+  first frontend is programmed (at 0) until its last frontend goes, so a
+  rate() over them is 0 rather than missing until a first drop (ten series
+  per Service port per node);
 - conntrack, NAT and affinity map fill (exported with lbctl_map_entries),
   counted in the kernel maps with batch lookups at most every
   `FILL_CACHE_S` seconds (a scrape of a million entries must not stall the
   next ones);
-- the datapath mode.
+- the datapath mode, and the mode the configuration asked for (auto, ebpf,
+  ipvs), so auto falling back to IPVS tells from IPVS chosen on purpose.
 
 Every label has a bounded set of values: resources, fixed reasons, and the
 Service ports of the cluster (which `metrics.perService: false` turns off).
@@ -75,8 +80,9 @@ HELP = {
     "lbctl_service_new_connections_total": "Connections (UDP flows) started to the Service port.",
     "lbctl_service_drops_total": "Packets to the Service port dropped or refused, by reason: "
     + ", ".join(DROP_REASONS)
-    + " (a reason appears once it has happened).",
-    "lbctl_mode": "The datapath this agent runs (1 for its mode).",
+    + " (every reason from the Service port's start, at 0 until it happens).",
+    "lbctl_mode": "The datapath this agent runs (1 for its mode), and the mode its "
+    "configuration asked for (configured: auto, ebpf or ipvs).",
     "lbctl_health_check_node_ports": "healthCheckNodePort servers of LoadBalancer Services with "
     "externalTrafficPolicy Local: serving, or failed (the port cannot be bound; retried).",
 }
@@ -162,8 +168,8 @@ class ExtraCollector:
         self.health_checks: HealthChecks | None = None
 
     def collect(self) -> Iterator[Metric]:
-        mode = _family("lbctl_mode", ["mode"])
-        mode.add_metric([str(self.agent.datapath.mode)], 1.0)
+        mode = _family("lbctl_mode", ["mode", "configured"])
+        mode.add_metric([str(self.agent.datapath.mode), self.agent.options.configured_mode], 1.0)
         yield mode
         checks = self.health_checks
         if checks is not None:
@@ -211,7 +217,6 @@ class ExtraCollector:
             octets.add_metric([*key, "request"], c["bytes"])
             octets.add_metric([*key, "reply"], c["reply_bytes"])
             new.add_metric(key, c["new_flows"])
-            for reason, field in DROP_REASONS.items():
-                if c[field]:
-                    drops.add_metric([*key, reason], c[field])
+            for reason, field in DROP_REASONS.items():  # a fixed set: zeros included
+                drops.add_metric([*key, reason], c[field])
         yield from (packets, octets, new, drops)

@@ -105,6 +105,7 @@ class Node:
     name: str
     zone: str | None = None
     addresses: tuple[IPAddress, ...] = ()  # InternalIP and ExternalIP, in the API's order
+    pod_cidrs: tuple[IPNetwork, ...] = ()  # spec.podCIDRs: this node's pod ranges
 
 
 class ServiceTable:

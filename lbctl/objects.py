@@ -396,4 +396,15 @@ def parse_node(obj: Mapping[str, Any]) -> Node:
         if raw.get("type") in ("InternalIP", "ExternalIP"):
             addresses.append(fields.ip(raw.get("address"), f"status.addresses[{i}].address"))
     zone = labels.get(ZONE_LABEL)
-    return Node(name, zone or None, tuple(addresses))
+    return Node(name, zone or None, tuple(addresses), _pod_cidrs(obj))
+
+
+def _pod_cidrs(obj: Mapping[str, Any]) -> tuple[IPNetwork, ...]:
+    """spec.podCIDRs, or the older single spec.podCIDR: the node's pod ranges."""
+    spec = fields.mapping(obj.get("spec"), "spec")
+    raw = fields.listing(spec.get("podCIDRs"), "spec.podCIDRs")
+    if not raw and spec.get("podCIDR"):
+        return (fields.network(spec["podCIDR"], "spec.podCIDR", "10.244.1.0/24"),)
+    return tuple(
+        fields.network(text, f"spec.podCIDRs[{i}]", "10.244.1.0/24") for i, text in enumerate(raw)
+    )

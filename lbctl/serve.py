@@ -1,10 +1,14 @@
 """The agent's health check and Prometheus metrics servers (kube-proxy's :10256, :10249).
 
 Health (`/healthz`, `/livez`): 200 once the first sync is done and while the
-loop keeps ticking, else 503.  Trouble with the source (an unreachable API
-server) is reported in the body but does not fail the check: the maps keep
-serving.  Metrics are read at scrape time from the agent and the Python
-mirror of the maps; only the small per-CPU counters map is read from the kernel.
+loop keeps ticking, else 503: the agent itself, for liveness, so a working
+datapath is never restarted for a part that is off.  Trouble with the source
+(an unreachable API server) is reported in the body but does not fail the
+check: the maps keep serving.  Readiness (`/readyz`): healthy, and every part
+the operator asked for works (socket hooks attached, named interfaces there,
+the XDP fast path on) and no Service is left unprogrammed (Agent.ready).
+Metrics are read at scrape time from the agent and the Python mirror of the
+maps; only the small per-CPU counters map is read from the kernel.
 """
 
 from __future__ import annotations
@@ -204,6 +208,17 @@ class Observability:
         healthy, body = self.health()
         return 200 if healthy else 503, "application/json", json.dumps(body).encode() + b"\n"
 
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        healthy, body = self.health()
+        ready, why = self.agent.ready()
+        if not healthy:
+            why.insert(0, "the agent is not healthy (see /healthz): not synced yet, or stuck")
+        return healthy and ready, body | {"ready": healthy and ready, "notReady": why}
+
+    def _readyz(self) -> Reply:
+        ready, body = self.readiness()
+        return 200 if ready else 503, "application/json", json.dumps(body).encode() + b"\n"
+
     def _statusz(self) -> Reply:
         healthy, body = self.health()
         status = status_document(self.agent, healthy, body["problems"])
@@ -234,6 +249,7 @@ class Observability:
         metrics: Routes = {"/metrics": self._metrics, "/healthz": self._healthz}
         metrics["/proxyMode"] = lambda: mode
         health: Routes = {"/healthz": self._healthz, "/livez": self._healthz}
+        metrics["/readyz"] = health["/readyz"] = self._readyz
         metrics["/statusz"] = health["/statusz"] = self._statusz  # for `lbctl status`
         problems = []
         for name, flag, address, routes in [

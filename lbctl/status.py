@@ -19,17 +19,18 @@ absent; when several hold, the lowest.
 from __future__ import annotations
 
 import datetime
-import struct
 import sys
 from pathlib import Path
 from typing import Any
 
+from lbctl import upgrade_status
 from lbctl.agentclient import get_json
 from lbctl.config import parse_bind_address
 from lbctl.datapath import nftables
 from lbctl.datapath.maps import MAP_TYPES
 from lbctl.output import columns, counted
 from lbctl.output import render as output_render
+from lbctl.pindir import PinDir, resolve
 
 OK, FAILED, USAGE, AGENT_DOWN, UNHEALTHY, NO_DATAPATH = 0, 1, 2, 3, 4, 5
 STATES = {  # the verdict of each exit code `lbctl status` decides
@@ -39,8 +40,6 @@ STATES = {  # the verdict of each exit code `lbctl status` decides
     NO_DATAPATH: "datapath absent",
 }
 
-DEFAULT_ADDRESS = "127.0.0.1:10256"  # the agent's --healthz-bind-address port, from this node
-_TCA_BPF_ID = 11  # <linux/pkt_cls.h>; pyroute2 0.9 does not decode it
 _HOOKS = (("tc ingress", 0xFFFFFFF2), ("tc egress", 0xFFFFFFF3))  # clsact parents
 _COUNTED_MAPS = ("lb4_services", "lb4_backends")  # small enough to count on every status
 
@@ -60,26 +59,13 @@ def fetch(address: str, timeout: float) -> dict[str, Any]:
 # -- the kernel ----------------------------------------------------------------------
 
 
-def _bpf_prog_id(options: Any) -> int | None:
-    """TCA_BPF_ID from the raw attributes of a bpf filter's options."""
-    raw = bytes(options.data[options.offset + 4 : options.offset + options.length])
-    pos = 0
-    while pos + 4 <= len(raw):
-        length, kind = struct.unpack_from("=HH", raw, pos)
-        if length < 4:
-            break
-        if kind & 0x3FFF == _TCA_BPF_ID and length >= 8:
-            return int(struct.unpack_from("=I", raw, pos + 4)[0])
-        pos += (length + 3) & ~3
-    return None
-
-
 def _tc_programs(ipr: Any, index: int) -> list[dict[str, Any]]:
     from pyroute2.netlink.exceptions import NetlinkError
 
-    from lbctl.datapath.compiler import PROGRAM as PROGRAM_NAME
-    from lbctl.datapath.tc import FILTER_PRIO, INGRESS_PARENT_ID
+    from lbctl.datapath.swap import filter_prog_id
+    from lbctl.datapath.tc import FILTER_PRIO, HOOKS
 
+    programs = {hook.parent_id: hook.program for hook in HOOKS}  # lbctl's, by hook
     found = []
     for hook, parent in _HOOKS:
         try:
@@ -91,12 +77,12 @@ def _tc_programs(ipr: Any, index: int) -> list[dict[str, Any]]:
             if f.get_attr("TCA_KIND") != "bpf" or options is None:
                 continue
             name, prio = str(options.get_attr("TCA_BPF_NAME") or ""), int(f["info"]) >> 16
-            ours = name == PROGRAM_NAME and prio == FILTER_PRIO and parent == INGRESS_PARENT_ID
+            ours = name == programs.get(parent) and prio == FILTER_PRIO
             found.append(
                 {
                     "hook": hook,
                     "program": name,
-                    "id": _bpf_prog_id(options),
+                    "id": filter_prog_id(options),
                     "priority": prio,
                     "owner": "lbctl" if ours else "other",
                 }
@@ -137,12 +123,13 @@ def socket_hooks(pin_dir: Path) -> list[dict[str, Any]]:
     ]
 
 
-def pinned_maps(pin_dir: Path) -> dict[str, Any]:
+def pinned_maps(where: PinDir) -> dict[str, Any]:
     from lbctl.datapath import libbpf
     from lbctl.datapath.bpf import check_bpffs
     from lbctl.datapath.frontends import DatapathError
     from lbctl.datapath.maps import SIZE_FLAGS
 
+    pin_dir = where.path
     try:
         check_bpffs(pin_dir)  # e.g. under `ip netns exec`, which hides bpffs
         unseen = None
@@ -159,7 +146,7 @@ def pinned_maps(pin_dir: Path) -> dict[str, Any]:
             finally:
                 pinned.close()
     return {
-        "directory": str(pin_dir),
+        **where.document(),
         "present": present,
         "missing": [name for name in MAP_TYPES if name not in present],
         "fill": fill,
@@ -192,8 +179,6 @@ def _ipvs_state() -> dict[str, Any] | None:
 
 def collect(address: str, pin_dir: Path | None, timeout: float) -> dict[str, Any]:
     """Everything `lbctl status` shows, and its verdict (`verdict.exitCode`)."""
-    from lbctl.datapath.settings import DEFAULT_PIN_DIR
-
     agent: dict[str, Any] = {"address": address, "reachable": False, "error": None}
     try:
         agent["status"] = fetch(address, timeout)
@@ -201,13 +186,14 @@ def collect(address: str, pin_dir: Path | None, timeout: float) -> dict[str, Any
     except (OSError, ValueError) as err:
         agent["error"] = str(err)
         agent["status"] = None
-    doc = agent["status"] or {}
-    if pin_dir is None:  # the agent's own directory, when it says
-        pin_dir = Path(doc.get("datapath", {}).get("bpffs") or DEFAULT_PIN_DIR)
-    kernel: dict[str, Any] = {"interfaces": interfaces(), "pinnedMaps": pinned_maps(pin_dir)}
+    where = resolve(
+        pin_dir, address, timeout, agent_doc=agent["status"], agent_error=agent["error"]
+    )
+    kernel: dict[str, Any] = {"interfaces": interfaces(), "pinnedMaps": pinned_maps(where)}
     kernel["ipvs"] = _ipvs_state()
+    kernel["layout"] = upgrade_status.kernel_layout(where.path)
     try:
-        kernel["socketHooks"] = socket_hooks(pin_dir)
+        kernel["socketHooks"] = socket_hooks(where.path)
     except OSError as err:
         kernel["socketHooks"] = []
         kernel["socketHooksError"] = str(err)
@@ -253,7 +239,13 @@ def verdict(agent: dict[str, Any], kernel: dict[str, Any]) -> dict[str, Any]:
             if not maps["present"]
             else f"{counted(missing, 'map')} {'is' if missing == 1 else 'are'} not"
         )
-        problems.append((NO_DATAPATH, f"datapath: {what} pinned under {maps['directory']}"))
+        problems.append(
+            (
+                NO_DATAPATH,
+                f"datapath: {what} pinned under {maps['directory']} "
+                f"({'; '.join([*maps['looked'], 'used ' + maps['foundBy']])})",
+            )
+        )
     carrying = {i["name"] for i in kernel["interfaces"] if _ours(i, "tc ingress")}
     if not carrying:
         problems.append(
@@ -266,12 +258,19 @@ def verdict(agent: dict[str, Any], kernel: dict[str, Any]) -> dict[str, Any]:
                 warnings.append(
                     f"interface {name}: the agent attached its program but the kernel shows none"
                 )
+            elif name in present and not _ours(present[name], "tc egress"):
+                warnings.append(
+                    f"interface {name}: the agent attached its egress program but the kernel "
+                    "shows none (replies of the node's own stack to Service clients there "
+                    "keep the endpoint's address)"
+                )
         for name in doc.get("datapath", {}).get("xdpAttached", []):
             if name in present and not _ours(present[name], "xdp"):
                 warnings.append(
                     f"interface {name}: the agent attached its XDP program but the kernel "
                     "shows none"
                 )
+        warnings += upgrade_status.warnings(doc, kernel)
         failing = doc.get("errors", {}).get("current", [])
         if failing:
             warnings.append(
@@ -363,6 +362,7 @@ def render_table(report: dict[str, Any]) -> str:
         fill = ", ".join(f"{n} {f['entries']}/{f['capacity']}" for n, f in maps["fill"].items())
         pinned = f"{maps['directory']}: {len(maps['present'])} of {len(MAP_TYPES)} maps"
         rows.append(("PINNED MAPS", pinned + (f"; {fill}" if fill else "")))
+        rows += upgrade_status.rows(doc, kernel)
         if held is not None:  # left by an earlier run in IPVS mode
             rows.append(
                 (

@@ -94,6 +94,8 @@ def _datapath(agent: Agent) -> dict[str, Any]:
             "attached": sorted(dict(dp.interfaces)),
             "xdpAttached": sorted(dict(dp.xdp_interfaces)),
             "programsNotLoaded": dict(dp.failed_programs),
+            # what this start did with the maps it found pinned (lbctl/datapath/upgrade.py)
+            "upgrade": dp.upgrade_report.as_dict() if dp.upgrade_report else None,
         }
     if isinstance(dp, IpvsDatapath):
         out["nftables"] = dp.nft.state()  # unavailable: what the node goes without, and why

@@ -15,7 +15,11 @@ programs) step by step, in its order, over the live maps:
   5. the scheduler (bpf/sched.h): maglev and sh are computed here with the
      same hashes (lbctl.scheduling), rr and wrr from the frontend's next turn
      (lb_rr), lc from the open flows (lb_conns), random among the slots;
-  6. no backend: rejected, or dropped when the backends are on other nodes.
+  6. no backend: rejected, or dropped when the backends are on other nodes;
+  7. the masquerade (lbctl/trace_masq.py): the frontend's rule, then the
+     backend's place (an address of this node is never masqueraded, its
+     replies translated by the egress hook; a pod reaching an endpoint
+     outside the pod network always is).
 
 It only reads: nothing is sent through the programs, so no conntrack,
 NAT, affinity or turn is taken.  The packet traced is a flow's first packet
@@ -37,11 +41,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lbctl import scheduling
+from lbctl import scheduling, trace_masq
 from lbctl.datapath import layout
 from lbctl.datapath.entries import SCHED_NAMES, describe_flags
 from lbctl.datapath.settings import SECOND_NS, BpfSettings
-from lbctl.datapath.view import Be, Config, Ct, MapView, Packet, Svc
+from lbctl.datapath.view import Be, Ct, MapView, Packet, Svc
 from lbctl.model import Protocol
 from lbctl.plan import SCOPE_ALL, SCOPE_EXTERNAL
 
@@ -49,12 +53,10 @@ FORWARD, FAILED, USAGE, PASS, DROP = 0, 1, 2, 3, 4
 VERDICT_CODES = {"forward": FORWARD, "pass": PASS, "drop": DROP, "reject": DROP}
 
 _C = layout.const
-_SVC_F_CLUSTER_IP = _C("LB_SVC_F_CLUSTER_IP")
 _SVC_F_EXTERNAL = _C("LB_SVC_F_EXTERNAL")
 _SVC_F_LOCAL = _C("LB_SVC_F_LOCAL")
 _SVC_F_SOURCE_RANGES = _C("LB_SVC_F_SOURCE_RANGES")
 _SVC_F_DROP_EMPTY = _C("LB_SVC_F_DROP_EMPTY")
-_CFG_F_MASQ_ALL = _C("LB_CFG_F_MASQ_ALL")
 _CFG_F_DETECTOR = _C("LB_CFG_F_DETECTOR")
 _F_SEEN_REPLY = _C("CT_F_SEEN_REPLY")
 _F_CLOSING = _C("CT_F_CLOSING")
@@ -176,40 +178,6 @@ def _slots(view: MapView, svc: Svc) -> list[tuple[int, Be | None]]:
         ident = view.slot(svc.frontend_id, n)
         out.append((n, view.backend(ident) if ident else None))
     return out
-
-
-def _masquerade(t: _Trace, svc: Svc, cfg: Config | None, internal: bool, be: Be, p: Packet) -> None:
-    """flow4_new()'s masquerade decision, with lb4_frontend()'s reason."""
-    masq, why = False, ""
-    if svc.flags & _SVC_F_CLUSTER_IP:
-        detector = cfg is not None and bool(cfg.flags & _CFG_F_DETECTOR)
-        masq = detector and not internal
-        why = (
-            "a ClusterIP reached from outside the cluster CIDRs"
-            if masq
-            else "a ClusterIP reached from inside the cluster CIDRs"
-            if detector
-            else "a ClusterIP, and no cluster CIDRs tell outside clients apart"
-        )
-    elif svc.flags & _SVC_F_EXTERNAL:
-        masq = not svc.flags & _SVC_F_LOCAL
-        why = (
-            "an outside-facing frontend with externalTrafficPolicy Cluster"
-            if masq
-            else "externalTrafficPolicy Local keeps the client's address"
-        )
-    if cfg is not None and cfg.flags & _CFG_F_MASQ_ALL:
-        masq, why = True, "masqueradeAll"
-    if be.address == p.src:
-        masq, why = True, "hairpin: the client is the backend"
-    applies = masq and cfg is not None and cfg.snat_addr is not None
-    if masq and not applies:
-        why += ", but no masquerade address is set"
-    t.doc["masquerade"] = {
-        "applies": applies,
-        "address": str(cfg.snat_addr) if applies and cfg and cfg.snat_addr else None,
-        "why": why,
-    }
 
 
 def _table_backend(view: MapView, svc: Svc, i: int, knobs: Knobs) -> tuple[int, str]:
@@ -356,15 +324,16 @@ def trace(view: MapView, p: Packet, now_ns: int, knobs: Knobs) -> dict[str, Any]
 
     detector = cfg is not None and bool(cfg.flags & _CFG_F_DETECTOR)
     internal = detector and view.in_cluster_cidrs(p.src)
+    net = trace_masq.pod_network(cfg)
     if svc.flags & _SVC_F_EXTERNAL and svc.flags & _SVC_F_LOCAL:
         if internal:
             t.step(
                 "traffic policy",
-                f"{p.src} is in the cluster CIDRs: a pod uses every endpoint, as under "
+                f"{p.src} is in {net}: a pod uses every endpoint, as under "
                 "externalTrafficPolicy Cluster",
             )
         else:
-            why = "outside the cluster CIDRs" if detector else "not told apart (no cluster CIDRs)"
+            why = f"outside {net}" if detector else "not told apart (no cluster CIDRs)"
             external = view.service(p, SCOPE_EXTERNAL)
             if external is None:
                 t.step("traffic policy", f"{p.src} is {why}, and no external-scope entry exists")
@@ -409,7 +378,7 @@ def trace(view: MapView, p: Packet, now_ns: int, knobs: Knobs) -> dict[str, Any]
                     "deterministic": True,
                     "candidates": [be.describe()],
                 }
-                _masquerade(t, svc, cfg, internal, be, p)
+                trace_masq.record(t, svc, cfg, internal, [be], p)
                 return t.end("forward", f"ClientIP affinity: to {be}")
 
     # 5. the scheduler, 6. no backend
@@ -428,12 +397,9 @@ def trace(view: MapView, p: Packet, now_ns: int, knobs: Knobs) -> dict[str, Any]
         "candidates": [c.describe() for c in candidates],
     }
     if be is not None and deterministic:
-        _masquerade(t, svc, cfg, internal, be, p)
+        trace_masq.record(t, svc, cfg, internal, [be], p)
         return t.end("forward", f"{t.doc['choice']['scheduler']}: to {be}")
-    masq_for = candidates[0]
-    _masquerade(t, svc, cfg, internal, masq_for, p)
-    if any(c.address == p.src for c in candidates):
-        t.note("a hairpin (the client itself as backend) is always masqueraded")
+    trace_masq.record(t, svc, cfg, internal, candidates, p)
     return t.end(
         "forward",
         f"{t.doc['choice']['scheduler']}: to one of {', '.join(str(c) for c in candidates)}",
@@ -545,4 +511,9 @@ def _follow(
         "address": f"{ct.snat_addr}:{ct.snat_port}" if ct.snat_addr else None,
         "why": "as the flow was when it started",
     }
+    if trace_masq.on_this_node(be):
+        t.note(
+            f"{be} is an address of this node: the flow's replies leave through the tc "
+            "egress hook (lbctl_tc_egress), which gives them the Service's address back"
+        )
     return t.end("forward", f"an existing flow: to {be}")

@@ -16,6 +16,7 @@ from lbctl.datapath.view import MapView, Packet
 from lbctl.model import Protocol
 from lbctl.output import columns
 from lbctl.output import render as output_render
+from lbctl.pindir import MISSING_FIX, resolve
 from lbctl.trace import USAGE, Knobs, trace
 
 # -- the agent's plan -----------------------------------------------------------------
@@ -106,7 +107,6 @@ def run(
 ) -> dict[str, Any]:
     """The trace of p over the pinned maps, with the agent's reasons when it answers."""
     from lbctl.datapath import ctgc
-    from lbctl.datapath.settings import DEFAULT_PIN_DIR
 
     plan: dict[str, Any] | None = None
     error = None
@@ -115,15 +115,13 @@ def run(
     except OSError as err:
         error = f"the agent is not reachable at {address}: {err}"
     settings = plan.get("settings") if plan else None
-    if pin_dir is None:  # the agent's own directory, when it says
-        pin_dir = Path(settings["bpffs"]) if settings else DEFAULT_PIN_DIR
+    where = resolve(pin_dir, address, timeout)
+    pin_dir = where.path
     if not (pin_dir / "lb4_services").exists():
         from lbctl.datapath.bpf import check_bpffs
 
         check_bpffs(pin_dir)  # e.g. under `ip netns exec`, which hides bpffs: says so
-        raise FileNotFoundError(
-            f"no lbctl maps under {pin_dir}: is the agent running with --bpffs {pin_dir}?"
-        )
+        raise FileNotFoundError(f"{where.missing()}: {MISSING_FIX}")
     knobs = (
         Knobs.from_agent(settings)
         if settings
@@ -198,13 +196,17 @@ def render_table(r: dict[str, Any]) -> str:
     verdict = f"VERDICT  {r['verdict']}: {r['reason']}"
     masq = r.get("masquerade")
     if masq and r["verdict"] == "forward":
-        verdict += (
-            f", masqueraded as {masq['address']} ({masq['why']})"
-            if masq["applies"]
-            else f", client address kept ({masq['why']})"
-        )
+        verdict += ", " + "; ".join(_masquerade_text(m) for m in masq.get("byBackend") or [masq])
     parts.append(f"{verdict} (exit {r['exitCode']})")
     return "\n\n".join(parts) + "\n"
+
+
+def _masquerade_text(masq: dict[str, Any]) -> str:
+    """One masquerade decision, as the verdict line says it."""
+    to = f"to {masq['backend']}: " if "backend" in masq else ""
+    if masq["applies"]:
+        return f"{to}masqueraded as {masq.get('address')} ({masq['why']})"
+    return f"{to}client address kept ({masq['why']})"
 
 
 def render(result: dict[str, Any], output: str) -> str:

@@ -5,14 +5,16 @@
 #
 # lbctl runs in the node namespace on the manifests in examples/, and the
 # client asks the ClusterIP 10.96.0.10:80 thirty times. Everything the demo
-# makes (namespaces, processes, pinned maps) is removed at the end, also on
-# failure or Ctrl-C.
+# makes (namespaces, processes, pinned maps, files) is removed at the end, also
+# on failure or Ctrl-C. LBCTL_DEMO_NAME (default lbdemo) starts the namespaces'
+# names, and LBCTL_DEMO_PIN (default /sys/fs/bpf/lbctl-demo) is the bpffs
+# directory, so that a test (tests/test_demo.py) runs it apart from a user's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-P=lbdemo
+P=${LBCTL_DEMO_NAME:-lbdemo}
 PODS=(pod0 pod1 pod2)
-PIN=/sys/fs/bpf/lbctl-demo
+PIN=${LBCTL_DEMO_PIN:-/sys/fs/bpf/lbctl-demo}
 WORK=$(mktemp -d)
 PIDS=()
 LBCTL="$PWD/.venv/bin/lbctl"
@@ -55,7 +57,9 @@ for i in 0 1 2; do
   pod "$name" "10.244.0.2$i"
   mkdir -p "$WORK/$name"
   echo "hello from $name (10.244.0.2$i)" > "$WORK/$name/index.html"
-  in_ns "$name" /usr/bin/python3 -m http.server 8080 --bind 0.0.0.0 \
+  # not through in_ns: `in_ns ... &` forks a subshell for the function, and $!
+  # would be that subshell's PID, not the server's (`ip netns exec` execs it)
+  ip netns exec "$P-$name" /usr/bin/python3 -m http.server 8080 --bind 0.0.0.0 \
     --directory "$WORK/$name" >/dev/null 2>&1 &
   PIDS+=($!)
 done

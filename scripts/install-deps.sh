@@ -12,24 +12,54 @@ DEB_PACKAGES=(
   gcc nginx python3-matplotlib             # make bench: load generator, backends, chart
   user-mode-linux kmod ipvsadm             # a kernel with IPVS for the IPVS fallback's tests
   libcap2-bin                              # capsh: the mode probe's tests drop capabilities
+  podman buildah runc debootstrap          # make image, and the test that runs the image
+)
+# Installed without their Recommends: prometheus would bring node-exporter, a
+# second service the tests do not use.
+DEB_PACKAGES_ALONE=(
+  prometheus                               # promtool, and a real server for tests/test_prometheus.py
 )
 
-missing=()
-for pkg in "${DEB_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+missing=() alone=()
+for pkg in "${DEB_PACKAGES[@]}" "${DEB_PACKAGES_ALONE[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+    if [[ " ${DEB_PACKAGES_ALONE[*]} " == *" $pkg "* ]]; then alone+=("$pkg"); else missing+=("$pkg"); fi
+  fi
 done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "deps: installing Debian packages: ${missing[*]}"
+if [ ${#missing[@]} -gt 0 ] || [ ${#alone[@]} -gt 0 ]; then
+  echo "deps: installing Debian packages: ${missing[*]} ${alone[*]}"
   apt-get update -q
-  # Installing nginx must not start it on the host: deny service starts for the
-  # duration unless a policy is already in place (container images ship one).
+  # nginx and prometheus are services: installing them must not start them on the
+  # host (the tests run their own, inside test namespaces). Deny service starts
+  # for the duration unless a policy is already in place (container images ship
+  # one), and leave the services this run installed disabled at boot too.
   policy=/usr/sbin/policy-rc.d
   if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\nexit 101\n' >"$policy"
     chmod +x "$policy"
     trap 'rm -f "$policy"' EXIT
   fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+  if [ ${#missing[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+  fi
+  if [ ${#alone[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${alone[@]}"
+  fi
+  if command -v systemctl >/dev/null; then  # works without systemd running too
+    for service in nginx prometheus; do
+      if [[ " ${missing[*]} ${alone[*]} " == *" $service "* ]]; then
+        systemctl disable --quiet "$service.service" || true
+      fi
+    done
+  fi
+fi
+
+# kubectl, to render deploy/ (`kubectl kustomize`) in the tests: Debian's when
+# the machine has none.
+if ! command -v kubectl >/dev/null; then
+  echo "deps: installing Debian's kubectl (kubernetes-client)"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q kubernetes-client
 fi
 
 # bcc looks for headers at /lib/modules/$(uname -r)/{build,source}. When the
@@ -80,4 +110,14 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   echo "deps: installing lbctl and its test extras into .venv"
   .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
   touch "$stamp"
+fi
+# The Kubernetes schemas of releases older than the installed kubernetes-validate
+# bundles (deploy/ supports 1.24 on): an earlier release's wheel, read in place by
+# tests/k8s_schemas.py.
+schemas=.venv/share/lbctl-test
+if [ ! -f "$schemas/kubernetes_validate-1.30.0-py3-none-any.whl" ]; then
+  echo "deps: downloading the Kubernetes 1.24 schemas (kubernetes-validate 1.30.0)"
+  mkdir -p "$schemas"
+  .venv/bin/pip download -q --disable-pip-version-check --no-deps -d "$schemas" \
+    kubernetes-validate==1.30.0
 fi

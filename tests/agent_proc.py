@@ -7,6 +7,7 @@ remounts /sys and would hide bpffs from it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -29,16 +30,29 @@ def lbctl(
 
 
 class AgentProcess:
-    """`lbctl run` in the node's namespace; `manifests` None: the source is in `extra`."""
+    """`lbctl run` in the node's namespace; `manifests` None: the source is in `extra`.
+
+    `tree`: run the lbctl package of that source tree (e.g. an older commit's,
+    tests/test_upgrade.py) instead of this one; `env`: more environment variables.
+    """
 
     def __init__(
-        self, node: Netns, manifests: Path | None, pin_dir: Path, log: Path, *extra: str
+        self,
+        node: Netns,
+        manifests: Path | None,
+        pin_dir: Path,
+        log: Path,
+        *extra: str,
+        tree: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.node = node
         self.manifests = manifests
         self.pin_dir = pin_dir
         self.log = log
         self.extra = extra
+        self.tree = tree
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> AgentProcess:
@@ -48,12 +62,18 @@ class AgentProcess:
         if "--cgroup" not in self.extra:
             # never the host's root cgroup: a test passes a cgroup of its own
             args += ["--cgroup", ""]
+        command = [LBCTL] if self.tree is None else [sys.executable, "-m", "lbctl"]
+        env = {**os.environ, **self.env}
+        if self.tree is not None:
+            env["PYTHONPATH"] = str(self.tree)  # ahead of this checkout's package
+            env["PYTHONSAFEPATH"] = "1"  # and the working directory's (the compiler's too)
         with self.log.open("ab") as sink:
             self.proc = subprocess.Popen(
-                ["nsenter", f"--net={self.node.path}", LBCTL, *args, *self.extra],
+                ["nsenter", f"--net={self.node.path}", *command, *args, *self.extra],
                 stdout=sink,
                 stderr=sink,
                 stdin=subprocess.DEVNULL,
+                env=env,
             )
         return self
 
@@ -80,6 +100,17 @@ class AgentProcess:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(timeout=10)
+        self.proc = None
+
+    def terminate(self) -> None:
+        """SIGTERM, as a rolling update does: the datapath stays for the next agent."""
+        assert self.proc is not None
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
         self.proc = None
 
     def stop(self) -> None:

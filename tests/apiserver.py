@@ -13,6 +13,11 @@ stand-in.  It speaks enough of the real list/watch wire protocol for the officia
 * WATCH (``watch=true``): chunked, one JSON event per line; history replay from a
   resourceVersion, synthetic ADDED events for ``resourceVersion`` unset or "0", an
   ``ERROR`` 410 event for a compacted resourceVersion, BOOKMARKs, ``timeoutSeconds``.
+  BOOKMARKs come as kube-apiserver's watch cache (v1.24) sends them: only when the
+  client asked (``allowWatchBookmarks=true``) and the watch has a ``timeoutSeconds``,
+  one, ``bookmark_lead`` (2 s) before the server ends the watch; a watch without a
+  timeout gets none.  ``bookmark_interval`` adds the periodic ones newer servers send
+  (about every minute) for tests that want them.
 * Fault injection: :meth:`FakeApiServer.fail_next`, :meth:`~FakeApiServer.cut_watches`,
   :meth:`~FakeApiServer.set_down`.
 
@@ -270,7 +275,9 @@ class FakeApiServer:
     """The fake API server; a context manager that starts and stops it.
 
     ``sock`` is an already-bound socket (made inside a test namespace); without it one
-    is bound to ``host:port``.  ``bookmark_interval`` is the BOOKMARK period in seconds.
+    is bound to ``host:port``.  ``bookmark_lead`` is how long before a watch's
+    ``timeoutSeconds`` ends its one BOOKMARK comes; ``bookmark_interval``, when given,
+    the period of further BOOKMARKs (None: none, as kube-apiserver v1.24).
     """
 
     def __init__(
@@ -278,7 +285,8 @@ class FakeApiServer:
         sock: socket.socket | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
-        bookmark_interval: float = 1.0,
+        bookmark_interval: float | None = None,
+        bookmark_lead: float = 2.0,
     ) -> None:
         sock = sock or socket.create_server((host, port))
         try:
@@ -290,6 +298,8 @@ class FakeApiServer:
         self.host: str = sock.getsockname()[0]
         self.port: int = sock.getsockname()[1]
         self.bookmark_interval = bookmark_interval
+        self.bookmark_lead = bookmark_lead
+        self.bookmarks_sent = 0
         self.requests: list[Request] = []
         self.watches_started = 0
         self.down = False
@@ -624,9 +634,17 @@ class FakeApiServer:
                 self._watches.discard(watch)
                 self._cond.notify_all()
 
+    def _next_bookmark(self, now: float, deadline: float, bookmarks: bool) -> float:
+        """When the next BOOKMARK is due: the one before the deadline, or a periodic one."""
+        if not bookmarks:
+            return math.inf
+        periodic = math.inf if self.bookmark_interval is None else now + self.bookmark_interval
+        before_end = deadline - self.bookmark_lead
+        return min(periodic, before_end if before_end >= now else math.inf)
+
     def _stream(self, h: _Handler, watch: _Watch, deadline: float, bookmarks: bool) -> bool:
         """Send live events until the deadline (True) or until cut or stopped (False)."""
-        next_bookmark = time.monotonic() + self.bookmark_interval if bookmarks else math.inf
+        next_bookmark = self._next_bookmark(time.monotonic(), deadline, bookmarks)
         while True:
             with self._cond:
                 while True:
@@ -646,7 +664,11 @@ class FakeApiServer:
                 kind, meta = watch.kind, {"resourceVersion": str(rv_now)}
                 bookmark = {"kind": kind.kind, "apiVersion": kind.api_version, "metadata": meta}
                 data += _event_line(b"BOOKMARK", _dumps(bookmark))
-                next_bookmark = now + self.bookmark_interval
+                with self._cond:
+                    self.bookmarks_sent += 1
+                next_bookmark = self._next_bookmark(now, deadline, bookmarks)
+                if next_bookmark <= now:  # the one before the deadline was just sent
+                    next_bookmark = math.inf
             if data:
                 h.chunk(data)
             if not events and now >= deadline:

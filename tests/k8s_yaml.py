@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +38,13 @@ def endpoint_slice(
     namespace: str = "test",
     suffix: str = "1",
     ready: bool = True,
-    nodes: dict[str, str] | None = None,
+    nodes: Mapping[str, str | None] | None = None,
     conditions: dict[str, dict[str, bool]] | None = None,
     hints: dict[str, list[str]] | None = None,
     annotations: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """nodes: address -> nodeName (default "node" for every endpoint); conditions:
+    """nodes: address -> nodeName (default "node" for every endpoint; None: no
+    nodeName, as the `kubernetes` Service's endpoints have none); conditions:
     address -> its conditions (default {"ready": ready}); hints: address -> the
     zones of its hints.forZones (default none)."""
     endpoints = []
@@ -51,8 +52,10 @@ def endpoint_slice(
         endpoint: dict[str, Any] = {
             "addresses": [a],
             "conditions": (conditions or {}).get(a, {"ready": ready}),
-            "nodeName": (nodes or {}).get(a, "node"),
         }
+        node_name = (nodes or {}).get(a, "node")
+        if node_name is not None:
+            endpoint["nodeName"] = node_name
         if hints and a in hints:
             endpoint["hints"] = {"forZones": [{"name": zone} for zone in hints[a]]}
         endpoints.append(endpoint)
@@ -79,15 +82,25 @@ TERMINATING = {"ready": False, "serving": True, "terminating": True}  # still se
 GONE = {"ready": False, "serving": False, "terminating": True}  # terminating, no longer serving
 
 
-def node(name: str, zone: str | None = None, addresses: Iterable[str] = ()) -> dict[str, Any]:
-    """A Node, with its topology.kubernetes.io/zone label when `zone` is given."""
+def node(
+    name: str,
+    zone: str | None = None,
+    addresses: Iterable[str] = (),
+    pod_cidrs: Iterable[str] = (),
+) -> dict[str, Any]:
+    """A Node, with its topology.kubernetes.io/zone label when `zone` is given and
+    the pod ranges the node controller gave it (spec.podCIDRs) when any."""
     labels = {"topology.kubernetes.io/zone": zone} if zone else {}
-    return {
+    obj: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {"name": name, "labels": labels},
         "status": {"addresses": [{"type": "InternalIP", "address": a} for a in addresses]},
     }
+    cidrs = list(pod_cidrs)
+    if cidrs:
+        obj["spec"] = {"podCIDR": cidrs[0], "podCIDRs": cidrs}
+    return obj
 
 
 def write(path: Path, *objects: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ def kube_agent(ns: Netns, datapath: BpfDatapath) -> Iterator[tuple[Agent, FakeAp
 
     sock = ns.open_socket()
     sock.bind(("127.0.0.1", 0))
-    server = FakeApiServer(sock, bookmark_interval=0.2).start()
+    server = FakeApiServer(sock).start()
     ns.on_delete(server.stop)
     server.create(k8s_yaml.service("web", "10.96.0.10", [("http", "TCP", 80)]))
     server.create(k8s_yaml.endpoint_slice("web", ["10.9.0.1"], [("http", "TCP", 8080)]))

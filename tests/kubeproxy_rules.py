@@ -336,3 +336,54 @@ def nftables_rules(
 ) -> str:
     """One `nft -f` input with the whole table (for small rule sets)."""
     return nftables_base(node_ips) + "".join(nftables_services(services, cluster_cidr))
+
+
+# ------------------------------------------------------- what kube-proxy masquerades
+
+FRONTEND_KINDS = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalIP")
+CLIENTS = ("pod", "outside", "node", "hairpin")
+
+
+def expected_flow(
+    kind: str,
+    client: str,
+    *,
+    etp_local: bool,
+    itp_local: bool,
+    masquerade_all: bool,
+    detector: bool = True,
+) -> tuple[str, bool]:
+    """(which endpoints serve the new connection: "all" or "local", is it masqueraded).
+
+    kube-proxy's iptables and nftables rules, restated from their documented
+    behaviour (see docs/datapath.md) for a `kind` of FRONTEND_KINDS and a
+    `client` of CLIENTS ("hairpin": a pod that is the only endpoint it can
+    land on; "pod": a pod of the cluster CIDR that is no endpoint):
+
+    - a ClusterIP: the local endpoints with internalTrafficPolicy Local, else
+      all; masqueraded when masqueradeAll is on (its rule matches the
+      ClusterIP only), else when the local traffic detector is on and the
+      client is not a pod;
+    - a NodePort, LoadBalancer IP or externalIP (internalTrafficPolicy does
+      not apply): externalTrafficPolicy Cluster sends everyone to all
+      endpoints, masqueraded; Local sends pods (when the detector knows them)
+      to all endpoints unmasqueraded, the node itself to all endpoints
+      masqueraded, and anyone else to the local endpoints unmasqueraded;
+      masqueradeAll changes none of it;
+    - hairpin is always masqueraded (the endpoint chain's own rule).
+    """
+    if kind not in FRONTEND_KINDS or client not in CLIENTS:
+        raise ValueError(f"unknown frontend kind {kind!r} or client {client!r}")
+    pod = client in ("pod", "hairpin") and detector
+    if kind == "ClusterIP":
+        endpoints = "local" if itp_local else "all"
+        masq = masquerade_all or (detector and not pod)
+    elif not etp_local:
+        endpoints, masq = "all", True
+    elif pod:
+        endpoints, masq = "all", False
+    elif client == "node":
+        endpoints, masq = "all", True
+    else:
+        endpoints, masq = "local", False
+    return endpoints, masq or client == "hairpin"

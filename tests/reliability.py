@@ -1,10 +1,11 @@
-"""Shared parts of the reliability suites (tests/test_reliability_*.py).
+"""Shared parts of the API-fault, malformed-object and packet-fuzzing suites
+(tests/test_reliability_{api,input,packets}.py).
 
-Each suite runs in two sizes: the short one in `make test` (a few minutes for
-all of them on two CPUs) and the full one in `make bench-reliability`, which
-sets LBCTL_RELIABILITY=full.  Each prints its figures (what was tried, how
-much, what was lost) on the terminal, and the full run also writes them to
-bench/results/reliability-<suite>.txt for the README.
+Each suite runs in two sizes: the short one in `make test` and the full one in
+`make bench-reliability`, which sets LBCTL_RELIABILITY=full.  Each prints its
+figures (what was tried, how much, what was lost) on the terminal, and appends
+them to $LBCTL_RELIABILITY_OUT when set (bench/results/reliability.txt, as the
+load suites' tests/loadgen.py does).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import pytest
 from tests.netlab import Netns
 
 FULL = os.environ.get("LBCTL_RELIABILITY", "short") == "full"
-RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 T = TypeVar("T")
 
 
@@ -32,15 +32,16 @@ def scaled(short: T, full: T) -> T:
 
 
 def report(capsys: pytest.CaptureFixture[str], suite: str, title: str, rows: Iterable[str]) -> None:
-    """Print a suite's figures past pytest's capture; the full run keeps them in a file."""
-    text = f"\n== reliability: {title} ({'full' if FULL else 'short'} form)\n"
+    """Print a suite's figures past pytest's capture, and append them to
+    $LBCTL_RELIABILITY_OUT (`make bench-reliability` sets it)."""
+    text = f"\n== reliability ({suite}): {title} ({'full' if FULL else 'short'} form)\n"
     text += "".join(f"   {row}\n" for row in rows)
     with capsys.disabled():
         print(text, end="", flush=True)
-    if FULL:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        with (RESULTS / f"reliability-{suite}.txt").open("a") as out:
-            out.write(text)
+    out = os.environ.get("LBCTL_RELIABILITY_OUT")
+    if out:
+        with Path(out).open("a") as sink:
+            sink.write(text)
 
 
 def http_get(

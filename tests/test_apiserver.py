@@ -606,6 +606,44 @@ def test_wire_format_over_a_plain_socket(env: Env) -> None:
         assert sock.recv(65536).startswith(b"HTTP/1.1 405 ")
 
 
+def test_bookmarks_come_as_kube_apiserver_sends_them(netns: Netns) -> None:
+    """By default (kube-apiserver v1.24's watch cache): one BOOKMARK bookmark_lead
+    before timeoutSeconds ends the watch, only when asked, none without a timeout."""
+    sock = netns.open_socket()
+    sock.bind(("127.0.0.1", 0))
+    server = FakeApiServer(sock, bookmark_lead=0.5)
+    with server, client.ApiClient(client.Configuration(host=server.url)) as api, netns.entered():
+        core = client.CoreV1Api(api)
+        server.create(service("s1", "a"))
+
+        def timed(**kwargs: Any) -> list[tuple[float, str]]:
+            began = time.monotonic()
+            _, events = raw_watch(
+                core.list_service_for_all_namespaces, resource_version="1", **kwargs
+            )
+            return [(time.monotonic() - began, e["type"]) for e in events]
+
+        # asked, timeoutSeconds 2: a quiet watch gets one bookmark 0.5 s before its end
+        seen = timed(allow_watch_bookmarks=True, timeout_seconds=2)
+        ended = server.requests[-1]
+        assert ended.query["allowWatchBookmarks"] == "true", ended
+        assert [kind for _, kind in seen] == ["BOOKMARK"], seen
+        assert 1.3 < seen[0][0] < 1.9, seen
+        # not asked: nothing at all, the server just ends the watch on time
+        began = time.monotonic()
+        assert timed(timeout_seconds=1) == []
+        assert 0.9 < time.monotonic() - began < 1.9
+        # asked, but no timeoutSeconds: no bookmark (cut the watch after a while)
+        resp, events = raw_watch(
+            core.list_service_for_all_namespaces, resource_version="1", allow_watch_bookmarks=True
+        )
+        later(1.5, server.cut_watches).join()
+        with pytest.raises(urllib3.exceptions.ProtocolError):
+            next(events)
+        resp.release_conn()
+        assert server.bookmarks_sent == 1
+
+
 def test_stop_closes_everything_and_joins_its_threads(env: Env) -> None:
     before = set(threading.enumerate())
     server = FakeApiServer(host="127.0.0.1", port=0)  # this thread is in env.ns: so is it

@@ -41,6 +41,9 @@ EXPECTED: dict[str, tuple[int, dict[str, int]]] = {
         {"new_flows": 1, "snat_new": 1, "xdp_redirected": 1},
     ),
     "xdp-nodeport-established": (XDP_REDIRECT, {"established": 1, "xdp_redirected": 1}),
+    "egress-forwarded": (TC_ACT_OK, {}),
+    "egress-own-traffic": (TC_ACT_OK, {}),
+    "egress-reply": (TC_ACT_OK, {"reverse_nat": 1, "egress_reverse_nat": 1}),
     **{
         f"sched-{name}": (TC_ACT_REDIRECT, {"new_flows": 1, **FORWARD})
         for name in ("random-10", "maglev-10", "sh-10", "rr-10", "lc-10", "lc-100", "lc-1000")

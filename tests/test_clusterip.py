@@ -240,6 +240,7 @@ def test_maps_dump_shows_services_and_backends(env: Env) -> None:
         "SLOT",
         "BACKEND",
         "STATE",
+        "WHERE",
         "OPEN",
     ]
     assert first.split()[:7] == ["test/web", "dns", "ClusterIP", f"{VIP}:53", "UDP", "random", "-"]
@@ -371,6 +372,16 @@ def test_a_program_removed_by_hand_is_attached_again_at_the_periodic_sync(
                 node=node,
                 check=False,
             )
-            assert "removed from lxcclient (tc) by something else" in status.stdout
+            assert "removed from lxcclient (tc ingress) by something else" in status.stdout
+            # the egress program too: `lbctl status` says so while it is missing
+            node.run("tc", "filter", "del", "dev", "lxcpod0", "egress")
+            agent.wait_for_log("lxcpod0 (tc egress)", timeout=20)
+            deadline = time.monotonic() + 10
+            while (
+                "lbctl_tc_egress"
+                not in node.run("tc", "filter", "show", "dev", "lxcpod0", "egress").stdout
+            ):
+                assert time.monotonic() < deadline, "the egress filter was never attached again"
+                time.sleep(0.05)
         finally:
             agent.stop()

@@ -59,7 +59,14 @@ from tests.test_cleanup_kube_proxy import TOOLS, build_kube_proxy
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-MANIFESTS = sorted(p for p in DEPLOY.rglob("*.yaml") if p.name != "kustomization.yaml")
+# deploy/prometheus/ holds a Prometheus rule file and prometheus-operator's
+# objects, which need its CRDs: tests/test_alert_rules.py checks them
+MONITORING = DEPLOY / "prometheus"
+MANIFESTS = sorted(
+    p
+    for p in DEPLOY.rglob("*.yaml")
+    if p.name != "kustomization.yaml" and MONITORING not in p.parents
+)
 DASHBOARD = DEPLOY / "grafana" / "lbctl-dashboard.json"
 K8S_VERSION = kubernetes_validate.latest_version()
 NODE_NAME = "node-a"
@@ -290,7 +297,7 @@ def test_the_daemonset_runs_the_agent_with_the_configmaps_config(tmp_path: Path)
     assert probes == {
         "startupProbe": ("/livez", HEALTHZ_PORT),
         "livenessProbe": ("/livez", HEALTHZ_PORT),
-        "readinessProbe": ("/healthz", HEALTHZ_PORT),
+        "readinessProbe": ("/readyz", HEALTHZ_PORT),
     }
 
     # the node: its network namespace, its name, every node
@@ -350,7 +357,11 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 def test_the_dockerfile_builds_what_the_daemonset_runs() -> None:
     steps = dockerfile_instructions()
-    assert steps[0][0] == "FROM" and re.fullmatch(r"debian:12(-slim)?", steps[0][1]), steps[0]
+    # Debian 12 unless the build names another base (make image: one made from Debian's packages)
+    assert steps[0] == ("ARG", "BASE=debian:12-slim"), steps[0]
+    stages = [arg for cmd, arg in steps if cmd == "FROM"]
+    assert stages == ["${BASE} AS build", "${BASE}"], stages
+    final = steps[max(i for i, (cmd, _) in enumerate(steps) if cmd == "FROM") :]
     runs = " ".join(arg for cmd, arg in steps if cmd == "RUN")
     installs = re.findall(r"apt-get install ([^&;]*)", runs)
     packages = {w for words in installs for w in words.split() if not w.startswith("-")}
@@ -368,9 +379,13 @@ def test_the_dockerfile_builds_what_the_daemonset_runs() -> None:
     copied = {src for cmd, arg in steps if cmd == "COPY" for src in shlex.split(arg)[:-1]}
     assert {"setup.py", "pyproject.toml", "lbctl", "bpf"} <= copied, copied
     assert re.search(rf"{re.escape(prefix)}/bin/pip install .*/src", runs)
-    env = [arg for cmd, arg in steps if cmd == "ENV"]
+    # what runs is installed in the final stage; the venv is copied there whole
+    final_runs = " ".join(arg for cmd, arg in final if cmd == "RUN")
+    assert not RUNTIME_PACKAGES - {"python3-venv"} - set(final_runs.split())
+    assert ("COPY", f"--from=build {prefix} {prefix}") in final
+    env = [arg for cmd, arg in final if cmd == "ENV"]
     assert f"PATH={prefix}/bin:$PATH" in env, "the DaemonSet's command `lbctl` is on PATH"
-    assert ("ENTRYPOINT", '["lbctl"]') in steps
+    assert ("ENTRYPOINT", '["lbctl"]') in final
 
 
 # -- PromQL: the metric names, labels and values a query uses -------------------------
@@ -783,6 +798,8 @@ class AgentRun:
     probes: dict[str, tuple[int, Doc]]  # probe -> (status, JSON body)
     requests: list[Request]  # what the agent asked the API server
     log: str
+    pin_dir: Path  # the agent's --bpffs
+    commands: dict[str, subprocess.CompletedProcess[str]]  # `kubectl exec ds/lbctl -- lbctl ...`
 
 
 @pytest.fixture(scope="module")
@@ -794,12 +811,12 @@ def agent_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentRun]:
     try:
         sock = node.open_socket()
         sock.bind(("127.0.0.1", 0))
-        server = FakeApiServer(sock, bookmark_interval=0.5).start()
+        server = FakeApiServer(sock).start()
         node.on_delete(server.stop)
         server.apply(k8s_yaml.service("web", "10.96.0.10", [("http", "TCP", 80)]))
         server.apply(k8s_yaml.endpoint_slice("web", ["10.244.0.20"], [("http", "TCP", 8080)]))
         server.apply(k8s_yaml.node(NODE_NAME))
-        # no endpoints: a datagram to it is refused, so a per-Service drop is exported
+        # no endpoints: a datagram to it is refused, so a per-Service drop is counted
         server.apply(k8s_yaml.service("empty", "10.96.0.11", [("dns", "UDP", 53)]))
         source = ["--kubeconfig", str(server.write_kubeconfig(tmp / "kubeconfig"))]
         cg = new_cgroup("deploy-run")
@@ -824,7 +841,12 @@ def agent_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentRun]:
                 applied = re.search(
                     r"^lbctl_change_apply_latency_seconds_count (\S+)$", body.decode(), re.M
                 )
-                dropped = "lbctl_service_drops_total{" in body.decode()
+                # the drop series exist from the start (at 0): wait for the count
+                dropped = re.search(
+                    r'^lbctl_service_drops_total\{[^}]*service="empty"[^}]*\} [1-9]',
+                    body.decode(),
+                    re.M,
+                )
                 if applied and float(applied.group(1)) >= 1 and dropped:
                     break
                 assert time.monotonic() < deadline, f"the change was never applied:\n{agent.text()}"
@@ -837,9 +859,20 @@ def agent_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentRun]:
                 code, raw = http_get(node, port, get["path"])
                 probes[probe] = (code, json.loads(raw))
             requests = list(server.requests)
+            # what `kubectl exec ds/lbctl -- lbctl ...` runs: no flags, the container's
+            # capabilities, the node's namespace
+            commands = {
+                what: subprocess.run(
+                    agent.command(*args), capture_output=True, text=True, timeout=60, check=False
+                )
+                for what, args in (
+                    ("status", ("status", "-o", "json")),
+                    ("maps dump", ("maps", "dump", "services", "-o", "json")),
+                )
+            }
         finally:
             agent.stop()
-        yield AgentRun(body.decode(), probes, requests, agent.text())
+        yield AgentRun(body.decode(), probes, requests, agent.text(), pin_dir, commands)
     finally:
         cleanup_datapath(node, pin_dir)
         node.delete()
@@ -857,9 +890,24 @@ def test_the_agent_runs_and_answers_probes_with_the_daemonsets_settings(
         assert body["synced"] is True and body["mode"] == "ebpf" and body["problems"] == []
     log = agent_run.log
     for link in ("dep0", "dep1"):
-        assert f"attached tc ingress program to {link}" in log, log
+        assert f"attached tc ingress and egress programs to {link}" in log, log
     assert "socket hooks on cgroup" in log and "0 errors" in log, log
     assert "ERROR" not in log, log
+
+
+@pytest.mark.netns
+def test_status_and_maps_dump_in_the_pod_need_no_flags(agent_run: AgentRun) -> None:
+    """`kubectl exec ds/lbctl -- lbctl status` and `maps dump` find the agent's maps
+    (its --bpffs is a test directory here, not the default) by asking the agent."""
+    dump = agent_run.commands["maps dump"]
+    assert dump.returncode == 0, dump.stderr
+    services = {f["service"] for f in json.loads(dump.stdout)["frontends"]}
+    assert services == {"test/web", "test/empty"}
+    status = agent_run.commands["status"]
+    assert status.returncode == 0, status.stderr
+    maps = json.loads(status.stdout)["kernel"]["pinnedMaps"]
+    assert maps["directory"] == str(agent_run.pin_dir) and maps["missing"] == [], maps
+    assert maps["foundBy"] == f"the agent's, as its /statusz at 127.0.0.1:{HEALTHZ_PORT} says"
 
 
 @pytest.mark.netns

@@ -306,14 +306,3 @@ def test_too_many_backends_for_one_frontend_is_refused_whole(clean_datapath: Bpf
     errors = clean_datapath.table.apply([huge], [])
     assert errors == ["Service ns/svc0 port http: 65536 backends; a frontend holds at most 65535"]
     assert decoded(clean_datapath) == {}
-
-
-def test_pinned_maps_of_another_size_are_refused_with_the_fix(pin_dir: Path) -> None:
-    BpfDatapath(BpfSettings(pin_dir=pin_dir, max_slots=1024)).close()
-    from lbctl.datapath.frontends import DatapathError
-
-    with pytest.raises(DatapathError) as err:
-        BpfDatapath(BpfSettings(pin_dir=pin_dir, max_slots=4096))
-    message = str(err.value)
-    assert "map lb_slots is pinned under" in message and "with 1024 entries" in message
-    assert "--max-slots asks for 4096" in message and "lbctl cleanup --bpffs" in message

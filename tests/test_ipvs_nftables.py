@@ -266,6 +266,33 @@ def test_external_traffic_policy_local_keeps_the_client_address(env: Env) -> Non
         tcp_request(env.near, NODE_IP, REMOTE_PORT, timeout=1.0)
 
 
+def test_masquerade_all_masquerades_clusterips_not_local_policy(env: Env) -> None:
+    """--masquerade-all as kube-proxy's masqueradeAll: every client of a ClusterIP is
+    masqueraded, but externalTrafficPolicy Local still keeps the address of outside
+    clients and pods (kube-proxy's masqueradeAll rule matches the ClusterIP only)."""
+    all_conf = dataclasses.replace(env.node_conf, masquerade_all=True)
+    with env.cluster.node.entered():
+        assert env.writer.write(ipvs.table_content(env.frontends, all_conf)) == []
+    try:
+        pod = env.cluster.client
+        # a pod reaching a ClusterIP: masqueraded now (it keeps its address without the flag)
+        assert tcp_request(pod, WEB, 80).peer_ip == GATEWAY
+        assert udp_request(pod, WEB, 53).peer_ip == GATEWAY
+        # policy Cluster from outside: masqueraded either way
+        assert tcp_request(env.near, NODE_IP, WEB_TCP).peer_ip == GATEWAY
+        # policy Local: the outside client and the pod keep their own address
+        for client, ip in ((env.near, NEAR_IP), (env.far, FAR_IP)):
+            reply = tcp_request(client, NODE_IP, LOCAL_PORT)
+            assert (reply.pod, reply.peer_ip) == ("pod1", ip), reply
+        reply = tcp_request(pod, NODE_IP, LOCAL_PORT)
+        assert (reply.pod, reply.peer_ip) == ("pod1", pod.ip), reply
+        # hairpin: always
+        assert tcp_request(env.cluster.pods[0], WEB, 80).peer_ip == GATEWAY
+    finally:
+        assert env.write() == []  # the module's table again
+    assert tcp_request(env.cluster.client, WEB, 80).peer_ip == env.cluster.client.ip
+
+
 def test_the_table_is_rewritten_in_one_transaction(env: Env) -> None:
     """`nft monitor` prints one `# new generation` line per committed transaction."""
     node = env.cluster.node

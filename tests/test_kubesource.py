@@ -36,7 +36,7 @@ def api() -> Iterator[tuple[FakeApiServer, Netns]]:
     try:
         sock = ns.open_socket()
         sock.bind(("127.0.0.1", 0))
-        server = FakeApiServer(sock, bookmark_interval=0.2).start()
+        server = FakeApiServer(sock).start()
         ns.on_delete(server.stop)
         yield server, ns
     finally:
@@ -393,34 +393,6 @@ def test_a_restart_that_cannot_list_endpointslices_keeps_the_adopted_backends(
         assert decoded(clean_datapath) == {"10.96.0.2:80": ["10.1.0.3"]}
     finally:
         second.stop()
-
-
-def test_a_silently_dead_watch_is_noticed_and_replaced(
-    agent: Agent, api: tuple[FakeApiServer, Netns], clean_datapath: BpfDatapath
-) -> None:
-    """Packets to the API server vanish (no reset): the idle timeout notices it."""
-    server, ns = api
-    agent.source.stop()
-    source = make_source(server, ns, idle_timeout_s=1.0)
-    agent.source = source
-    try:
-        seed(server, 2)
-        synced(agent, server)
-        rule = f"add rule inet lbtest in tcp dport {server.port} drop"
-        ns.run("nft", "add table inet lbtest")
-        ns.run("nft", "add chain inet lbtest in { type filter hook input priority 0 ; }")
-        ns.run("nft", rule)
-        try:
-            deadline = time.monotonic() + 10
-            while not source.trouble_by_kind and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert source.trouble_by_kind, "a watch that went silent was never noticed"
-            server.apply(eps(1, ["10.1.0.11"]))
-        finally:
-            ns.run("nft", "delete table inet lbtest")
-        converge(agent, lambda: api_state(server))
-    finally:
-        source.stop()
 
 
 def test_stop_ends_every_reflector_even_mid_watch(api: tuple[FakeApiServer, Netns]) -> None:

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lbctl.agent import Agent
 from lbctl.datapath.bpf import BpfDatapath
+from lbctl.datapath.servicecounters import DROP_REASONS
 from lbctl.kubesource import TRIGGER_TIME, KubeSource
 from lbctl.serve import Observability
 from tests import extlab, k8s_yaml
@@ -165,12 +166,21 @@ def test_service_counters_follow_traffic_and_drops(env: Env) -> None:
     dns = svc_labels("web", "dns", "UDP")
 
     before = scrape(w.node_a)
-    assert value(before, "lbctl_mode", mode="ebpf") == 1
+    assert value(before, "lbctl_mode", mode="ebpf", configured="auto") == 1
     for labels in (http_, dns):  # every Service port has its series from the start
         assert value(before, "lbctl_service_new_connections_total", **labels) == 0
         series = frozenset({**labels, "direction": "request"}.items())
         assert ("lbctl_service_packets_total", series) in before
-    assert not any(name == "lbctl_service_drops_total" for name, _ in before)
+        # each drop reason too, at 0: a rate() over it is 0, not "no data"
+        for reason in DROP_REASONS:
+            drops = frozenset({**labels, "reason": reason}.items())
+            assert before.get(("lbctl_service_drops_total", drops)) == 0, (labels, reason)
+    per_port = [
+        name
+        for name, labels in before
+        if name.startswith("lbctl_service_") and dict(labels).items() >= http_.items()
+    ]
+    assert len(per_port) == 10, per_port  # the cardinality the docs state
 
     for _ in range(20):
         assert tcp_request(w.client, LB_IP, 80).pod in {"a0", "a1", "b0", "b1"}

@@ -374,3 +374,21 @@ def test_a_message_shows_a_value_cut_short() -> None:
     assert len(str(raised.value)) < 200
     with pytest.raises(InvalidObject, match="<an integer of"):
         parse_service(service(ports=[{"port": 10**5000}]))
+
+
+def test_a_nodes_pod_ranges() -> None:
+    """spec.podCIDRs (dual-stack: one per family), or the older spec.podCIDR alone."""
+    from lbctl.objects import parse_node
+    from tests import k8s_yaml
+
+    node = parse_node(k8s_yaml.node("n1", addresses=["192.0.2.1"], pod_cidrs=["10.244.1.0/24"]))
+    assert node.pod_cidrs == (ipaddress.ip_network("10.244.1.0/24"),)
+    both = k8s_yaml.node("n1", pod_cidrs=["10.244.1.0/24", "fd00:10:244:1::/64"])
+    assert [c.version for c in parse_node(both).pod_cidrs] == [4, 6]
+    old = k8s_yaml.node("n1")
+    old["spec"] = {"podCIDR": "10.244.2.0/24"}
+    assert parse_node(old).pod_cidrs == (ipaddress.ip_network("10.244.2.0/24"),)
+    assert parse_node(k8s_yaml.node("n1")).pod_cidrs == ()
+    bad = k8s_yaml.node("n1", pod_cidrs=["10.244.1.1/24"])
+    with pytest.raises(InvalidObject, match=r"spec.podCIDRs\[0\]: '10.244.1.1/24' is not a CIDR"):
+        parse_node(bad)

@@ -1,10 +1,12 @@
 """Reliability: many thousands of random, hostile and mutated frames through every
 BPF program that takes frames, under BPF_PROG_TEST_RUN.
 
-The programs that take frames are the tc ingress program and the XDP program
-(there is no egress program).  The socket hooks (connect4, sendmsg4, recvmsg4,
-getpeername4) are cgroup sock_addr programs: they see socket calls, not frames,
-and the kernel has no BPF_PROG_TEST_RUN for them (ENOTSUPP, checked below).
+The programs that take frames are the tc ingress program, the tc egress program
+(run as for a packet the node's own stack sends; one that was received and is
+forwarded leaves it at once, which a sample of the frames checks too) and the
+XDP program.  The socket hooks (connect4, sendmsg4, recvmsg4, getpeername4) are
+cgroup sock_addr programs: they see socket calls, not frames, and the kernel has
+no BPF_PROG_TEST_RUN for them (ENOTSUPP, checked below).
 
 The programs run with Services of every kind programmed (ClusterIP TCP and
 UDP, NodePorts that masquerade through a small NAT port range, a
@@ -44,6 +46,7 @@ import pytest
 
 from lbctl.datapath import layout, libbpf
 from lbctl.datapath.bpf import BpfDatapath
+from lbctl.datapath.compiler import EGRESS_PROGRAM
 from lbctl.datapath.nodeconf import NodeConfig
 from lbctl.model import Protocol, ServiceRef
 from lbctl.plan import SCOPE_EXTERNAL, Backend, Frontend, FrontendKey
@@ -54,7 +57,9 @@ from tests.reliability import report, scaled
 
 pytestmark = [pytest.mark.reliability, pytest.mark.netns]
 
-FRAMES = scaled(3_000, 50_000)  # each through tc and through XDP
+FRAMES = scaled(3_000, 50_000)  # each through tc ingress, tc egress and XDP
+PROGRAMS = ("tc", "egress", "xdp")
+INGRESS_IFINDEX_OFFSET = 36  # offsetof(struct __sk_buff, ingress_ifindex), uapi
 SEED = int(os.environ.get("LBCTL_FUZZ_SEED", "20251"))  # another seed explores further
 NODE = "192.0.2.1"
 VIP, EMPTY, STICKY = "10.96.0.10", "10.96.0.11", "10.96.0.12"
@@ -152,7 +157,9 @@ class Runner:
         self.fib = fib
         xdp = dp.prog_fds.get("lbctl_xdp")
         assert xdp is not None, f"lbctl_xdp did not load: {dp.failed_programs}"
-        self.fds = {"tc": dp.prog_fd, "xdp": xdp}
+        egress = dp.prog_fds.get(EGRESS_PROGRAM)
+        assert egress is not None, f"{EGRESS_PROGRAM} did not load: {dp.failed_programs}"
+        self.fds = {"tc": dp.prog_fd, "egress": egress, "xdp": xdp}
         self.stats = self.read_stats()
 
     def read_stats(self) -> list[int]:
@@ -162,11 +169,18 @@ class Runner:
             out.append(sum(int(v) for v in per_cpu) if per_cpu is not None else 0)
         return out
 
-    def run(self, program: str, frame: bytes) -> tuple[libbpf.TestRun, dict[int, int]]:
-        """The verdict and frame out, and the counters that moved."""
+    def run(
+        self, program: str, frame: bytes, received: bool = False
+    ) -> tuple[libbpf.TestRun, dict[int, int]]:
+        """The verdict and frame out, and the counters that moved.  Egress: a frame
+        the node's stack sent, or (`received`) one received on in0, forwarded."""
         ctx = None
         if program == "xdp":  # xdp_md: data, data_end, data_meta, ingress_ifindex, ...
             ctx = struct.pack("=6I", 0, len(frame), 0, self.fib.in_index, 0, 0)
+        elif program == "egress":  # __sk_buff up to ingress_ifindex
+            raw = bytearray(INGRESS_IFINDEX_OFFSET + 4)
+            struct.pack_into("=I", raw, INGRESS_IFINDEX_OFFSET, self.fib.in_index * received)
+            ctx = bytes(raw)
         with self.fib.ns.entered():
             result = libbpf.prog_test_run(self.fds[program], frame, ctx=ctx)
         now = self.read_stats()
@@ -259,9 +273,9 @@ def too_short(program: str, frame: bytes) -> bool:
     if len(frame) < ETH:
         return True
     ethertype = frame[12:14]
-    if program == "tc" and ethertype == b"\x08\x00":
+    if program != "xdp" and ethertype == b"\x08\x00":
         return len(frame) < ETH + 20
-    if program == "tc" and ethertype == b"\x86\xdd":
+    if program != "xdp" and ethertype == b"\x86\xdd":
         return len(frame) < ETH + 40
     return False
 
@@ -301,7 +315,7 @@ def check(
     result: libbpf.TestRun,
     moved: dict[int, int],
 ) -> None:
-    verdicts = TC_VERDICTS if program == "tc" else XDP_VERDICTS
+    verdicts = XDP_VERDICTS if program == "xdp" else TC_VERDICTS
     verdict = verdicts.get(result.retval, f"unexpected {result.retval}")
     tally.verdicts[program][verdict] += 1
     if result.retval not in verdicts:
@@ -315,9 +329,7 @@ def check(
                    out=result.data.hex())  # fmt: skip
     if program == "xdp" and result.retval == XDP_PASS and changed:
         tally.fail("XDP passed a frame it had changed", program, family, frame)
-    dropped = (program == "tc" and result.retval == TC_SHOT) or (
-        program == "xdp" and result.retval == XDP_DROP
-    )
+    dropped = result.retval == (XDP_DROP if program == "xdp" else TC_SHOT)
     if dropped:
         reasons = [DROP_REASONS[i] for i in moved if i in DROP_REASONS]
         if not reasons:
@@ -357,6 +369,7 @@ def test_random_hostile_and_mutated_frames(
     )
     oracle, tally = Oracle(), Tally()
     refused: collections.Counter[str] = collections.Counter()
+    forwarded = 0
     frames = itertools.chain(gen.every_flag_combination(), (gen.next() for _ in range(FRAMES)))
     for family, frame in frames:
         tally.families[family] += 1
@@ -364,7 +377,13 @@ def test_random_hostile_and_mutated_frames(
             tally.ours += 1
         else:
             tally.not_ours += 1
-        for program in ("tc", "xdp"):
+        if not too_short("egress", frame) and rng.random() < 0.1:
+            # received and forwarded: the ingress hook saw it, egress leaves it alone
+            result, _ = runner.run("egress", frame, received=True)
+            forwarded += 1
+            if (result.retval, result.data) != (TC_OK, frame):
+                tally.fail("egress touched a forwarded frame", "egress", family, frame)
+        for program in PROGRAMS:
             try:
                 result, moved = runner.run(program, frame)
             except OSError as err:
@@ -378,9 +397,10 @@ def test_random_hostile_and_mutated_frames(
 
     rows = [
         f"seed {SEED}: {sum(tally.families.values())} frames ({FRAMES} random), each through "
-        "tc ingress and XDP; refused by the "
-        f"kernel's test run itself: tc {refused['tc']} (under an Ethernet header, or IPv4/IPv6 "
-        f"under its IP header), XDP {refused['xdp']} (under an Ethernet header)",
+        "tc ingress, tc egress (sent by the node's stack) and XDP; refused by the kernel's "
+        f"test run itself: tc {refused['tc']} and egress {refused['egress']} (under an "
+        f"Ethernet header, or IPv4/IPv6 under its IP header), XDP {refused['xdp']} (under an "
+        "Ethernet header)",
         "families: " + ", ".join(f"{n} {f}" for f, n in tally.families.most_common()),
         f"ours (to a frontend, from a backend, ICMP about either): {tally.ours}; "
         f"not ours: {tally.not_ours}, all passed unchanged",
@@ -388,8 +408,9 @@ def test_random_hostile_and_mutated_frames(
             f"{program} verdicts: "
             + ", ".join(f"{v} {n}" for v, n in sorted(tally.verdicts[program].items()))
             + f"; frames changed: {tally.modified[program]}"
-            for program in ("tc", "xdp")
+            for program in PROGRAMS
         ),
+        f"egress on {forwarded} of them as received and forwarded: all left untouched",
         "drops by reason (lb_stats): "
         + (", ".join(f"{n} {r}" for r, n in sorted(tally.drops.items())) or "none"),
         f"translated frames whose checksums were right before: {tally.checksummed}, "

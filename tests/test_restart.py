@@ -36,7 +36,7 @@ def cluster() -> Iterator[tuple[Cluster, FakeApiServer]]:
         cluster = build_cluster(lab, pods=3)
         sock = cluster.node.open_socket()
         sock.bind(("127.0.0.1", 0))
-        server = FakeApiServer(sock, bookmark_interval=0.5).start()
+        server = FakeApiServer(sock).start()
         cluster.node.on_delete(server.stop)
         for pod in cluster.pods:
             TcpServer(pod, 8080)

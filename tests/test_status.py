@@ -28,7 +28,7 @@ from tests.netlab import Cluster, Lab, Netns, build_cluster
 
 pytestmark = pytest.mark.netns
 
-PROGRAM = "lbctl_tc_ingress"
+PROGRAMS = {"ingress": "lbctl_tc_ingress", "egress": "lbctl_tc_egress"}  # by tc hook
 WEB_PORTS = [("http", "TCP", 80), ("dns", "UDP", 53)]
 WEB_TARGETS = [("http", "TCP", 8080), ("dns", "UDP", 5353)]
 # What the manifests below make: web (2 ports, 3 pods), api (1 port, pod0),
@@ -67,27 +67,28 @@ def status_json(node: Netns, *args: str) -> tuple[int, dict[str, Any]]:
     return out.returncode, json.loads(out.stdout)
 
 
-def kernel_programs(node: Netns) -> dict[str, set[int]]:
-    """Interface -> ids of lbctl's tc ingress programs, as `tc` reads them from the kernel."""
+def kernel_programs(node: Netns) -> dict[str, set[tuple[str, int]]]:
+    """Interface -> (hook, id) of lbctl's tc programs, as `tc` reads them from the kernel."""
     links = json.loads(node.ip("-j", "link", "show").stdout)
-    found: dict[str, set[int]] = {}
+    found: dict[str, set[tuple[str, int]]] = {}
     for link in links:
         name = link["ifname"]
         if name == "lo":
             continue
-        shown = node.run("tc", "-j", "filter", "show", "dev", name, "ingress").stdout
-        ids = {
-            f["options"]["prog"]["id"]
-            for f in json.loads(shown or "[]")
-            if f.get("options", {}).get("bpf_name") == PROGRAM
-        }
-        found[name] = ids
+        found[name] = set()
+        for hook, program in PROGRAMS.items():
+            shown = node.run("tc", "-j", "filter", "show", "dev", name, hook).stdout
+            found[name] |= {
+                (f"tc {hook}", f["options"]["prog"]["id"])
+                for f in json.loads(shown or "[]")
+                if f.get("options", {}).get("bpf_name") == program
+            }
     return found
 
 
-def reported_programs(report: dict[str, Any]) -> dict[str, set[int]]:
+def reported_programs(report: dict[str, Any]) -> dict[str, set[tuple[str, int]]]:
     return {
-        i["name"]: {p["id"] for p in i["programs"] if p["owner"] == "lbctl"}
+        i["name"]: {(p["hook"], p["id"]) for p in i["programs"] if p["owner"] == "lbctl"}
         for i in report["kernel"]["interfaces"]
     }
 
@@ -146,7 +147,9 @@ def test_status_of_a_running_agent_then_of_a_killed_one(
         # attachments: exactly what the kernel holds, on every interface of the node
         kernel = kernel_programs(node)
         assert set(kernel) == {"lxcclient", "lxcpod0", "lxcpod1", "lxcpod2"}
-        assert all(len(ids) == 1 for ids in kernel.values()), kernel
+        assert all(
+            {hook for hook, _ in ids} == {"tc ingress", "tc egress"} for ids in kernel.values()
+        ), kernel
         assert reported_programs(report) == kernel
         assert doc["datapath"]["attached"] == sorted(kernel)
         maps = report["kernel"]["pinnedMaps"]
@@ -180,9 +183,9 @@ def test_status_of_a_running_agent_then_of_a_killed_one(
         )
         rows = program_rows(table.stdout)
         assert {(r[0], r[1] + " " + r[2], r[3], int(r[4]), r[5]) for r in rows} == {
-            (name, "tc ingress", PROGRAM, prog_id, "lbctl")
+            (name, hook, PROGRAMS[hook.split()[1]], prog_id, "lbctl")
             for name, ids in kernel.items()
-            for prog_id in ids
+            for hook, prog_id in ids
         }
         assert "rejected  " + str(manifests / "bad.yaml") in table.stdout
         assert table.stdout.rstrip().endswith("STATUS  healthy (exit 0)")
@@ -224,7 +227,7 @@ def test_status_follows_the_agent_from_unsynced_to_healthy_to_a_removed_datapath
     node = cluster.node
     sock = node.open_socket()
     sock.bind(("127.0.0.1", 0))
-    server = FakeApiServer(sock, bookmark_interval=0.5).start()
+    server = FakeApiServer(sock).start()
     node.on_delete(server.stop)
     server.create(k8s_yaml.service("web", "10.96.0.10", WEB_PORTS))
     server.create(k8s_yaml.endpoint_slice("web", [p.ip for p in cluster.pods], WEB_TARGETS))
@@ -260,6 +263,16 @@ def test_status_follows_the_agent_from_unsynced_to_healthy_to_a_removed_datapath
         assert table.returncode == 0
         assert re.search(rf"^  recent    \S+Z  {missing}$", table.stdout, re.M), table.stdout
 
+        # lbctl's egress program removed by hand: healthy, with a warning until the
+        # agent's periodic sync (30 s here) puts it back
+        node.run("tc", "filter", "del", "dev", "lxcclient", "egress")
+        code, report = status_json(node)
+        assert code == 0, report["verdict"]
+        [warning] = report["verdict"]["warnings"]
+        assert warning.startswith(
+            "interface lxcclient: the agent attached its egress program but the kernel shows none"
+        )
+
         # The datapath removed under a running agent: the kernel is what counts.
         lbctl("cleanup", "--force", "--bpffs", str(pin_dir), node=node)
         code, report = status_json(node)
@@ -267,7 +280,8 @@ def test_status_follows_the_agent_from_unsynced_to_healthy_to_a_removed_datapath
         assert report["agent"]["status"]["healthy"] is True
         assert report["verdict"]["state"] == "datapath absent"
         assert report["verdict"]["problems"] == [
-            f"datapath: no lbctl maps are pinned under {pin_dir}",
+            f"datapath: no lbctl maps are pinned under {pin_dir} (no --bpffs given; used the "
+            "agent's, as its /statusz at 127.0.0.1:10256 says)",
             "datapath: lbctl's tc program is attached to no interface here",
         ]
         assert report["verdict"]["warnings"] == [

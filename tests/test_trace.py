@@ -320,7 +320,7 @@ def check_agreement(env: Env, case: Case, code: int, t: dict[str, Any], real: Ou
         assert landed in {c["address"] for c in choice["candidates"]}, where
     # the backends the trace lists are what the maps hold: the real one is among them
     assert landed in {b["address"] for b in t["backends"]}, where
-    masq = t["masquerade"]
+    masq = masquerade_of(t, landed)
     _, src = env.source(case.client)
     expected_peer = masq["address"].split(":")[0] if masq["applies"] else src
     assert real.peer_ip == expected_peer, where
@@ -464,6 +464,15 @@ def test_trace_without_the_agent_and_bad_input(env: Env) -> None:
 
 SNAT = "192.0.2.1"
 CIDR = "10.244.0.0/16"
+OUTSIDE_HOSTS = ("192.168.50.10", "192.168.50.11")
+
+
+def masquerade_of(t: dict[str, Any], backend: str) -> dict[str, Any]:
+    """The trace's masquerade decision for the backend the packet went to."""
+    masq: dict[str, Any] = t["masquerade"]
+    if masq.get("byBackend"):
+        [masq] = [m for m in masq["byBackend"] if m["backend"].split(":")[0] == backend]
+    return masq
 
 
 def prog_frontends() -> dict[FrontendKey, Frontend]:
@@ -512,6 +521,11 @@ def prog_frontends() -> dict[FrontendKey, Frontend]:
         fe("203.0.113.2", 53, udp, [], "sh", "LoadBalancer", SCOPE_EXTERNAL, local=True,
            drop_empty=True),
         fe("198.51.100.1", 30080, tcp, pods[4:7], "random", "NodePort"),
+        # endpoints outside the pod network (an API server's), on this node, and both
+        # mixed with a pod: the masquerade depends on the backend
+        fe("10.96.0.1", 443, tcp, [OUTSIDE_HOSTS[0], OUTSIDE_HOSTS[1]], "rr"),
+        fe("10.96.0.16", 53, udp, [pods[0], OUTSIDE_HOSTS[0], SNAT], "random"),
+        fe("10.96.0.17", 80, tcp, [SNAT], "maglev"),
     ]  # fmt: skip
     return {f.key: f for f in out}
 
@@ -536,6 +550,7 @@ def test_trace_equals_the_program(clean_datapath: BpfDatapath) -> None:
         NodeConfig(
             snat_address=ipaddress.IPv4Address(SNAT),
             cluster_cidrs=(ipaddress.IPv4Network(CIDR),),
+            host_addresses=frozenset({ipaddress.IPv4Address(SNAT)}),
         )
     )
     frontends = prog_frontends()
@@ -547,6 +562,7 @@ def test_trace_equals_the_program(clean_datapath: BpfDatapath) -> None:
     rng = random.Random(11)
     done: list[Packet] = []
     by: dict[str, int] = {}
+    masquerades: dict[tuple[bool, str], bool] = {}
     for i in range(600):
         if i % 4 == 3 and done:
             p = rng.choice(done)  # the same tuple again: conntrack
@@ -582,7 +598,11 @@ def test_trace_equals_the_program(clean_datapath: BpfDatapath) -> None:
             assert dst == choice["backend"]["address"], where
         else:
             assert dst in {c["address"] for c in choice["candidates"]}, where
-        masq = t["masquerade"]
+        masq = masquerade_of(t, dst)
         assert src == (masq["address"].split(":")[0] if masq["applies"] else str(p.src)), where
+        masquerades[(masq["applies"], masq["why"].split(":")[0])] = True
     assert {"scheduler", "conntrack", "affinity", "reject", "pass", "drop"} <= set(by), by
+    # the backend's place decided some: a pod to the API server, anyone to this node
+    assert (True, "a pod reaching 192.168.50.10, outside the cluster CIDRs") in masquerades
+    assert (False, f"{SNAT} is an address of this node") in masquerades
     print(f"600 packets, decided by: {by}")

@@ -335,6 +335,36 @@ def test_xdp_restores_replies_of_an_unmasqueraded_flow(
     assert stat_delta(before, stats(dp)) == {STAT["RNAT"]: 1, STAT["XDP_REDIRECT"]: 1}
 
 
+def test_xdp_leaves_a_flow_to_the_node_itself_to_tc_unmasqueraded(
+    clean_datapath: BpfDatapath, fib: Fib
+) -> None:
+    """A NodePort whose endpoint is the node itself (hostNetwork): the FIB says
+    local, so XDP hands tc the packet untouched, having recorded the flow as tc
+    would: unmasqueraded, no NAT port (the node's stack answers; the egress
+    hook translates the reply)."""
+    dp = clean_datapath
+    dp.configure(
+        NodeConfig(
+            snat_address=ip(NODE),
+            nat_ports=(61000, 61000),
+            cluster_cidrs=(ipaddress.IPv4Network("10.244.0.0/16"),),
+            host_addresses=frozenset({ip(NODE)}),
+        )
+    )
+    publish(dp, frontend(NODE, NODE_PORT, Protocol.TCP, (NODE,), "NodePort"))
+    frame = syn_from_outside(NODE, NODE_PORT)
+    before = stats(dp)
+    result = run_xdp(dp, fib, frame)
+    assert (result.retval, result.data) == (XDP_PASS, frame)
+    assert stat_delta(before, stats(dp)) == {STAT["XDP_TO_TC"]: 1}
+    assert len(dp.maps.nat4) == 0
+    with fib.ns.entered():
+        by_tc = libbpf.prog_test_run(dp.prog_fd, frame)
+    out = valid(by_tc)
+    assert (out.src, out.sport, out.dst, out.dport) == (OUTSIDE, 40000, NODE, TARGET)
+    assert stat_delta(before, stats(dp)).get(STAT["DNAT_NEW"]) == 1
+
+
 def test_xdp_checksums_hold_for_many_tuples(clean_datapath: BpfDatapath, fib: Fib) -> None:
     """Random ports, payloads and both protocols: every carry of RFC 1624 gets exercised."""
     dp = clean_datapath

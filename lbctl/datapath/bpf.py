@@ -7,18 +7,23 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import time
 from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from lbctl.datapath import ctgc, nodeconf, tc
+from lbctl.datapath import ctgc, layout, nodeconf, tc
 from lbctl.datapath.compiler import Compilation, CompileError
 from lbctl.datapath.entries import has_source_ranges
 from lbctl.datapath.frontends import DatapathError, FrontendTable
-from lbctl.datapath.maps import MAP_SIZES, Maps
+from lbctl.datapath.maps import Maps
 from lbctl.datapath.nodeconf import NodeConfig
 from lbctl.datapath.ranges import SourceRangeTable, Vip, ranges_of, vip_of
+from lbctl.datapath.record import RecordError
 from lbctl.datapath.settings import BpfSettings
+from lbctl.datapath.structs import LayoutError
+from lbctl.datapath.upgrade import Upgrade
+from lbctl.datapath.upgradeplan import Report
 from lbctl.plan import SCOPE_NAMES, Frontend, FrontendKey, PlanDiff
 
 log = logging.getLogger(__name__)
@@ -98,16 +103,32 @@ class BpfDatapath:
 
     def __init__(self, settings: BpfSettings, wait: bool = True) -> None:
         """Start compiling; with `wait` False, `load()` finishes the job later."""
-        self.settings = settings
         check_bpffs(settings.pin_dir)
         settings.pin_dir.mkdir(parents=True, exist_ok=True)
-        self._compilation: Compilation | None = Compilation(settings)
+        # What is pinned already decides where bcc pins and which sizes hold
+        # (lbctl/datapath/upgrade.py): the settings may keep a pinned capacity.
+        try:
+            self.upgrade: Upgrade | None = Upgrade(settings)
+        except (OSError, LayoutError, RecordError) as err:
+            raise DatapathError(
+                f"reading the maps pinned under {settings.pin_dir}: {err}; to start over, "
+                f"`lbctl cleanup --bpffs {settings.pin_dir}` (established connections through "
+                "them are lost)"
+            ) from err
+        self.settings = self.upgrade.settings
+        self.upgrade_report: Report | None = None
+        try:
+            self._compilation: Compilation | None = Compilation(self.upgrade.compile_settings)
+        except BaseException:
+            self.upgrade.abandon()
+            raise
         self.prog_fd = -1
         self.prog_fds: dict[str, int] = {}  # every program that loaded, by name
         self.failed_programs: dict[str, str] = {}  # optional programs that did not, and why
         self.interfaces: dict[str, int] = {}  # name -> ifindex attached
         self.xdp_interfaces: dict[str, int] = {}  # name -> ifindex with the XDP program
-        self._xdp_reported = False
+        self._refused: dict[str, int] = {}  # lb_stats of refused flows, at the last sweep
+        self._warned: dict[str, float] = {}  # full-table warnings, when last logged
         if wait:
             self.load()
 
@@ -120,9 +141,12 @@ class BpfDatapath:
         if self._compilation is None:
             return
         compilation, self._compilation = self._compilation, None
+        upgrade, self.upgrade = self.upgrade, None
+        assert upgrade is not None
         try:
             loaded = compilation.result()
         except CompileError as err:
+            upgrade.abandon()
             raise DatapathError(load_failure(str(err))) from err
         if loaded.log:
             log.debug("the BPF compiler said: %s", loaded.log)
@@ -131,41 +155,27 @@ class BpfDatapath:
         self.failed_programs = loaded.failed
         for name, why in loaded.failed.items():
             log.error("BPF program %s did not load, its feature is off: %s", name, why)
-        self.maps = Maps.from_fds(loaded.map_fds.__getitem__, owns_fds=True)
         try:
-            self._check_sizes()
-        except DatapathError:
-            self.close()
+            report = upgrade.finish(loaded.map_fds, loaded.prog_fds)
+        except BaseException as err:
+            loaded.close()
+            self.prog_fds, self.prog_fd = {}, -1
+            if isinstance(err, (OSError, LayoutError, RecordError)):
+                raise DatapathError(
+                    f"adopting the maps pinned under {self.settings.pin_dir}: {err}"
+                ) from err
             raise
+        self.upgrade_report = report
+        for line in report.lines():
+            log.info("%s", line)
+        for problem in report.problems:
+            log.error("%s", problem)
+        self.maps = Maps.from_fds(loaded.map_fds.__getitem__, owns_fds=True)
         self.table = FrontendTable(self.maps, self.settings.table_size)
         self.table.counters.enabled = self.settings.service_counters
         self.table.adopt()
         self.ranges = SourceRangeTable(self.maps)
         self.ranges.adopt()
-
-    def _check_sizes(self) -> None:
-        """Pinned maps keep the size they were created with; say so if it differs."""
-        s = self.settings
-        maps = self.maps.all()
-        for name, (field, flag) in MAP_SIZES.items():
-            size = getattr(s, field)
-            have = maps[name].max_entries
-            if have != size:
-                raise DatapathError(
-                    f"map {name} is pinned under {s.pin_dir} with {have} entries but "
-                    f"{flag} asks for {size}; a pinned map cannot be resized: "
-                    f"run `lbctl cleanup --bpffs {s.pin_dir}` first (established connections "
-                    "through the old maps are lost), or keep the old size"
-                )
-        have = self.maps.lb_tables.max_entries
-        if have != s.max_tables * s.table_size:
-            raise DatapathError(
-                f"map lb_tables is pinned under {s.pin_dir} with {have} entries but "
-                f"--max-tables {s.max_tables} x --table-size {s.table_size} asks for "
-                f"{s.max_tables * s.table_size}; a pinned map cannot be resized: run "
-                f"`lbctl cleanup --bpffs {s.pin_dir}` first (established connections through "
-                "the old maps are lost), or keep the old sizes"
-            )
 
     # -- hooks ------------------------------------------------------------------
 
@@ -180,16 +190,17 @@ class BpfDatapath:
             if self.interfaces.get(link.name) == link.index:
                 continue
             try:
-                tc.attach(link, self.prog_fd)
+                tc.attach(link, self.prog_fds)
             except tc.AttachError as err:
                 errors.append(str(err))
                 continue
             self.interfaces[link.name] = link.index
-            log.info("attached tc ingress program to %s", link.name)
+            log.info("attached tc ingress and egress programs to %s", link.name)
         return errors
 
     def attach_xdp(self, links: Iterable[tc.Link], mode: str) -> list[str]:
-        """The XDP fast path on the external interfaces; the error of each failure.
+        """The XDP fast path on the external interfaces; the error of each failure,
+        at every call while it lasts (the agent logs each change once).
 
         Mode "off" removes lbctl's XDP program from every interface instead."""
         from lbctl.datapath import xdp
@@ -204,9 +215,6 @@ class BpfDatapath:
         fd = self.prog_fds.get("lbctl_xdp")
         if fd is None:
             why = self.failed_programs.get("lbctl_xdp", "it is not part of this build")
-            if self._xdp_reported:
-                return []
-            self._xdp_reported = True
             return [f"XDP fast path (--xdp {mode}) is off: the program did not load: {why}"]
         errors = []
         for link in links:
@@ -224,8 +232,9 @@ class BpfDatapath:
     def attach_cgroup(self, path: str | None) -> list[str]:
         """Socket hooks for the node's own processes, on a cgroup v2 directory.
 
-        None: the root of the cgroup2 mount (every process of the node); "": no
-        hooks, and links a former run left are removed."""
+        A path: that cgroup2 directory, or the cgroup2 mounted at its `unified`
+        (cgroup.find_cgroup2); None: the root of the cgroup2 mount (every process
+        of the node); "": no hooks, and links a former run left are removed."""
         from lbctl.datapath import cgroup
 
         pin_dir = self.settings.pin_dir
@@ -234,7 +243,7 @@ class BpfDatapath:
                 for hook in cgroup.detach(pin_dir):
                     log.info("socket hook %s detached (socket hooks are off)", hook)
                 return []
-            where = Path(path) if path is not None else cgroup.cgroup2_mount()
+            where = cgroup.find_cgroup2(Path(path)) if path is not None else cgroup.cgroup2_mount()
             done = cgroup.attach(where, self.prog_fds, pin_dir)
         except (cgroup.CgroupError, OSError) as err:
             return [f"socket hooks for the node's own processes are off: {err}"]
@@ -259,10 +268,11 @@ class BpfDatapath:
         from lbctl.datapath import xdp
 
         gone = []
-        tc_now = set(tc.attached_interfaces()) if self.interfaces else set()
-        for name in [n for n in self.interfaces if n not in tc_now]:
-            del self.interfaces[name]
-            gone.append(f"{name} (tc)")
+        for hook in tc.HOOKS:
+            tc_now = set(tc.attached_interfaces(hook)) if self.interfaces else set()
+            for name in [n for n in self.interfaces if n not in tc_now]:
+                del self.interfaces[name]
+                gone.append(f"{name} (tc {hook.name})")
         xdp_now = set(xdp.attached_interfaces()) if self.xdp_interfaces else set()
         for name in [n for n in self.xdp_interfaces if n not in xdp_now]:
             del self.xdp_interfaces[name]
@@ -271,9 +281,11 @@ class BpfDatapath:
 
     # -- maps -----------------------------------------------------------------------
 
-    def collect_garbage(self) -> None:
+    def collect_garbage(self) -> list[str]:
         """Delete conntrack and NAT entries of flows that timed out, and
-        affinity entries past their timeout or of backends that left."""
+        affinity entries past their timeout or of backends that left; make
+        room in a nearly full flow table.  Returns what the operator should
+        know: a table that was full since the last sweep, and what to do."""
         swept = ctgc.sweep(self.maps, self.settings, affinity=self.table.affinities())
         if swept.conntrack or swept.nat or swept.affinity:
             log.debug(
@@ -282,10 +294,51 @@ class BpfDatapath:
                 swept.nat,
                 swept.affinity,
             )
+        refused = {}
+        for name, stat in (("ct", "LB_STAT_CT_FULL"), ("nat", "LB_STAT_NAT_EXHAUSTED")):
+            per_cpu = self.maps.lb_stats.lookup(layout.ffi.new("__u32 *", layout.const(stat)))
+            refused[name] = int(sum(per_cpu)) if per_cpu is not None else 0
+        news = []
+        s = self.settings
+        if refused["ct"] > self._refused.get("ct", refused["ct"]) or swept.evicted:
+            news.append(
+                f"conntrack table full ({s.ct_size} entries, two per flow, one if "
+                "masqueraded): new flows are refused (lbctl_verdicts_total"
+                '{verdict="conntrack_full"}) or the newest flows ended to make room; '
+                "established flows keep theirs; raise --conntrack-size"
+            )
+        if refused["nat"] > self._refused.get("nat", refused["nat"]):
+            if swept.nat_used >= ctgc.HIGH * s.nat_size or swept.evicted:
+                news.append(
+                    f"NAT table full ({s.nat_size} entries, one per masqueraded flow): new "
+                    'masqueraded flows are refused (lbctl_verdicts_total{verdict="nat_exhausted"}'
+                    "); raise --nat-size"
+                )
+            else:
+                news.append(
+                    "NAT ports exhausted: new masqueraded flows to a backend found no free "
+                    'port (lbctl_verdicts_total{verdict="nat_exhausted"}); widen '
+                    "--nat-port-range, or spread clients over more backends or node addresses"
+                )
+        if swept.affinity_used >= ctgc.HIGH * s.affinity_size:
+            news.append(
+                f"affinity table full ({s.affinity_size} entries, one per client and "
+                "Service port with sessionAffinity ClientIP): the least recently seen "
+                "clients' affinity is forgotten; raise --affinity-size"
+            )
+        self._refused = refused
+        now = time.monotonic()
+        for message in news:
+            if now - self._warned.get(message, -3600.0) >= 60:
+                self._warned[message] = now
+                log.warning("%s", message)
+        return news
 
     def configure(self, conf: NodeConfig) -> None:
-        """The node's address, NAT ports and cluster CIDRs."""
+        """The node's address, NAT ports and cluster CIDRs; where backends are."""
         nodeconf.write(self.maps, conf)
+        for error in self.table.set_placement(nodeconf.Placement.of(conf)):
+            log.error("%s: its flags stay as they were until the next sync", error)
 
     def reconcile(
         self, desired: Mapping[FrontendKey, Frontend], remove_stale: bool = True
@@ -336,6 +389,9 @@ class BpfDatapath:
             with contextlib.suppress(CompileError):
                 self._compilation.result().close()
             self._compilation = None
+        if self.upgrade is not None:  # its staging directory was never served
+            self.upgrade.abandon()
+            self.upgrade = None
         if hasattr(self, "maps"):
             self.maps.close()
         for fd in self.prog_fds.values():

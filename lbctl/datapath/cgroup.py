@@ -146,6 +146,48 @@ def check_cgroup2(cgroup: Path) -> None:
         )
 
 
+UNIFIED = "unified"  # where a hybrid host mounts cgroup2, below its v1 controllers' tmpfs
+TMPFS_MAGIC = 0x01021994
+
+
+def find_cgroup2(path: Path) -> Path:
+    """The cgroup2 directory the socket hooks attach to, found from `path`.
+
+    `path` itself when it is a cgroup2 directory (the host's /sys/fs/cgroup on a
+    unified host, or any cgroup below it).  On a host with the hybrid layout,
+    /sys/fs/cgroup is a tmpfs holding the cgroup v1 controllers and cgroup2 is
+    mounted at its `unified`: given that tmpfs (e.g. the host's /sys/fs/cgroup
+    mounted into a container), the `unified` below it.  Anything else is a
+    CgroupError that says what is there and what to give instead.
+    """
+    if not path.exists():
+        raise CgroupError(
+            f"cgroup {path} does not exist; give the mount point of the host's cgroup2 "
+            f'hierarchy (or of /sys/fs/cgroup), or turn the socket hooks off (cgroupPath: "", '
+            f'--cgroup ""){_mount_hint()}'
+        )
+    try:
+        fs_type = _fs_type(path)
+    except OSError as err:
+        raise CgroupError(f"cgroup {path}: {err.strerror}{_mount_hint()}") from err
+    if fs_type == CGROUP2_SUPER_MAGIC and path.is_dir():
+        return path
+    unified = path / UNIFIED
+    if fs_type == TMPFS_MAGIC and unified.is_dir() and _fs_type(unified) == CGROUP2_SUPER_MAGIC:
+        return unified
+    what = {
+        CGROUP_SUPER_MAGIC: "a cgroup v1 hierarchy",
+        TMPFS_MAGIC: f"a tmpfs with no cgroup2 mounted at {unified}",
+    }.get(fs_type, "not a cgroup")
+    raise CgroupError(
+        f"{path} is not a cgroup2 directory ({what}, file system type {fs_type:#x}); the "
+        "socket hooks attach only to cgroup v2: give the mount point of the host's cgroup2 "
+        "hierarchy, or the host's /sys/fs/cgroup when cgroup2 is mounted at its unified "
+        '(the hybrid layout), or turn the socket hooks off (cgroupPath: "", --cgroup "")'
+        f"{_mount_hint()}"
+    )
+
+
 def _mount_hint() -> str:
     try:
         return f" ({cgroup2_mount()})"

@@ -26,6 +26,7 @@ from lbctl.datapath.maps import MAP_TYPES
 from lbctl.datapath.settings import BpfSettings
 
 PROGRAM = "lbctl_tc_ingress"
+EGRESS_PROGRAM = "lbctl_tc_egress"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,7 @@ INET4_CONNECT, UDP4_SENDMSG, UDP4_RECVMSG, INET4_GETPEERNAME = 10, 14, 19, 29
 
 PROGRAMS = [
     ProgramSpec(PROGRAM, SCHED_CLS, required=True),
+    ProgramSpec(EGRESS_PROGRAM, SCHED_CLS, required=True),
     ProgramSpec("lbctl_sock_connect4", CGROUP_SOCK_ADDR, INET4_CONNECT),
     ProgramSpec("lbctl_sock_sendmsg4", CGROUP_SOCK_ADDR, UDP4_SENDMSG),
     ProgramSpec("lbctl_sock_recvmsg4", CGROUP_SOCK_ADDR, UDP4_RECVMSG),

@@ -14,6 +14,14 @@ between what lb_conns says is open and the live forward entries still
 counted, so the count heals on every sweep whatever went missing.
 Affinity entries go when their timeout has passed or their backend left
 the frontend.
+
+ct4 and nat4 are plain hash maps: when one is full the programs refuse new
+flows (counted as conntrack_full and nat_exhausted) rather than evict an
+established flow's entry, as an LRU map would.  So the sweep also keeps
+room for new flows: when a table is more than `HIGH` full of live flows, it
+ends flows until it is back to `LOW`, those idle for `IDLE_S` or more first
+(longest idle first), then the newest: under a flood of new flows those are
+the flood's, and the flows that were established before it keep working.
 """
 
 from __future__ import annotations
@@ -32,7 +40,10 @@ _F_SEEN_REPLY = layout.const("CT_F_SEEN_REPLY")
 _F_CLOSING = layout.const("CT_F_CLOSING")
 _F_CLOSED = layout.const("CT_F_CLOSED")
 _F_LC = layout.const("CT_F_LC")
+_REVERSE = layout.const("CT_DIR_REVERSE")
 _TCP = 6
+HIGH, LOW = 0.9, 0.75  # table fill that makes the sweep end live flows, and its goal
+IDLE_S = 30  # flows idle this long go before the newest ones
 
 
 def now_ns() -> int:
@@ -56,6 +67,11 @@ class Swept:
     conntrack: int = 0
     nat: int = 0
     affinity: int = 0
+    evicted: int = 0  # live flows ended to make room (a table over HIGH)
+    # entries left, for the full-table report (not what was swept)
+    conntrack_used: int = dataclasses.field(default=0, compare=False)
+    nat_used: int = dataclasses.field(default=0, compare=False)
+    affinity_used: int = dataclasses.field(default=0, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +105,16 @@ def sweep(
     # (not as expired) until the next sweep.
     counted = {int(k[0]): int(v.opened) - int(v.closed) for k, v in maps.lb_conns.items()}
     live_open: dict[int, int] = {}
+    live: list[tuple[Any, Any]] = []
+    walked = 0
     # Read everything first: deleting while walking restarts the kernel's walk.
     for key, e in maps.ct4.items():
+        walked += 1
         if key.dir != _FORWARD:
             reverse.append((key, e))
         elif _alive(settings, key, e, now):
             forward[(key.saddr, key.daddr, key.sport, key.dport, key.proto)] = e
+            live.append((key, e))
             if e.flags & _F_LC and e.open:
                 live_open[e.backend_id] = live_open.get(e.backend_id, 0) + 1
         else:
@@ -106,15 +126,58 @@ def sweep(
             dead.append((key, e))
     out.conntrack = sum(_delete_unchanged(maps.ct4, key, e) for key, e in dead)
     unbound = []
+    nat_walked = 0
     for key, e in maps.nat4.items():
+        nat_walked += 1
         fwd = forward.get((e.client_addr, e.vip, e.client_port, e.vport, key.proto))
         bound = (key.daddr, key.dport, key.saddr, key.sport)
         if fwd is None or (fwd.snat_addr, fwd.snat_port, fwd.nat_addr, fwd.nat_port) != bound:
             unbound.append((key, e))
     out.nat = sum(_delete_unchanged(maps.nat4, key, e) for key, e in unbound)
+    out.conntrack_used, out.nat_used = walked - out.conntrack, nat_walked - out.nat
+    _relieve(maps, live, now, out)
     if affinity is not None:
-        out.affinity = _sweep_affinity(maps, affinity, now)
+        out.affinity = _sweep_affinity(maps, affinity, now, out)
     return out
+
+
+def _relieve(maps: Maps, live: list[tuple[Any, Any]], now: int, out: Swept) -> None:
+    """End live flows while a table is over HIGH, until both are at LOW:
+    those idle IDLE_S or more first (longest idle first), then the newest."""
+    ct_cap, nat_cap = maps.ct4.max_entries, maps.nat4.max_entries
+    if out.conntrack_used < HIGH * ct_cap and out.nat_used < HIGH * nat_cap:
+        return
+
+    def order(item: tuple[Any, Any]) -> tuple[int, int]:
+        idle = now - item[1].last_seen_ns
+        return (0, -idle) if idle >= IDLE_S * SECOND_NS else (1, -item[1].created_ns)
+
+    for key, e in sorted(live, key=order):
+        ct_over = out.conntrack_used > LOW * ct_cap
+        nat_over = out.nat_used > LOW * nat_cap
+        if not ct_over and not (nat_over and e.snat_addr):
+            if not ct_over and not nat_over:
+                return
+            continue  # only NAT is short: only masqueraded flows help
+        # whether or not it moved since the walk: a flood's half-open flows
+        # keep moving (the backends resend their SYN-ACKs for a minute)
+        if not maps.ct4.delete(key):
+            continue
+        out.evicted += 1
+        out.conntrack_used -= 1
+        twin = layout.new(
+            "struct ct4_key",
+            saddr=e.nat_addr,
+            daddr=e.snat_addr if e.snat_addr else key.saddr,
+            sport=e.nat_port,
+            dport=e.snat_port if e.snat_addr else key.sport,
+            proto=key.proto,
+            dir=_REVERSE,
+        )
+        if e.snat_addr:
+            out.nat_used -= maps.nat4.delete(twin)
+        else:
+            out.conntrack_used -= maps.ct4.delete(twin)
 
 
 def _delete_unchanged(bpf_map: Any, key: Any, seen: Any) -> bool:
@@ -146,9 +209,10 @@ def _set_expired(maps: Maps, counted: Mapping[int, int], live_open: Mapping[int,
         maps.lb_conns_expired.update(key, value)
 
 
-def _sweep_affinity(maps: Maps, frontends: Mapping[int, Affinity], now: int) -> int:
+def _sweep_affinity(maps: Maps, frontends: Mapping[int, Affinity], now: int, out: Swept) -> int:
     gone = []
     for key, a in maps.lb4_affinity.items():
+        out.affinity_used += 1
         fe = frontends.get(key.frontend_id)
         if (
             fe is None
@@ -156,7 +220,9 @@ def _sweep_affinity(maps: Maps, frontends: Mapping[int, Affinity], now: int) -> 
             or now - a.last_seen_ns > fe.timeout_s * SECOND_NS
         ):
             gone.append(key)
-    return sum(bool(maps.lb4_affinity.delete(key)) for key in gone)
+    deleted = sum(bool(maps.lb4_affinity.delete(key)) for key in gone)
+    out.affinity_used -= deleted
+    return deleted
 
 
 def _state(flags: int) -> str:

@@ -38,6 +38,7 @@ from lbctl.datapath.entries import (
 )
 from lbctl.datapath.libbpf import MapError
 from lbctl.datapath.maps import Maps
+from lbctl.datapath.nodeconf import PLACEMENT_FLAGS, Placement
 from lbctl.datapath.servicecounters import Labels, ServiceCounters
 from lbctl.datapath.tables import RowsExhausted, TableRows
 from lbctl.model import Protocol, ServiceRef
@@ -62,6 +63,31 @@ class FrontendTable:
         self._backend_ids = IdPool()
         self.map_ops = 0  # map writes and deletes, for tests and metrics
         self.counters = ServiceCounters(maps.lb_fe_stats)  # per-Service packets and drops
+        self.placement = Placement()  # where backends are: part of their flags
+
+    def _flags(self, b: Backend) -> int:
+        """lb4_backend.flags: the endpoint's conditions and where it is."""
+        return backend_flags(b) | self.placement.flags(b.address)
+
+    def set_placement(self, placement: Placement) -> list[str]:
+        """The pod network or the node's addresses changed: rewrite the flags of
+        the backends whose place changes (one write each; a new flow reads
+        either the old or the new entry, whole).  Returns the failures."""
+        if placement.same(self.placement):
+            return []
+        self.placement = placement
+        errors = []
+        for (address, port, protocol), have in list(self.backends.items()):
+            flags = have.flags & ~PLACEMENT_FLAGS | placement.flags(address)
+            if flags == have.flags:
+                continue
+            old, have.flags = have.flags, flags
+            try:
+                self._write_backend((address, port, protocol), have)
+            except OSError as err:
+                have.flags = old  # the next reconcile finds it differs and retries
+                errors.append(f"backend {address}:{port}/{protocol.name}: {err}")
+        return errors
 
     # -- reading what is already there (a restart adopts pinned maps) --------
 
@@ -220,7 +246,7 @@ class FrontendTable:
             ):
                 rest.append(fe)  # one by one: the careful path, or a table row to fill
                 continue
-            wanted = [(b.target, backend_flags(b)) for b in fe.backends]
+            wanted = [(b.target, self._flags(b)) for b in fe.backends]
             known = [self.backends.get(t) or fresh.get(t) for t, _ in wanted]
             if any(be and be.flags != f for be, (_, f) in zip(known, wanted, strict=True)):
                 rest.append(fe)  # a shared backend changes its flags: the careful path
@@ -314,7 +340,7 @@ class FrontendTable:
             return False
         if have.spec != entries.table_spec(fe):
             return False
-        return all(self.backends[b.target].flags == backend_flags(b) for b in fe.backends)
+        return all(self.backends[b.target].flags == self._flags(b) for b in fe.backends)
 
     def upsert(self, fe: Frontend) -> None:
         have = self.frontends.get(fe.key)
@@ -503,7 +529,7 @@ class FrontendTable:
 
     def _hold_backend(self, b: Backend, undo: Undo) -> None:
         """Make sure the backend entry exists with the right flags; take a ref."""
-        flags = backend_flags(b)
+        flags = self._flags(b)
         have = self.backends.get(b.target)
         if have is None:
             have = ProgrammedBackend(self._backend_ids.take(), flags)

@@ -119,7 +119,6 @@ class IpvsDatapath:
         self.table = TableSync()  # each virtual service's table elements and link address
         self.nft = self.table.nft
         self._pending: list[str] = []  # problems found where nothing returns them
-        self._xdp_reported = False
         self._link_index = self._ensure_link()
 
     # -- node ---------------------------------------------------------------------------
@@ -171,9 +170,8 @@ class IpvsDatapath:
         return []  # no program is attached; drift in IPVS is repaired by reconcile
 
     def attach_xdp(self, links: Iterable[tc.Link], mode: str) -> list[str]:
-        if mode == "off" or self._xdp_reported:
+        if mode == "off":
             return []
-        self._xdp_reported = True
         return [f"XDP fast path (--xdp {mode}) is off: the IPVS datapath has no XDP program"]
 
     def attach_cgroup(self, path: str | None) -> list[str]:
@@ -276,7 +274,7 @@ class IpvsDatapath:
             return [f"{service}IPVS virtual service {target}: {os.strerror(err.code)}"]
         return []
 
-    def collect_garbage(self) -> None:
+    def collect_garbage(self) -> list[str]:
         """Delete drained real servers: weight 0 and no connection left."""
         from pyroute2.netlink.exceptions import NetlinkError
 
@@ -302,6 +300,7 @@ class IpvsDatapath:
                 log.warning("IPVS %s:%d: draining: %s", key[0], key[1], os.strerror(err.code))
             if not dests:
                 self.draining.pop(key, None)
+        return []
 
     def _sync_addresses(self, remove_stale: bool) -> list[str]:
         """Every ClusterIP, LoadBalancer IP and externalIP on the dummy link."""

@@ -31,13 +31,14 @@ typedef uint32_t __be32;
 _DIRECTIVE = re.compile(r"^\s*#\s*(ifndef|ifdef|endif|include|pragma|define\s+\w+\s*$)")
 
 
-def _header_text() -> str:
-    text = (bpf_source_dir() / "lbctl.h").read_text()
-    return "\n".join(line for line in text.splitlines() if not _DIRECTIVE.match(line))
+def cdef_text(header: str) -> str:
+    """An lbctl.h as cffi's cdef takes it: the kernel's typedefs, no directives."""
+    lines = (line for line in header.splitlines() if not _DIRECTIVE.match(line))
+    return _TYPEDEFS + "\n".join(lines)
 
 
 ffi = cffi.FFI()
-ffi.cdef(_TYPEDEFS + _header_text())
+ffi.cdef(cdef_text((bpf_source_dir() / "lbctl.h").read_text()))
 # cffi resolves #define constants through a library object; an empty
 # in-line "library" gives access to them without compiling anything.
 _consts: Any = ffi.dlopen(None)

@@ -252,6 +252,23 @@ def prog_info(fd: int) -> ProgInfo:
     return ProgInfo(id=info.id, type=info.type, name=ffi.string(info.name).decode())
 
 
+def prog_map_ids(fd: int) -> list[int]:
+    """Ids of the maps a loaded program uses."""
+    info = ffi.new("struct lbctl_prog_info *")
+    size = ffi.new("uint32_t *", ffi.sizeof("struct lbctl_prog_info"))
+    _check_obj(_lib.bpf_obj_get_info_by_fd(fd, info, size), f"program info of fd {fd}")
+    count = int(info.nr_map_ids)
+    if count == 0:
+        return []
+    ids = ffi.new("uint32_t[]", count)
+    info = ffi.new("struct lbctl_prog_info *")
+    info.nr_map_ids = count
+    info.map_ids = int(ffi.cast("uintptr_t", ids))
+    size[0] = ffi.sizeof("struct lbctl_prog_info")
+    _check_obj(_lib.bpf_obj_get_info_by_fd(fd, info, size), f"map ids of program fd {fd}")
+    return [int(ids[i]) for i in range(min(count, int(info.nr_map_ids)))]
+
+
 def prog_fd_by_id(prog_id: int) -> int:
     """A descriptor of a loaded program, from its id (to read its info)."""
     return _check_obj(_lib.bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
@@ -309,7 +326,8 @@ class BpfMap:
                 errno.EINVAL,
                 f"map {name} has key/value sizes {info.key_size}/{info.value_size} but "
                 f"bpf/lbctl.h says {want[0]}/{want[1]}: it was made by another lbctl "
-                "version; run `lbctl cleanup` to remove the old maps",
+                "version; start this version's agent (`lbctl run`), which converts the maps "
+                "in place, or use the lbctl that made them",
             )
 
     @classmethod

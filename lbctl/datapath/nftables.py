@@ -13,13 +13,16 @@ them, never a chain per Service:
 - `ranged` / `allowed`: loadBalancerSourceRanges; a packet to a ranged
   frontend whose source matches no allowed range is dropped;
 - masquerading: a new connection to a ClusterIP from outside the cluster
-  CIDRs (`clusterip` and `cluster_cidrs`), to a NodePort, LoadBalancer IP or
-  externalIP of externalTrafficPolicy Cluster (`external`), any connection
-  of the node's own processes to a frontend, every one with
-  --masquerade-all, and hairpin (a pod reaching itself through a frontend:
-  `hairpin` holds each backend address twice) leaves with the node's
-  address.  The first chains mark such packets with MASQ_MARK before IPVS
-  sees them: `prerouting` (at mangle priority, before routing and so before
+  CIDRs (`clusterip` and `cluster_cidrs`; from anyone with
+  --masquerade-all), to a NodePort, LoadBalancer IP or externalIP of
+  externalTrafficPolicy Cluster (`external`), any connection of the node's
+  own processes to a frontend, and hairpin (a pod reaching itself through a
+  frontend: `hairpin` holds each backend address twice) leaves with the
+  node's address.  Outside clients and pods of an externalTrafficPolicy
+  Local frontend keep their address, with --masquerade-all too, as in
+  kube-proxy, whose masqueradeAll rule matches the ClusterIP only.  The
+  first chains mark such packets with MASQ_MARK before IPVS sees them:
+  `prerouting` (at mangle priority, before routing and so before
   IPVS's LOCAL_IN hooks, as kube-proxy's IPVS mode marks in nat PREROUTING)
   and `output` (ahead of IPVS's LOCAL_OUT hook); the postrouting NAT chain
   masquerades marked packets (IPVS keeps the mark and, with
@@ -135,8 +138,12 @@ def render(content: TableContent, nat: bool = True) -> str:
     c = content
     mark = f"0x{MASQ_MARK:08x}"
     to_entry = "ip daddr . meta l4proto . th dport"
-    masq_from_outside = (
-        f"    ip saddr != @cluster_cidrs {to_entry} @clusterip meta mark set meta mark | {mark}\n"
+    # a ClusterIP: clients from outside the cluster CIDRs, everyone with masqueradeAll
+    set_mark = f"meta mark set meta mark | {mark}"
+    masq_clusterip = (
+        f"    {to_entry} @clusterip {set_mark}\n"
+        if c.masquerade_all
+        else f"    ip saddr != @cluster_cidrs {to_entry} @clusterip {set_mark}\n"
         if c.cluster_cidrs
         else ""
     )
@@ -161,12 +168,9 @@ def render(content: TableContent, nat: bool = True) -> str:
         # before routing, so before IPVS (its LOCAL_IN hooks are at priority 98 and 99)
         + "  chain prerouting {\n    type filter hook prerouting priority mangle; policy accept;\n"
         + filters
-        + masq_from_outside
-        + (
-            mark_all
-            if c.masquerade_all
-            else f"    {to_entry} @external meta mark set meta mark | {mark}\n"
-        )
+        + masq_clusterip
+        # externalTrafficPolicy Cluster; Local ones (not in the set) keep the client's address
+        + f"    {to_entry} @external meta mark set meta mark | {mark}\n"
         + "  }\n"
         # the node's own connections, before IPVS's LOCAL_OUT hook (priority -99)
         + "  chain output {\n    type filter hook output priority mangle; policy accept;\n"

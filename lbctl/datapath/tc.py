@@ -1,8 +1,11 @@
-"""Attaching and detaching the tc program (clsact ingress, direct action).
+"""Attaching and detaching the tc programs (clsact, direct action).
 
-lbctl's filter is recognised by its priority and program name, so cleanup
-removes only what lbctl attached and leaves other tc users alone.  The
-process must itself be in the network namespace of the interfaces.
+Every interface lbctl serves carries two filters: lbctl_tc_ingress on its
+ingress hook (balancing, NAT) and lbctl_tc_egress on its egress hook (the
+replies of the node's own stack).  lbctl's filters are recognised by their
+hook, priority and program name, so cleanup removes only what lbctl attached
+and leaves other tc users alone.  The process must itself be in the network
+namespace of the interfaces.
 """
 
 from __future__ import annotations
@@ -14,11 +17,28 @@ from collections.abc import Iterable
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from lbctl.datapath.compiler import EGRESS_PROGRAM
 from lbctl.datapath.compiler import PROGRAM as PROGRAM_NAME
 
 INGRESS_PARENT = "ffff:fff2"
 INGRESS_PARENT_ID = 0xFFFFFFF2
-FILTER_PRIO = 0x1CB  # lbctl's place in the ingress filter chain
+EGRESS_PARENT = "ffff:fff3"
+EGRESS_PARENT_ID = 0xFFFFFFF3
+FILTER_PRIO = 0x1CB  # lbctl's place in the ingress and egress filter chains
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    name: str  # "ingress", "egress"
+    parent: str
+    parent_id: int
+    program: str
+
+
+INGRESS = Hook("ingress", INGRESS_PARENT, INGRESS_PARENT_ID, PROGRAM_NAME)
+EGRESS = Hook("egress", EGRESS_PARENT, EGRESS_PARENT_ID, EGRESS_PROGRAM)
+# Egress first: alone it translates nothing that ingress did not start.
+HOOKS = (EGRESS, INGRESS)
 
 ARPHRD_ETHER = 1
 IFF_LOOPBACK = 0x8
@@ -72,8 +92,9 @@ def find_interfaces(names: Iterable[str]) -> tuple[list[Link], list[str]]:
     return found, errors
 
 
-def attach(link: Link, prog_fd: int) -> None:
-    """Attach (or atomically replace) lbctl's program on the link's ingress."""
+def attach(link: Link, prog_fds: dict[str, int]) -> None:
+    """Attach (or atomically replace) lbctl's programs on the link's hooks:
+    `prog_fds` maps a hook's program name to its descriptor."""
     ifname, idx = link.name, link.index
     with IPRoute() as ipr:
         try:
@@ -81,65 +102,74 @@ def attach(link: Link, prog_fd: int) -> None:
         except NetlinkError as err:
             if err.code != errno.EEXIST:
                 raise AttachError(f"interface {ifname}: cannot add clsact qdisc: {err}") from err
-        try:
-            ipr.tc(
-                "replace-filter",
-                "bpf",
-                idx,
-                ":1",
-                fd=prog_fd,
-                name=PROGRAM_NAME,
-                parent=INGRESS_PARENT,
-                classid=1,
-                direct_action=True,
-                prio=FILTER_PRIO,
-            )
-        except NetlinkError as err:
-            raise AttachError(f"interface {ifname}: cannot attach tc program: {err}") from err
+        for hook in HOOKS:
+            try:
+                ipr.tc(
+                    "replace-filter",
+                    "bpf",
+                    idx,
+                    ":1",
+                    fd=prog_fds[hook.program],
+                    name=hook.program,
+                    parent=hook.parent,
+                    classid=1,
+                    direct_action=True,
+                    prio=FILTER_PRIO,
+                )
+            except NetlinkError as err:
+                raise AttachError(
+                    f"interface {ifname}: cannot attach tc {hook.name} program: {err}"
+                ) from err
 
 
-def attached_interfaces() -> list[str]:
-    """Interfaces of this namespace that carry lbctl's filter."""
+def attached_interfaces(hook: Hook = INGRESS) -> list[str]:
+    """Interfaces of this namespace that carry lbctl's filter on `hook`."""
     with IPRoute() as ipr:
         return [
             str(link.get_attr("IFLA_IFNAME"))
             for link in ipr.get_links()
-            if _has_filter(ipr, int(link["index"]))
+            if _has_filter(ipr, int(link["index"]), hook)
         ]
 
 
-def _has_filter(ipr: IPRoute, idx: int) -> bool:
+def _has_filter(ipr: IPRoute, idx: int, hook: Hook) -> bool:
     try:
-        filters = ipr.get_filters(index=idx, parent=INGRESS_PARENT_ID)
+        filters = ipr.get_filters(index=idx, parent=hook.parent_id)
     except NetlinkError:
         return False
     for f in filters:
         options = f.get_attr("TCA_OPTIONS")
-        named = options is not None and options.get_attr("TCA_BPF_NAME") == PROGRAM_NAME
+        named = options is not None and options.get_attr("TCA_BPF_NAME") == hook.program
         if named and (f["info"] >> 16) == FILTER_PRIO:
             return True
     return False
 
 
 def detach(ifnames: Iterable[str]) -> list[str]:
-    """Remove lbctl's filter from the interfaces that have it; return them."""
+    """Remove lbctl's filters from the interfaces that have any; return them."""
     done = []
     with IPRoute() as ipr:
         for ifname in ifnames:
             found = ipr.link_lookup(ifname=ifname)
-            if not found or not _has_filter(ipr, int(found[0])):
+            if not found:
                 continue
-            try:
-                ipr.tc(
-                    "del-filter",
-                    "bpf",
-                    int(found[0]),
-                    ":1",
-                    parent=INGRESS_PARENT,
-                    prio=FILTER_PRIO,
-                )
-            except NetlinkError as err:
-                if err.code not in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
-                    raise
-            done.append(ifname)
+            removed = False
+            for hook in (INGRESS, EGRESS):  # balancing stops first
+                if not _has_filter(ipr, int(found[0]), hook):
+                    continue
+                try:
+                    ipr.tc(
+                        "del-filter",
+                        "bpf",
+                        int(found[0]),
+                        ":1",
+                        parent=hook.parent,
+                        prio=FILTER_PRIO,
+                    )
+                except NetlinkError as err:
+                    if err.code not in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+                        raise
+                removed = True
+            if removed:
+                done.append(ifname)
     return done

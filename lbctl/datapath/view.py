@@ -14,7 +14,7 @@ from typing import Any
 
 from lbctl.datapath import layout
 from lbctl.datapath.maps import Maps
-from lbctl.dump import backend_state
+from lbctl.dump import backend_placement, backend_state
 from lbctl.model import Protocol
 
 _FORWARD_DIR = layout.const("CT_DIR_FORWARD")
@@ -58,6 +58,7 @@ class Be:
     address: ipaddress.IPv4Address
     port: int
     flags: int
+    pod_network_known: bool = True  # lb4_cluster_cidrs has entries
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -65,6 +66,7 @@ class Be:
             "address": str(self.address),
             "port": self.port,
             "state": backend_state(self.flags),
+            "placement": backend_placement(self.flags, self.pod_network_known),
         }
 
     def __str__(self) -> str:
@@ -95,6 +97,7 @@ class MapView:
 
     def __init__(self, maps: Maps) -> None:
         self.maps = maps
+        self._pod_network_known: bool | None = None
 
     def config(self) -> Config | None:
         v = self.maps.lb4_config.lookup(layout.ffi.new("__u32 *", 0))
@@ -230,7 +233,11 @@ class MapView:
         v = self.maps.lb4_backends.lookup(layout.ffi.new("__u32 *", ident))
         if v is None:
             return None
-        return Be(ident, _addr(v.addr), layout.port_num(v.port), int(v.flags))
+        if self._pod_network_known is None:
+            self._pod_network_known = len(self.maps.lb4_cluster_cidrs) > 0
+        return Be(
+            ident, _addr(v.addr), layout.port_num(v.port), int(v.flags), self._pod_network_known
+        )
 
     def slot(self, frontend_id: int, n: int) -> int:
         v = self.maps.lb_slots.lookup(
