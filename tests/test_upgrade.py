@@ -247,7 +247,8 @@ def test_a_layout_change_migrates_field_by_field_without_losing_a_flow(
         assert "struct ct4_entry field zone: dropped" in log
         flows.check("after the move back to this version's layout")
         table = lbctl("status", "--bpffs", str(node.pin_dir), node=node.world.node_a, check=False)
-        assert re.search(r"LAST UPGRADE +migrated at .*ct4 copied \([^)]*value layout", table.stdout)
+        copied = r"LAST UPGRADE +migrated at .*ct4 copied \([^)]*value layout"
+        assert re.search(copied, table.stdout)
         conntrack = {(f["client"], f["protocol"]) for f in node.dump()["flows"]}
         assert len(conntrack) >= len(flows.flows) // 2, conntrack
     finally:
