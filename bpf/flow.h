@@ -405,6 +405,7 @@ static __always_inline int flow4_commit(const struct pkt4 *p, const struct lb4_c
 	if (verdict == FLOW_RESTART) {
 		ct->flags &= CT_F_LC | CT_F_AFFINITY;
 		ct->done = 0;
+		ct->assured = 0;
 		ct->created_ns = now;
 		ct->last_seen_ns = now;
 		/* The new connection counts for lc unless the old one still did. */
@@ -417,6 +418,8 @@ static __always_inline int flow4_commit(const struct pkt4 *p, const struct lb4_c
 		lb4_affinity_touch(ct, p->saddr, now);
 	if (verdict == FLOW_REPLY && !(ct->flags & CT_F_SEEN_REPLY))
 		ct->flags |= CT_F_SEEN_REPLY;
+	else if (verdict == FLOW_FOLLOW && !ct->assured && (ct->flags & CT_F_SEEN_REPLY))
+		ct->assured = 1;
 	if (verdict == FLOW_FOLLOW && (ct->flags & CT_F_UNCOUNTED)) {
 		/* The first packet of a flow XDP recorded and left to us. */
 		ct->flags &= ~CT_F_UNCOUNTED;

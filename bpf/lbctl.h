@@ -300,7 +300,10 @@ struct ct4_entry {
 	__be32 snat_addr;   /* forward: the source the flow leaves with (0: none) */
 	__be16 snat_port;
 	__u8 retired;       /* CT_RETIRED_* */
-	__u8 pad2;
+	__u8 assured;       /* 1 once the client spoke after a reply (TCP: its
+			     * handshake completed): an established flow, which
+			     * the agent's sweep never ends to make room in a
+			     * full table (a flood's half-open flows it does) */
 	__u64 open;         /* CT_F_LC: 1 while the flow counts in lb_conns; taken
 			     * back to 0 atomically by whoever closes it (64 bits:
 			     * the atomics that return a value need them) */

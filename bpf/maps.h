@@ -21,7 +21,7 @@ BPF_TABLE_PINNED("hash", __u32, struct lb_frontend_meta, lb_frontend_meta,
  * refused (LB_STAT_CT_FULL, LB_STAT_NAT_EXHAUSTED) instead of evicting an
  * entry of an established flow, which would break it.  The agent's sweep
  * (lbctl/datapath/ctgc.py) deletes dead flows and, when a table is nearly
- * full, the newest ones. */
+ * full, idle and half-open ones (never an established flow in use). */
 BPF_TABLE_PINNED("hash", struct ct4_key, struct ct4_entry, ct4,
 		 LBCTL_CT_SIZE, LBCTL_PIN(ct4));
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_stats, LB_STAT_MAX,

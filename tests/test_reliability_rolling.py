@@ -107,7 +107,9 @@ class Rollout:
         (self.world.pods_a if on_a else self.world.pods_b).append(pod)
         relworld.serve(pod)
         if on_a:  # readiness comes after the pod's network is up: the agent's on it
-            self.proc.wait_for_log(f"attached tc ingress program to {pod.host_if}", timeout=60)
+            self.proc.wait_for_log(
+                f"attached tc ingress and egress programs to {pod.host_if}", timeout=60
+            )
         return pod
 
     def add(self, pod: Pod) -> None:

@@ -304,8 +304,8 @@ class BpfDatapath:
             news.append(
                 f"conntrack table full ({s.ct_size} entries, two per flow, one if "
                 "masqueraded): new flows are refused (lbctl_verdicts_total"
-                '{verdict="conntrack_full"}) or the newest flows ended to make room; '
-                "established flows keep theirs; raise --conntrack-size"
+                '{verdict="conntrack_full"}), and idle or half-open flows ended to make '
+                "room; established flows keep theirs; raise --conntrack-size"
             )
         if refused["nat"] > self._refused.get("nat", refused["nat"]):
             if swept.nat_used >= ctgc.HIGH * s.nat_size or swept.evicted:

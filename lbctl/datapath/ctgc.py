@@ -19,9 +19,15 @@ ct4 and nat4 are plain hash maps: when one is full the programs refuse new
 flows (counted as conntrack_full and nat_exhausted) rather than evict an
 established flow's entry, as an LRU map would.  So the sweep also keeps
 room for new flows: when a table is more than `HIGH` full of live flows, it
-ends flows until it is back to `LOW`, those idle for `IDLE_S` or more first
-(longest idle first), then the newest: under a flood of new flows those are
-the flood's, and the flows that were established before it keep working.
+ends flows until it is back to `LOW`: idle ones first, longest idle first
+(UDP idle `IDLE_UDP_S`, TCP idle `IDLE_TCP_S`), then flows that are not
+established (not `assured`: the client never spoke after a reply, as a SYN
+flood's half-open connections and one-shot datagrams), newest first.  An
+established TCP connection in use is never ended to make room, as
+netfilter's conntrack never early-drops an assured connection: a table full
+of them refuses new flows, counted and reported, until flows end or the
+operator raises its size.  UDP has no connection to break: a flow idle for
+ten seconds that loses its entry is balanced again by its next datagram.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ _F_LC = layout.const("CT_F_LC")
 _REVERSE = layout.const("CT_DIR_REVERSE")
 _TCP = 6
 HIGH, LOW = 0.9, 0.75  # table fill that makes the sweep end live flows, and its goal
-IDLE_S = 30  # flows idle this long go before the newest ones
+IDLE_UDP_S = 10  # UDP flows idle this long go first when a table is nearly full,
+IDLE_TCP_S = 600  # and TCP connections idle this long (established or not)
 
 
 def now_ns() -> int:
@@ -143,16 +150,25 @@ def sweep(
 
 def _relieve(maps: Maps, live: list[tuple[Any, Any]], now: int, out: Swept) -> None:
     """End live flows while a table is over HIGH, until both are at LOW:
-    those idle IDLE_S or more first (longest idle first), then the newest."""
+    idle ones first (longest idle first), then those not established, newest
+    first; never an established TCP connection in use."""
     ct_cap, nat_cap = maps.ct4.max_entries, maps.nat4.max_entries
     if out.conntrack_used < HIGH * ct_cap and out.nat_used < HIGH * nat_cap:
         return
 
-    def order(item: tuple[Any, Any]) -> tuple[int, int]:
-        idle = now - item[1].last_seen_ns
-        return (0, -idle) if idle >= IDLE_S * SECOND_NS else (1, -item[1].created_ns)
+    def idle(item: tuple[Any, Any]) -> bool:
+        limit = IDLE_TCP_S if item[0].proto == _TCP else IDLE_UDP_S
+        return bool(now - item[1].last_seen_ns >= limit * SECOND_NS)
 
-    for key, e in sorted(live, key=order):
+    def order(item: tuple[Any, Any]) -> tuple[int, int]:
+        if idle(item):
+            return (0, item[1].last_seen_ns)
+        return (1, -item[1].created_ns)
+
+    def endable(item: tuple[Any, Any]) -> bool:
+        return not item[1].assured or idle(item)
+
+    for key, e in sorted(filter(endable, live), key=order):
         ct_over = out.conntrack_used > LOW * ct_cap
         nat_over = out.nat_used > LOW * nat_cap
         if not ct_over and not (nat_over and e.snat_addr):
