@@ -2,8 +2,8 @@
 
 One real agent (`lbctl run --kubeconfig`) in a node namespace follows the test
 API server (tests/apiserver.py, the stand-in for kube-apiserver) through every
-fault of this module in turn, while a writer thread (`Churn`) adds, changes,
-removes and re-creates Services and EndpointSlices:
+fault of this module in turn, while a writer thread (tests/churn.py) adds,
+changes, removes and re-creates Services and EndpointSlices:
 
 - watches cut mid-stream, again and again;
 - 410 Gone: the history is compacted while the watches are away, so they must
@@ -27,7 +27,6 @@ import collections
 import dataclasses
 import json
 import random
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,14 +42,14 @@ from lbctl.informer import Backoff
 from lbctl.kubesource import KubeSource
 from tests import k8s_yaml
 from tests.agent_proc import AgentProcess, lbctl
-from tests.apiserver import ApiError, FakeApiServer
+from tests.apiserver import FakeApiServer
+from tests.churn import NODE, Churn
 from tests.conftest import BPFFS, PIN_PREFIX, remove_pins, reset_datapath
 from tests.netlab import Netns
 from tests.reliability import http_get, report, scaled
 
 pytestmark = [pytest.mark.reliability, pytest.mark.netns]
 
-NODE = "node-a"
 SERVICES = scaled(24, 60)
 CHURN_S = scaled(5.0, 40.0)  # seconds of changes around each fault
 OUTAGE_S = scaled(3.0, 30.0)
@@ -69,146 +68,6 @@ CONTROL_MAPS = (
     "lb_conns_expired",
     "lb_fe_stats",
 )
-CONDITIONS = [k8s_yaml.READY, k8s_yaml.READY, k8s_yaml.TERMINATING, k8s_yaml.GONE, {"ready": False}]
-
-
-class Churn:
-    """Adds, changes, removes and re-creates valid Services and EndpointSlices
-    (c<i>, each with its own addresses and NodePorts: no clashes), seeded."""
-
-    def __init__(self, server: FakeApiServer, seed: int, services: int = SERVICES) -> None:
-        self.server = server
-        self.rng = random.Random(seed)
-        self.services = services
-        self.ops: collections.Counter[str] = collections.Counter()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.failure: BaseException | None = None
-
-    # -- objects ----------------------------------------------------------------------
-
-    def service(self, i: int) -> dict[str, Any]:
-        rng = self.rng
-        # wrr, maglev and sh take a row of lb_tables per frontend, 64 rows in all:
-        # every fourth Service may use them, with at most 4 frontends (2 ports,
-        # ClusterIP and a NodePort), so that even the full form's 60 stay within
-        # (running out is another suite's subject: which frontends get a row
-        # would then depend on the order of events, and a fresh sync differ)
-        tables = i % 4 == 0
-        ports = [("http", "TCP", 80)] + ([("dns", "UDP", 53)] if rng.random() < 0.5 else [])
-        kind = rng.choice(["ClusterIP", "NodePort"] if tables else
-                          ["ClusterIP", "ClusterIP", "NodePort", "LoadBalancer"])  # fmt: skip
-        obj = k8s_yaml.service(f"c{i}", f"10.96.1.{i}", ports, type=kind)
-        spec = obj["spec"]
-        if kind != "ClusterIP":
-            for j, port in enumerate(spec["ports"]):
-                port["nodePort"] = 30000 + 2 * i + j
-            if rng.random() < 0.4:
-                spec["externalTrafficPolicy"] = "Local"
-        if kind == "LoadBalancer":
-            obj["status"] = {"loadBalancer": {"ingress": [{"ip": f"203.0.113.{i}"}]}}
-            if rng.random() < 0.5:
-                spec["loadBalancerSourceRanges"] = [f"198.18.{i}.0/24"]
-        if rng.random() < 0.2 and not tables:
-            spec["externalIPs"] = [f"198.51.100.{i}"]
-        if rng.random() < 0.2:
-            spec["internalTrafficPolicy"] = "Local"
-        if rng.random() < 0.2:
-            spec["sessionAffinity"] = "ClientIP"
-            spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": rng.randint(1, 600)}}
-        scheduler = rng.choice([None, None, "rr", "lc", *(["wrr", "maglev", "sh"] * tables)])
-        if scheduler:
-            obj["metadata"]["annotations"] = {"lbctl.io/scheduler": scheduler}
-        return obj
-
-    def slice(self, i: int, suffix: str) -> dict[str, Any]:
-        rng = self.rng
-        pool = [f"10.1.{i}.{n}" for n in range(1, 13)]
-        addresses = rng.sample(pool, rng.randint(0, 5))
-        obj = k8s_yaml.endpoint_slice(
-            f"c{i}",
-            addresses,
-            [("http", "TCP", 8080), ("dns", "UDP", 5353)],
-            suffix=suffix,
-            nodes={a: rng.choice([NODE, "node-b"]) for a in addresses},
-            conditions={a: rng.choice(CONDITIONS) for a in addresses},
-            hints={a: [rng.choice(["zone-a", "zone-b"])] for a in addresses}
-            if rng.random() < 0.3
-            else None,
-        )
-        if rng.random() < 0.2:
-            weights = ",".join(f"{a}={rng.randint(1, 5)}" for a in addresses)
-            obj["metadata"]["annotations"] = {"lbctl.io/weights": weights}
-        return obj
-
-    # -- changes ----------------------------------------------------------------------
-
-    def seed(self) -> None:
-        for i in range(1, self.services + 1):
-            self.server.apply(self.service(i))
-            self.server.apply(self.slice(i, "a"))
-
-    def step(self) -> None:
-        rng, server = self.rng, self.server
-        i = rng.randint(1, self.services)
-        suffix = rng.choice("ab")
-        has_service = server.get("services", "test", f"c{i}") is not None
-        has_slice = server.get("endpointslices", "test", f"c{i}-{suffix}") is not None
-        op = rng.choices(
-            ["endpoints", "service", "delete service", "delete slice", "recreate service",
-             "recreate slice", "move slice"],
-            weights=[40, 15, 8, 8, 8, 6, 5],
-        )[0]  # fmt: skip
-        if op == "endpoints" or (op == "delete slice" and not has_slice):
-            op = "endpoints"
-            server.apply(self.slice(i, suffix))
-        elif op == "service" or not has_service:
-            op = "service" if has_service else "create service"
-            server.apply(self.service(i))
-        elif op == "delete service":
-            server.delete("services", "test", f"c{i}")
-            for s in "ab":  # the garbage collector's part, most of the time
-                if rng.random() < 0.8 and server.get("endpointslices", "test", f"c{i}-{s}"):
-                    server.delete("endpointslices", "test", f"c{i}-{s}")
-        elif op == "delete slice":
-            server.delete("endpointslices", "test", f"c{i}-{suffix}")
-        elif op == "recreate service":
-            server.delete("services", "test", f"c{i}")
-            server.create(self.service(i))
-        elif op == "recreate slice":
-            if has_slice:
-                server.delete("endpointslices", "test", f"c{i}-{suffix}")
-            server.create(self.slice(i, suffix))
-        else:  # the slice now belongs to another Service
-            obj = self.slice(rng.randint(1, self.services), suffix)
-            obj["metadata"]["name"] = f"c{i}-{suffix}"
-            server.apply(obj)
-        self.ops[op] += 1
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.wait(self.rng.uniform(0.002, 0.02)):
-                try:
-                    self.step()
-                except ApiError as err:
-                    if err.code not in (404, 409):
-                        raise
-                    self.ops["raced with the fault injector"] += 1  # it re-made that object
-        except BaseException as err:  # reported by stop()
-            self.failure = err
-
-    def start(self) -> Churn:
-        self._thread = threading.Thread(target=self._run, name="churn", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
-        assert self.failure is None, f"the writer failed: {self.failure!r}"
-
-
 # -- the agent that lives through it all ------------------------------------------------
 
 
@@ -232,7 +91,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         server = FakeApiServer(sock, bookmark_interval=0.5).start()
         ns.on_delete(server.stop)
         server.create(k8s_yaml.node(NODE, zone="zone-a", addresses=["10.0.0.1"]))
-        Churn(server, seed=0).seed()
+        Churn(server, seed=0, services=SERVICES).seed()
         kubeconfig = server.write_kubeconfig(tmp / "kubeconfig")
         args = ("--kubeconfig", str(kubeconfig), "--hostname-override", NODE)
         agent = AgentProcess(ns, None, pin_dir, tmp / "agent.log", *args).start()
@@ -394,7 +253,7 @@ def test_watches_cut_while_changes_flow(
     world: World, clean_datapath: BpfDatapath, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = metrics(world)
-    churn = Churn(world.server, seed=1).start()
+    churn = Churn(world.server, seed=1, services=SERVICES).start()
     rng, cuts = random.Random(1), 0
     deadline = time.monotonic() + CHURN_S
     try:
@@ -413,7 +272,7 @@ def test_410_gone_makes_the_agent_list_again(
     world: World, clean_datapath: BpfDatapath, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = metrics(world)
-    churn = Churn(world.server, seed=2).start()
+    churn = Churn(world.server, seed=2, services=SERVICES).start()
     rng, gone = random.Random(2), 0
     deadline = time.monotonic() + CHURN_S
     try:
@@ -438,7 +297,7 @@ def test_the_server_down_then_back(
     world: World, clean_datapath: BpfDatapath, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = metrics(world)
-    churn = Churn(world.server, seed=3).start()
+    churn = Churn(world.server, seed=3, services=SERVICES).start()
     try:
         time.sleep(CHURN_S / 2)
         world.server.set_down(True)
@@ -485,8 +344,9 @@ def test_relists_that_drop_and_readd_objects(
     invalid) while the watches are away: only the next LIST shows them."""
     before = metrics(world)
     server = world.server
-    churn = Churn(server, seed=4).start()
-    remade = Churn(server, seed=40)  # makes the new objects; its own writer never runs
+    churn = Churn(server, seed=4, services=SERVICES).start()
+    # makes the new objects; its own writer never runs
+    remade = Churn(server, seed=40, services=SERVICES)
     rng = random.Random(4)
     counts: collections.Counter[str] = collections.Counter()
     deadline = time.monotonic() + CHURN_S
