@@ -198,6 +198,57 @@ def test_the_sweep_spares_a_nat_port_taken_over_after_it_looked(dp: BpfDatapath)
     assert ctgc._delete_unchanged(dp.maps.nat4, key, dp.maps.nat4.lookup(key))
 
 
+def test_the_sweep_spares_a_masqueraded_flow_made_after_its_conntrack_walk(
+    dp: BpfDatapath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep walks ct4, then nat4: a NAT entry made in between has no forward
+    entry in what the walk read.  Deleting it as an orphan lost the flow's replies
+    (test_external's thousand connections timed out, one run in two)."""
+    dp.reconcile({fe.key: fe for fe in [frontend([BACKEND], proto=Protocol.TCP)]})
+    walk = dp.maps.ct4.items
+    made: list[packets.Parsed] = []
+
+    def walk_then_connect() -> list[tuple[object, object]]:
+        read = list(walk())
+        made.append(checked(run(dp, packets.ipv4_tcp(OUTSIDE, NODE, 40000, NODE_PORT, "S"))))
+        return read
+
+    monkeypatch.setattr(dp.maps.ct4, "items", walk_then_connect)
+    swept = ctgc.sweep(dp.maps, dp.settings)
+    monkeypatch.undo()
+    assert (swept.conntrack, swept.nat) == (0, 0)
+    reply = checked(run(dp, packets.ipv4_tcp(BACKEND, NODE, 5353, made[0].sport, "SA", ack=1)))
+    assert (reply.dst, reply.dport) == (OUTSIDE, 40000)
+    # a NAT entry older than the walk whose flow is gone is still an orphan
+    ((forward, _),) = list(dp.maps.ct4.items())
+    assert dp.maps.ct4.delete(forward)
+    assert ctgc.sweep(dp.maps, dp.settings).nat == 0  # made a moment ago
+    assert ctgc.sweep(dp.maps, dp.settings, ctgc.now_ns() + 3 * 10**9).nat == 1
+
+
+def test_the_sweep_spares_a_reverse_entry_whose_forward_entry_its_walk_missed(
+    dp: BpfDatapath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hash map's walk misses an entry put in a bucket it has passed: it may
+    read a new flow's reverse entry without its forward one."""
+    fes = [frontend([LOCAL], local=True), frontend([LOCAL], SCOPE_EXTERNAL, True)]
+    dp.reconcile({fe.key: fe for fe in fes})
+    walk = dp.maps.ct4.items
+    reverse = layout.const("CT_DIR_REVERSE")
+
+    def walk_missing_a_forward_entry() -> list[tuple[object, object]]:
+        read = list(walk())
+        ask(dp, OUTSIDE, 40000)  # unmasqueraded (Local policy): a reverse entry in ct4
+        return read + [(k, v) for k, v in walk() if k.dir == reverse]
+
+    monkeypatch.setattr(dp.maps.ct4, "items", walk_missing_a_forward_entry)
+    swept = ctgc.sweep(dp.maps, dp.settings)
+    monkeypatch.undo()
+    assert swept.conntrack == 0 and len(dp.maps.ct4) == 2
+    back = checked(run(dp, packets.ipv4_udp(LOCAL, OUTSIDE, 5353, 40000, b"a")))
+    assert (back.src, back.sport) == (NODE, NODE_PORT)
+
+
 def test_a_flow_stamped_by_another_cpu_a_moment_later_is_alive(dp: BpfDatapath) -> None:
     """A CPU that read the clock before another CPU stamped a flow sees that stamp
     in its future; unsigned subtraction made the flow look ages old, and its NAT

@@ -51,6 +51,11 @@ _TCP = 6
 HIGH, LOW = 0.9, 0.75  # table fill that makes the sweep end live flows, and its goal
 IDLE_UDP_S = 10  # UDP flows idle this long go first when a table is nearly full,
 IDLE_TCP_S = 600  # and TCP connections idle this long (established or not)
+# A reverse or NAT entry whose forward entry the walk did not see is an orphan,
+# unless it was made during the walk: a hash map's walk misses entries put in
+# buckets it has passed, and the NAT walk comes after the conntrack walk.
+# Entries this young are left for the next sweep.
+ORPHAN_GRACE_NS = 2 * SECOND_NS
 
 
 def now_ns() -> int:
@@ -127,7 +132,10 @@ def sweep(
         else:
             dead.append((key, e))
     _set_expired(maps, counted, live_open)
+    young = now - ORPHAN_GRACE_NS
     for key, e in reverse:
+        if e.created_ns >= young:
+            continue
         fwd = forward.get((key.daddr, e.nat_addr, key.dport, e.nat_port, key.proto))
         if fwd is None or fwd.snat_addr or (fwd.nat_addr, fwd.nat_port) != (key.saddr, key.sport):
             dead.append((key, e))
@@ -136,6 +144,8 @@ def sweep(
     nat_walked = 0
     for key, e in maps.nat4.items():
         nat_walked += 1
+        if e.created_ns >= young:
+            continue
         fwd = forward.get((e.client_addr, e.vip, e.client_port, e.vport, key.proto))
         bound = (key.daddr, key.dport, key.saddr, key.sport)
         if fwd is None or (fwd.snat_addr, fwd.snat_port, fwd.nat_addr, fwd.nat_port) != bound:
