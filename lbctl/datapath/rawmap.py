@@ -48,6 +48,7 @@ KINDS = {
     "lru_hash": 9,
     "lru_percpu_hash": 10,
     "lpm_trie": 11,
+    "ringbuf": 27,
 }
 KIND_NAMES = {number: name for name, number in KINDS.items()}
 PERCPU = {"percpu_hash", "percpu_array", "lru_percpu_hash"}
