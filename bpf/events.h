@@ -30,13 +30,17 @@ static __always_inline void event_send(struct lb_event *ev, __u32 type, __u8 hoo
 static __always_inline void event_drop(__u8 hook, __u64 now, const struct pkt4 *p,
 				       const struct flow4 *x)
 {
-	struct lb_event ev = {};
-	__u32 type = x->stat == LB_STAT_REJECT	      ? LB_EV_REJECT
-		     : x->stat == LB_STAT_NAT_EXHAUSTED ? LB_EV_NAT_EXHAUSTED
-							: LB_EV_DROP;
+	struct lb_event ev;
+	__u32 mask = lb_watched(now), type;
 
-	if (!(lb_watched(now) & (1U << type)))
+	if (!mask)
 		return;
+	type = x->stat == LB_STAT_REJECT	  ? LB_EV_REJECT
+	       : x->stat == LB_STAT_NAT_EXHAUSTED ? LB_EV_NAT_EXHAUSTED
+						  : LB_EV_DROP;
+	if (!(mask & (1U << type)))
+		return;
+	__builtin_memset(&ev, 0, sizeof(ev));
 	event_send(&ev, type, hook, now, p, x);
 }
 
@@ -45,9 +49,12 @@ static __always_inline void event_drop(__u8 hook, __u64 now, const struct pkt4 *
 static __always_inline void event_new(__u8 hook, __u64 now, const struct pkt4 *p,
 				      const struct flow4 *x)
 {
-	struct lb_event ev = {};
 	__u32 mask = lb_watched(now);
+	struct lb_event ev;
 
+	if (!(mask & ((1U << LB_EV_NEW_FLOW) | (1U << LB_EV_NAT))))
+		return;
+	__builtin_memset(&ev, 0, sizeof(ev));
 	if (mask & (1U << LB_EV_NEW_FLOW))
 		event_send(&ev, LB_EV_NEW_FLOW, hook, now, p, x);
 	if (x->snat && (mask & (1U << LB_EV_NAT))) {

@@ -333,7 +333,8 @@ class BpfMap:
         self.percpu = info.type in {"percpu_hash", "percpu_array"}
         self._ncpus = num_possible_cpus() if self.percpu else 1
         want = (ffi.sizeof(key_type), ffi.sizeof(value_type))
-        if info.type == "ringbuf":  # no keys nor values: the types name its records
+        self.ringbuf = info.type == "ringbuf"
+        if self.ringbuf:  # no keys nor values: the types name its records
             want = (0, 0)
         if (info.key_size, info.value_size) != want:
             raise MapError(
@@ -427,6 +428,8 @@ class BpfMap:
         return True
 
     def keys(self) -> Iterator[Any]:
+        if self.ringbuf:  # records, not entries: lbctl/datapath/events.py reads them
+            return
         prev = ffi.NULL
         while True:
             nxt = self.new_key()
@@ -453,6 +456,8 @@ class BpfMap:
         entry; a per-CPU map's values hold `count * ncpus` elements.  Kernels
         or map types without batch lookups fall back to key iteration.
         """
+        if self.ringbuf:
+            return
         keys = ffi.new(f"{self.key_type}[]", size)
         values = ffi.new(f"{self.value_type}[]", size * self._ncpus)
         # the batch token of a hash map is a bucket index: 4 bytes, never more than a key

@@ -161,7 +161,11 @@ class RawMap:
         return failed
 
     def chunks(self, size: int = 4096) -> Iterator[list[tuple[bytes, bytes]]]:
-        """Every entry, `size` at a time (an array's zero entries included)."""
+        """Every entry, `size` at a time (an array's zero entries included).
+
+        A ring buffer has none: its records are read, not copied."""
+        if self.info.kind == "ringbuf":
+            return
         ksz, vsz = self.info.key_size, self.value_size
         keys = ffi.new("char[]", size * ksz)
         values = ffi.new("char[]", size * vsz)
