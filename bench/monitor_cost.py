@@ -17,9 +17,14 @@ translated frame:
 - paths that cross none, as controls: established flows and replies (tc),
   a new NodePort flow through XDP.
 
-A path's figure is the median over repetitions of each batch's median
-(raw ns: the whole BPF_PROG_TEST_RUN run, as bench/program.py's raw
-column); the ratio is with events / without, so 1.02 is the goal's limit.
+A path's time is the median over repetitions of each batch's median (raw
+ns: the whole BPF_PROG_TEST_RUN run, as bench/program.py's raw column).
+Its ratio is with events / without, so 1.02 is the goal's limit: the
+median over repetitions of the ratio of the two batches, which ran back to
+back (a shared machine has slower and faster phases that the two sides'
+separate medians would catch unevenly); the fastest batches' ratio is shown
+too.  The kernel's clock steps by about 10 ns, so on the cheapest path (an
+XDP drop, about 360 ns) one step is 3%.
 """
 
 from __future__ import annotations
@@ -67,11 +72,17 @@ def compare(
     out: dict[str, Any] = {}
     for path, both in got.items():
         ev, base = statistics.median(both["events"]), statistics.median(both["baseline"])
+        # the two batches of a repetition run back to back: their ratio cancels the
+        # machine's slower and faster phases, which the medians of each side do not
+        paired = [e / b for e, b in zip(both["events"], both["baseline"], strict=True)]
         out[path] = {
             "what": COMPARED[path],
             "events_ns": ev,
             "baseline_ns": base,
-            "ratio": ev / base,
+            "ratio": statistics.median(paired),
+            "paired_ratios": paired,
+            "ratio_of_medians": ev / base,
+            "ratio_of_minimums": min(both["events"]) / min(both["baseline"]),
             "events_batches_ns": both["events"],
             "baseline_batches_ns": both["baseline"],
         }
@@ -81,18 +92,22 @@ def compare(
 
 def report(result: dict[str, Any], size: int) -> list[str]:
     lines = [
-        f"## event sites, nobody listening (N={size:,}): with events / compiled out, raw ns",
-        f"{'path':<24} {'events':>8} {'baseline':>9} {'ratio':>7}  what",
+        f"## event sites, nobody listening (N={size:,}): with events / compiled out",
+        f"{'path':<24} {'events':>7} {'baseline':>8} {'ratio':>6} {'fastest':>7}  what",
     ]
     for path, v in result["paths"].items():
         lines.append(
-            f"{path:<24} {v['events_ns']:8.0f} {v['baseline_ns']:9.0f} {v['ratio']:7.3f}  "
-            f"{v['what']}"
+            f"{path:<24} {v['events_ns']:7.0f} {v['baseline_ns']:8.0f} {v['ratio']:6.3f} "
+            f"{v['ratio_of_minimums']:7.3f}  {v['what']}"
         )
     lines.append(
         f"worst ratio on a path with an event site: {result['worst_site_ratio']:.3f} "
-        "(goal: at most 1.02; medians of "
-        f"{result['repetitions']} alternating repetitions)"
+        "(goal: at most 1.02)"
+    )
+    lines.append(
+        "(events, baseline: raw ns, median of the repetitions' batch medians; ratio: median "
+        "over the repetitions of events / baseline, the two batches back to back; fastest: "
+        f"the fastest batches' ratio; {result['repetitions']} repetitions)"
     )
     return lines
 

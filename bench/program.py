@@ -815,7 +815,12 @@ def main() -> int:
     print("\n".join(text), flush=True)
     (args.out / "program.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "program.txt").write_text("\n".join(text) + "\n")
-    print(f"results: {args.out / 'program.json'}, {args.out / 'program.txt'}")
+    # the event sites' figure on its own too (README quotes it)
+    off = {"machine": info, "size": sizes[0], "runs": args.runs, **events_off}
+    (args.out / "monitor_off.json").write_text(json.dumps(off, indent=1) + "\n")
+    off_text = [text[0], *monitor_cost.report(events_off, sizes[0])]
+    (args.out / "monitor_off.txt").write_text("\n".join(off_text) + "\n")
+    print(f"results: {args.out / 'program.json'}, {args.out / 'program.txt'}, monitor_off.*")
     return 0
 
 

@@ -9,12 +9,13 @@
 #ifndef LBCTL_EVENTS_H
 #define LBCTL_EVENTS_H
 
-static __always_inline void event_send(struct lb_event *ev, __u32 type, __u8 hook, __u64 now,
-				       const struct pkt4 *p, const struct flow4 *x)
+static __always_inline void event_send(struct lb_event *ev, __u32 type, __u32 reason,
+				       __u8 hook, __u64 now, const struct pkt4 *p,
+				       const struct flow4 *x)
 {
 	ev->ts_ns = now;
 	ev->type = type;
-	ev->reason = x->stat;
+	ev->reason = reason;
 	ev->proto = p->proto;
 	ev->hook = hook;
 	ev->frontend_id = x->frontend_id;
@@ -41,7 +42,7 @@ static __always_inline void event_drop(__u8 hook, __u64 now, const struct pkt4 *
 	if (!(mask & (1U << type)))
 		return;
 	__builtin_memset(&ev, 0, sizeof(ev));
-	event_send(&ev, type, hook, now, p, x);
+	event_send(&ev, type, x->stat, hook, now, p, x);
 }
 
 /* p started the flow x, masqueraded when x->snat (x->saddr:sport is then
@@ -56,11 +57,11 @@ static __always_inline void event_new(__u8 hook, __u64 now, const struct pkt4 *p
 		return;
 	__builtin_memset(&ev, 0, sizeof(ev));
 	if (mask & (1U << LB_EV_NEW_FLOW))
-		event_send(&ev, LB_EV_NEW_FLOW, hook, now, p, x);
+		event_send(&ev, LB_EV_NEW_FLOW, LB_STAT_DNAT_NEW, hook, now, p, x);
 	if (x->snat && (mask & (1U << LB_EV_NAT))) {
 		ev.nat_addr = x->saddr;
 		ev.nat_port = x->sport;
-		event_send(&ev, LB_EV_NAT, hook, now, p, x);
+		event_send(&ev, LB_EV_NAT, LB_STAT_SNAT_NEW, hook, now, p, x);
 	}
 }
 

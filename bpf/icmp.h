@@ -193,10 +193,8 @@ static __always_inline int icmp4_error(struct __sk_buff *skb, const struct lb4_c
 		ev.hook = egress ? LB_HOOK_TC_EGRESS : LB_HOOK_TC_INGRESS;
 		ev.frontend_id = r.frontend_id;
 		ev.backend_id = r.backend_id;
-		ev.saddr = ip.saddr;
+		ev.saddr = ip.saddr; /* the error as it came: no ports */
 		ev.daddr = ip.daddr;
-		ev.sport = old.sport;
-		ev.dport = old.dport;
 		ev.nat_addr = r.outer_daddr;
 		lb_events.ringbuf_output(&ev, sizeof(ev), 0);
 	}

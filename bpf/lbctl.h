@@ -376,7 +376,9 @@ struct lb_event {
 	__u32 frontend_id;  /* 0: none known */
 	__u32 backend_id;   /* 0: none chosen */
 	__be32 saddr;       /* the packet as it came: client ... */
-	__be32 daddr;       /* ... and the Service address it went to */
+	__be32 daddr;       /* ... and the Service address it went to
+			     * (LB_EV_ICMP: the error's sender and
+			     * destination, no ports) */
 	__be16 sport;
 	__be16 dport;
 	__be32 nat_addr;    /* LB_EV_NAT: the source the flow leaves with;

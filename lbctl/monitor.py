@@ -111,6 +111,10 @@ class Filter:
         return not self.service or names.service(ev.frontend_id) == self.service
 
 
+def _where(addr: tuple[str, int]) -> str:
+    return f"{addr[0]}:{addr[1]}" if addr[1] else addr[0]  # an ICMP error has no ports
+
+
 def describe(ev: events.Event, names: Names, wall: float) -> dict[str, Any]:
     """The event as `-o json` prints it (and the table's columns)."""
     out: dict[str, Any] = {
@@ -118,8 +122,8 @@ def describe(ev: events.Event, names: Names, wall: float) -> dict[str, Any]:
         "type": ev.type,
         "reason": REASONS.get(ev.reason, str(ev.reason)),
         "proto": PROTOS.get(ev.proto, str(ev.proto)),
-        "client": f"{ev.client[0]}:{ev.client[1]}",
-        "destination": f"{ev.destination[0]}:{ev.destination[1]}",
+        "client": _where(ev.client),
+        "destination": _where(ev.destination),
         "service": names.frontend(ev.frontend_id),
         "backend": names.backend(ev.backend_id),
         "hook": ev.hook,

@@ -132,7 +132,7 @@ def check_events(w: Any, pin_dir: Path) -> None:
     )
     [icmp] = by_type["icmp"]
     assert icmp["service"] == f"test/deaf:{DEAF_PORT}/udp" and icmp["nat"] == CLIENT_IP
-    assert icmp["backend"] == f"{w.pods_a[0].ip}:9999"
+    assert icmp["backend"] == f"{w.pods_a[0].ip}:9999" and icmp["client"] == w.pods_a[0].ip
     web_udp = [e for e in by_type["nat"] if e["service"] == "test/web:30081/udp"]
     assert len(web_udp) == answered
     assert {e["nat"] for e in web_udp} <= {f"{NODE_IP}:61000", f"{NODE_IP}:61001"}

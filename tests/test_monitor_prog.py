@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from lbctl import monitor
-from lbctl.datapath import events, layout
+from lbctl.datapath import events, layout, libbpf
 from lbctl.datapath.bpf import BpfDatapath
 from lbctl.datapath.nodeconf import NodeConfig
 from lbctl.model import Protocol, ServiceRef
@@ -33,6 +33,7 @@ BACKEND = "10.244.0.20"
 ROUTER = "10.244.0.1"
 NODE_PORT = 30053
 ALL = list(events.TYPES)
+XDP_DROP = 1
 
 
 def ip(a: str) -> ipaddress.IPv4Address:
@@ -133,7 +134,9 @@ def test_new_flows_nat_ports_and_their_exhaustion(dp: BpfDatapath, mon: monitor.
     run(dp, udp(OUTSIDE, NODE, 41001))  # the same flow: no event
     run(dp, udp(OUTSIDE, NODE, 41002))
     assert run(dp, udp(OUTSIDE, NODE, 41003)).retval == TC_ACT_SHOT  # 2 NAT ports only
-    got = [(e["type"], e["client"], e["backend"], e.get("nat")) for e in printed(mon)]
+    events_ = printed(mon)
+    printed_nat = [e for e in events_ if e["type"] == "nat"]
+    got = [(e["type"], e["client"], e["backend"], e.get("nat")) for e in events_]
     ports = [nat for kind, _, _, nat in got if kind == "nat"]
     assert sorted(ports) == [f"{NODE}:61000", f"{NODE}:61001"]
     assert [(k, c, b) for k, c, b, _ in got] == [
@@ -145,6 +148,7 @@ def test_new_flows_nat_ports_and_their_exhaustion(dp: BpfDatapath, mon: monitor.
         ("nat-exhausted", f"{OUTSIDE}:41003", f"{BACKEND}:5353"),
     ]
     assert mon.reasons == {"nat_exhausted": 1}
+    assert {e["reason"] for e in printed_nat} == {"snat_new"}
 
 
 def test_a_translated_icmp_error_is_streamed(dp: BpfDatapath, mon: monitor.Monitor) -> None:
@@ -156,7 +160,9 @@ def test_a_translated_icmp_error_is_streamed(dp: BpfDatapath, mon: monitor.Monit
     got = printed(mon)
     assert [e["type"] for e in got] == ["new-flow", "icmp"]
     assert got[1]["service"] == "ns/web:80/tcp" and got[1]["backend"] == f"{BACKEND}:5353"
-    assert got[1]["client"].startswith(ROUTER) and got[1]["nat"] == POD
+    # the error as it came (from the router to the pod), and where it was sent
+    assert (got[1]["client"], got[1]["destination"], got[1]["nat"]) == (ROUTER, POD, POD)
+    assert got[0]["reason"] == "new_flows" and got[1]["reason"] == "icmp_errors_translated"
 
 
 def test_nothing_is_emitted_without_a_listener_or_with_a_stale_stamp(
@@ -212,3 +218,15 @@ def test_one_reader_at_a_time(dp: BpfDatapath, mon: monitor.Monitor) -> None:
     mon.switch.map.update(key, held)
     events.Switch(dp.settings.pin_dir, mask).clear()
     assert mon.switch.map.lookup(key).mask == 0
+
+
+def test_an_xdp_drop_is_streamed(dp: BpfDatapath, mon: monitor.Monitor) -> None:
+    ranges = (ipaddress.ip_network("198.51.100.0/29"),)
+    lb = fe(NODE, NODE_PORT, [BACKEND], kind="LoadBalancer", source_ranges=ranges)
+    dp.reconcile({lb.key: lb})
+    xdp = dp.prog_fds["lbctl_xdp"]
+    # the drop comes before any FIB lookup: the test run's default device will do
+    assert libbpf.prog_test_run(xdp, udp("198.51.100.8", NODE, 43000)).retval == XDP_DROP
+    [ev] = printed(mon)
+    assert (ev["type"], ev["reason"], ev["hook"]) == ("drop", "drop_source_range", "xdp")
+    assert ev["service"] == f"ns/dns:{NODE_PORT}/udp" and ev["client"] == "198.51.100.8:43000"
