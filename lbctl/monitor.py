@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import signal
 import sys
 import time
@@ -260,11 +261,14 @@ def main(
     mon = Monitor(pin_dir, types, filt, output, rate, sys.stdout)
     try:
         print(f"lbctl monitor: watching {', '.join(types)} events of {pin_dir}", file=sys.stderr)
-        mon.run(count, duration)
-        # what the programs emitted before the mask went off
-        assert mon.ring is not None
-        if count is None or mon.printed < count:
-            mon.ring.poll(0)
+        try:
+            mon.run(count, duration)
+            # what the programs emitted before the mask went off
+            assert mon.ring is not None
+            if count is None or mon.printed < count:
+                mon.ring.poll(0)
+        except BrokenPipeError:  # `lbctl monitor | head`: the reader has had enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     finally:
         mon.close()
         print(mon.summary(), file=sys.stderr)
