@@ -78,12 +78,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import monitor_cost
 from bench.machine import machine
 from lbctl.datapath import layout, libbpf, record
 from lbctl.datapath.bpf import BpfDatapath
@@ -725,10 +726,13 @@ def remove_pins(path: Path) -> None:
 
 
 @contextmanager
-def datapath(size: int) -> Iterator[BpfDatapath]:
-    pin_dir = Path(f"/sys/fs/bpf/lbctl-progbench-{os.getpid()}-{size}")
+def datapath(size: int, events: bool = True) -> Iterator[BpfDatapath]:
+    """`events` False: the event sites compiled out (bench/monitor_cost.py's baseline)."""
+    suffix = "" if events else "-noevents"
+    pin_dir = Path(f"/sys/fs/bpf/lbctl-progbench-{os.getpid()}-{size}{suffix}")
     try:
-        dp = BpfDatapath(settings(size, pin_dir), wait=False)  # load() waits
+        chosen = replace(settings(size, pin_dir), events=events)
+        dp = BpfDatapath(chosen, wait=False)  # load() waits
     except BaseException:
         remove_pins(pin_dir)
         raise
@@ -768,7 +772,8 @@ def main() -> int:
         stack.callback(bpf.cleanup)
         # Compiles run in child processes: start them all, then wait.
         dps = [stack.enter_context(datapath(size)) for size in sizes]
-        for dp in dps:
+        quiet = stack.enter_context(datapath(sizes[0], events=False))
+        for dp in [*dps, quiet]:
             dp.load()
         log(f"compiled {len(dps)} datapaths in {time.monotonic() - started:.1f} s")
         targets = []
@@ -776,7 +781,17 @@ def main() -> int:
             started = time.monotonic()
             targets.append(prepare(size, dp, fib, empty, args.runs))
             log(f"{size} services programmed in {time.monotonic() - started:.1f} s")
+        baseline = prepare(sizes[0], quiet, fib, empty, args.runs)
+        for target in (targets[0], baseline):
+            monitor_cost.add_cases(target, fib, args.runs, sys.modules[__name__])
         sized = measure(targets, args.repetitions, args.runs, args.repeat, fib, log)
+        events_off = monitor_cost.compare(
+            targets[0],
+            baseline,
+            lambda target, case: batch(target, case, args.runs, fib),
+            args.repetitions,
+            log,
+        )
         check = {"repeat": 1000, "counters": repeat_trap(targets[0], fib)}
     results: dict[str, Any] = {
         "machine": info,
@@ -788,17 +803,24 @@ def main() -> int:
         "paths": PATHS,
         "sizes": sized,
         "method_check": check,
+        "events_off": events_off,
     }
     results["flatness"] = flatness(results)
     text = [
         f"machine: {info['cpus']} CPUs ({info['cpu']}), kernel {info['kernel']}",
         f"{args.repetitions} repetitions of {args.runs} runs per path and N, alternating",
         *report(results),
+        *monitor_cost.report(events_off, sizes[0]),
     ]
     print("\n".join(text), flush=True)
     (args.out / "program.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "program.txt").write_text("\n".join(text) + "\n")
-    print(f"results: {args.out / 'program.json'}, {args.out / 'program.txt'}")
+    # the event sites' figure on its own too (README quotes it)
+    off = {"machine": info, "size": sizes[0], "runs": args.runs, **events_off}
+    (args.out / "monitor_off.json").write_text(json.dumps(off, indent=1) + "\n")
+    off_text = [text[0], *monitor_cost.report(events_off, sizes[0])]
+    (args.out / "monitor_off.txt").write_text("\n".join(off_text) + "\n")
+    print(f"results: {args.out / 'program.json'}, {args.out / 'program.txt'}, monitor_off.*")
     return 0
 
 

@@ -32,6 +32,8 @@ struct icmp4_quote {
 struct icmp4_rewrite {
 	__be32 outer_saddr;
 	__be32 outer_daddr;
+	__u32 frontend_id; /* the flow's, for the event stream */
+	__u32 backend_id;
 	struct icmp4_quote q;
 };
 
@@ -100,6 +102,8 @@ static __always_inline int icmp4_translate(const struct lb4_config *cfg, __u64 n
 	q->ip.daddr = x.saddr;
 	q->dport = x.sport;
 	r->outer_daddr = x.daddr;
+	r->frontend_id = x.frontend_id;
+	r->backend_id = x.ct ? x.ct->backend_id : 0; /* the flow's forward entry */
 	return 1;
 }
 
@@ -189,6 +193,21 @@ static __always_inline int icmp4_error(struct __sk_buff *skb, const struct lb4_c
 				 sizeof(__be32), 0)))
 		return TC_ACT_SHOT;
 	stat_inc(LB_STAT_ICMP_ERROR);
+	if (lb_watched(now) & (1U << LB_EV_ICMP)) {
+		struct lb_event ev = {};
+
+		ev.ts_ns = now;
+		ev.type = LB_EV_ICMP;
+		ev.reason = LB_STAT_ICMP_ERROR;
+		ev.proto = r.q.ip.protocol;
+		ev.hook = egress ? LB_HOOK_TC_EGRESS : LB_HOOK_TC_INGRESS;
+		ev.frontend_id = r.frontend_id;
+		ev.backend_id = r.backend_id;
+		ev.saddr = ip.saddr; /* the error as it came: no ports */
+		ev.daddr = ip.daddr;
+		ev.nat_addr = r.outer_daddr;
+		lb_events.ringbuf_output(&ev, sizeof(ev), 0);
+	}
 	if (egress) {
 		stat_inc(LB_STAT_EGRESS_RNAT);
 		return TC_ACT_OK;

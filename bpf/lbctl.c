@@ -29,6 +29,7 @@
 #include "reject.h"
 #include "nat.h"
 #include "flow.h"
+#include "events.h"
 #include "icmp.h"
 #include "xdp.h"
 

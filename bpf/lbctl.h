@@ -338,4 +338,53 @@ struct sock4_rev {
 	__u16 pad;
 };
 
+/* lb_monitor: one entry (index 0), the switch of the event stream.  The
+ * programs emit an event (struct lb_event, into lb_events) of type t only
+ * while bit 1 << t of mask is set and alive_ns is less than
+ * LB_MONITOR_STALE_NS old: `lbctl monitor` sets the mask and refreshes the
+ * stamp every second, clears the mask when it exits, and a killed monitor's
+ * mask goes stale on its own.  Each event site costs this one lookup when
+ * nobody listens; established flows' packets pass no event site. */
+#define LB_EV_DROP 1          /* reason: the LB_STAT_* it was counted as */
+#define LB_EV_REJECT 2        /* a new flow to a frontend without backends */
+#define LB_EV_NEW_FLOW 3      /* a flow started: its backend was chosen */
+#define LB_EV_NAT 4           /* a new masqueraded flow got a NAT port */
+#define LB_EV_NAT_EXHAUSTED 5 /* no free NAT port (or NAT table full): dropped */
+#define LB_EV_ICMP 6          /* an ICMP error about a balanced flow, translated */
+#define LB_EV_MAX 7
+#define LB_MONITOR_STALE_NS 3000000000
+#define LB_EVENTS_BYTES 262144 /* lb_events' size: a power of two of pages */
+
+/* lb_event.hook */
+#define LB_HOOK_TC_INGRESS 0
+#define LB_HOOK_TC_EGRESS 1
+#define LB_HOOK_XDP 2
+
+struct lb_monitor {
+	__u64 alive_ns; /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the last refresh */
+	__u32 mask;     /* 1 << LB_EV_* of the types someone listens to */
+	__u32 pid;      /* the monitor's process id (one reader at a time) */
+};
+
+/* lb_events (ring buffer): one record per event. */
+struct lb_event {
+	__u64 ts_ns;        /* bpf_ktime_get_ns() */
+	__u8 type;          /* LB_EV_* */
+	__u8 reason;        /* LB_STAT_* of the verdict */
+	__u8 proto;         /* IPPROTO_TCP, IPPROTO_UDP */
+	__u8 hook;          /* LB_HOOK_* */
+	__u32 frontend_id;  /* 0: none known */
+	__u32 backend_id;   /* 0: none chosen */
+	__be32 saddr;       /* the packet as it came: client ... */
+	__be32 daddr;       /* ... and the Service address it went to
+			     * (LB_EV_ICMP: the error's sender and
+			     * destination, no ports) */
+	__be16 sport;
+	__be16 dport;
+	__be32 nat_addr;    /* LB_EV_NAT: the source the flow leaves with;
+			     * LB_EV_ICMP: where the translated error went */
+	__be16 nat_port;
+	__u16 pad;
+};
+
 #endif /* LBCTL_H */

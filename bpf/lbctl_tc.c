@@ -89,18 +89,22 @@ int lbctl_tc_ingress(struct __sk_buff *skb)
 	}
 	if (rc == FLOW_REJECT) {
 		fe_stat(x.frontend_id, LB_STAT_REJECT, 0);
+		event_drop(LB_HOOK_TC_INGRESS, now, &p, &x);
 		return reject4(skb, &p);
 	}
 	rc = flow4_commit(&p, cfg, now, rc, &x);
 	if (rc == FLOW_DROP) {
 		stat_inc(x.stat);
 		fe_stat(x.frontend_id, x.stat, 0);
+		event_drop(LB_HOOK_TC_INGRESS, now, &p, &x);
 		return TC_ACT_SHOT;
 	}
 	if (rc == FLOW_PASS) {
 		stat_inc(LB_STAT_PASS);
 		return TC_ACT_OK;
 	}
+	if (x.stat == LB_STAT_DNAT_NEW)
+		event_new(LB_HOOK_TC_INGRESS, now, &p, &x);
 	return tc_translate4(skb, &p, &x);
 }
 

@@ -67,6 +67,7 @@ int lbctl_xdp(struct xdp_md *ctx)
 	if (rc == FLOW_DROP) {
 		stat_inc(x.stat);
 		fe_stat(x.frontend_id, x.stat, 0);
+		event_drop(LB_HOOK_XDP, now, &p, &x);
 		return XDP_DROP;
 	}
 	if (rc == FLOW_PASS)

@@ -47,6 +47,25 @@ BPF_TABLE_PINNED("hash", __u32, __u64, lb_conns_expired, LBCTL_MAX_BACKENDS,
 		 LBCTL_PIN(lb_conns_expired));
 BPF_TABLE_PINNED7("percpu_hash", __u32, struct lb_fe_stats, lb_fe_stats,
 		  LBCTL_MAX_SERVICES, LBCTL_PIN(lb_fe_stats), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("array", __u32, struct lb_monitor, lb_monitor, 1, LBCTL_PIN(lb_monitor));
+
+/* A pinned ring buffer: bcc's BPF_RINGBUF_OUTPUT with a pin, declared the way
+ * lbctl/datapath/structs.py reads declarations (kind, key, value, name, size
+ * in bytes, pin); the key and value only name the record for the layout. */
+#define LBCTL_RINGBUF_PINNED(_kind, _key, _leaf, _name, _bytes, _pinned)        \
+	struct _name##_table_t {                                               \
+		int key;                                                       \
+		u32 leaf;                                                      \
+		int (*ringbuf_output)(void *, u64, u64);                       \
+		void *(*ringbuf_reserve)(u64);                                 \
+		void (*ringbuf_discard)(void *, u64);                          \
+		void (*ringbuf_submit)(void *, u64);                           \
+		u32 max_entries;                                               \
+	};                                                                     \
+	__attribute__((section("maps/" _kind ":" _pinned)))                    \
+	struct _name##_table_t _name = { .max_entries = (_bytes) }
+LBCTL_RINGBUF_PINNED("ringbuf", __u32, struct lb_event, lb_events, LB_EVENTS_BYTES,
+		     LBCTL_PIN(lb_events));
 
 /* Scratch space of the lc scan (sched.h), one per CPU; not pinned. */
 struct lc_scan {
@@ -104,6 +123,21 @@ static __always_inline void fe_stat(__u32 frontend_id, __u32 stat, __u16 len)
 		s->drop_nat_exhausted += 1;
 		break;
 	}
+}
+
+/* The event types someone listens to (lb_monitor), 0 when nobody does or
+ * the listener's stamp is stale: the one lookup an event site costs. */
+static __always_inline __u32 lb_watched(__u64 now)
+{
+	__u32 zero = 0;
+	struct lb_monitor *m;
+
+	if (!LBCTL_EVENTS) /* compiled out (bench/program.py's baseline) */
+		return 0;
+	m = lb_monitor.lookup(&zero);
+	if (!m || !m->mask || now - m->alive_ns >= LB_MONITOR_STALE_NS)
+		return 0;
+	return m->mask;
 }
 
 static __always_inline struct lb4_config *lb4_settings(void)

@@ -182,6 +182,44 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     _datapath_args(trace, "; also for its plan")
 
+    monitor = sub.add_parser(
+        "monitor",
+        help="watch what the datapath does with real packets: drops, rejects, new flows, NAT",
+        description="Stream the BPF programs' events, one line each: drops and rejects by "
+        "reason (the names of lbctl_verdicts_total), new flows with the backend chosen, NAT "
+        "ports given (nat) and missing (nat-exhausted), ICMP errors translated; each with "
+        "the Service port (namespace/name:port/proto) and backend. The programs emit only "
+        "while a monitor runs (one at a time per node); it ends on SIGINT or SIGTERM, after "
+        "--count events or --duration seconds, and prints a summary of counts on stderr. "
+        "XDP drops are streamed too; the socket hooks' rejects are not (lbctl_verdicts_total "
+        "counts them). Exit codes: 0 done, 1 the command failed, 2 usage.",
+    )
+    monitor.add_argument(
+        "--type",
+        default=",".join(events_types()),
+        metavar="TYPE[,TYPE]",
+        help=f"event types to stream: {', '.join(events_types())} (default: all)",
+    )
+    monitor.add_argument("--service", metavar="NS/NAME", help="only this Service's events")
+    monitor.add_argument(
+        "--reason",
+        default="",
+        metavar="REASON[,REASON]",
+        help="only these reasons (e.g. drop_source_range, rejected_no_backend, nat_exhausted)",
+    )
+    monitor.add_argument("--client", metavar="IP[/LEN]", help="only events of these clients")
+    monitor.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    monitor.add_argument(
+        "--rate",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="print at most N events a second, count the rest (default 1000; 0: no limit)",
+    )
+    monitor.add_argument("--count", type=int, metavar="N", help="end after N events")
+    monitor.add_argument("--duration", type=float, metavar="SECONDS", help="end after this long")
+    _datapath_args(monitor)
+
     maps = sub.add_parser("maps", help="inspect the datapath's maps")
     maps_sub = maps.add_subparsers(dest="maps_command", required=True, metavar="ACTION")
     dump = maps_sub.add_parser(
@@ -359,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "maps":
             return _dump(args)
+        if args.command == "monitor":
+            return _monitor(args)
         if args.command == "trace":
             from lbctl import trace_command
 
@@ -532,6 +572,39 @@ def _dump(args: argparse.Namespace) -> int:
     data = dump.read(where.path, sections, args.service)
     sys.stdout.write(output.render(data, args.output, dump_render.render_table))
     return 0
+
+
+def events_types() -> list[str]:
+    from lbctl.datapath.events import TYPES
+
+    return list(TYPES)
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    from lbctl import monitor
+    from lbctl.pindir import resolve
+
+    types = [t for t in args.type.split(",") if t]
+    unknown = [t for t in types if t not in events_types()]
+    if unknown or not types:
+        raise ValueError(
+            f"--type {args.type!r}: choose among {', '.join(events_types())}, comma-separated"
+        )
+    if args.rate < 0 or (args.count is not None and args.count < 1):
+        raise ValueError("--rate must be 0 or more and --count 1 or more")
+    where = resolve(args.bpffs, args.address, args.timeout)
+    reasons = [r for r in args.reason.split(",") if r]
+    return monitor.main(
+        where.path,
+        types,
+        args.service,
+        reasons,
+        args.client,
+        args.output,
+        args.rate,
+        args.count,
+        args.duration,
+    )
 
 
 def _cleanup(args: argparse.Namespace) -> int:

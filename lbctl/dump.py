@@ -258,7 +258,7 @@ def _fill(maps: Maps) -> dict[str, dict[str, int]]:
     fill = {
         name: {"entries": len(m), "capacity": m.max_entries}
         for name, m in maps.all().items()
-        if name not in ("lb_stats", "lb_tables")
+        if name not in ("lb_stats", "lb_tables", "lb_events")  # lb_events: a ring buffer
     }
     # lb_tables is an array (walking its keys would take a million
     # lookups): its fill is the entries the frontends' rows use

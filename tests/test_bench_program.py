@@ -11,6 +11,7 @@ speed is `make bench`'s business.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,16 @@ def test_smoke_run_times_every_path_and_each_took_its_path(tmp_path: Path) -> No
     # the evidence for timing once per run: repeat re-runs a NAT path on its own output
     trap = results["method_check"]["counters"]
     assert trap.get("established", 0) + trap.get("passed", 0) == 1000
+    # the event sites against the same program with them compiled out, at the smaller N
+    # (each batch checked its verdicts and counters; drop and reject paths included)
+    assert "## event sites, nobody listening" in done.stdout
+    off = results["events_off"]
+    assert set(off["paths"]) >= {"clusterip-new", "nodeport-new", "reject", "xdp-drop-source-range"}
+    for path, fig in off["paths"].items():
+        assert len(fig["events_batches_ns"]) == len(fig["baseline_batches_ns"]) == REPETITIONS
+        both = zip(fig["events_batches_ns"], fig["baseline_batches_ns"], strict=True)
+        paired = [e / b for e, b in both]
+        assert fig["ratio"] == statistics.median(paired), path
+    assert off["worst_site_ratio"] == max(
+        f["ratio"] for f in off["paths"].values() if not f["what"].startswith("control")
+    )

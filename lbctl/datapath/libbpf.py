@@ -61,6 +61,11 @@ int bpf_map_get_next_key(int fd, const void *key, void *next_key);
 int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len);
 int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
 int libbpf_num_possible_cpus(void);
+typedef int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size);
+struct ring_buffer *ring_buffer__new(int map_fd, ring_buffer_sample_fn sample_cb, void *ctx,
+                                     const void *opts);
+int ring_buffer__poll(struct ring_buffer *rb, int timeout_ms);
+void ring_buffer__free(struct ring_buffer *rb);
 /* The head of struct bpf_link_info with its cgroup member (the union starts
  * at offset 16: it holds 64-bit fields); the kernel fills as much as asked. */
 struct lbctl_link_info {
@@ -104,7 +109,14 @@ BPF_ANY = 0
 BPF_NOEXIST = 1
 BPF_EXIST = 2
 
-MAP_TYPE_NAMES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash"}
+MAP_TYPE_NAMES = {
+    1: "hash",
+    2: "array",
+    5: "percpu_hash",
+    6: "percpu_array",
+    9: "lru_hash",
+    27: "ringbuf",
+}
 PERCPU_TYPES = {5, 6, 10}
 
 
@@ -321,6 +333,9 @@ class BpfMap:
         self.percpu = info.type in {"percpu_hash", "percpu_array"}
         self._ncpus = num_possible_cpus() if self.percpu else 1
         want = (ffi.sizeof(key_type), ffi.sizeof(value_type))
+        self.ringbuf = info.type == "ringbuf"
+        if self.ringbuf:  # no keys nor values: the types name its records
+            want = (0, 0)
         if (info.key_size, info.value_size) != want:
             raise MapError(
                 errno.EINVAL,
@@ -413,6 +428,8 @@ class BpfMap:
         return True
 
     def keys(self) -> Iterator[Any]:
+        if self.ringbuf:  # records, not entries: lbctl/datapath/events.py reads them
+            return
         prev = ffi.NULL
         while True:
             nxt = self.new_key()
@@ -439,6 +456,8 @@ class BpfMap:
         entry; a per-CPU map's values hold `count * ncpus` elements.  Kernels
         or map types without batch lookups fall back to key iteration.
         """
+        if self.ringbuf:
+            return
         keys = ffi.new(f"{self.key_type}[]", size)
         values = ffi.new(f"{self.value_type}[]", size * self._ncpus)
         # the batch token of a hash map is a bucket index: 4 bytes, never more than a key

@@ -32,6 +32,10 @@ MAP_TYPES: dict[str, tuple[str, str]] = {
     "lb_conns": ("__u32", "struct lb_conns"),
     "lb_conns_expired": ("__u32", "__u64"),
     "lb_fe_stats": ("__u32", "struct lb_fe_stats"),
+    # the event stream (`lbctl monitor`): its switch, and the ring buffer of
+    # struct lb_event records (no keys nor values; lbctl/monitor.py reads it)
+    "lb_monitor": ("__u32", "struct lb_monitor"),
+    "lb_events": ("__u32", "struct lb_event"),
 }
 
 # What sizes each map: the BpfSettings field, and the `lbctl run` flag that
@@ -74,6 +78,8 @@ class Maps:
     lb_conns: BpfMap
     lb_conns_expired: BpfMap
     lb_fe_stats: BpfMap
+    lb_monitor: BpfMap
+    lb_events: BpfMap
 
     @classmethod
     def from_fds(cls, fd_of: Callable[[str], int], owns_fds: bool = False) -> Maps:

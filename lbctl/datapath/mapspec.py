@@ -100,11 +100,11 @@ class MapSpec:
 
     @property
     def key_size(self) -> int:
-        return self.key.size
+        return 0 if self.kind == "ringbuf" else self.key.size  # a ring buffer has none
 
     @property
     def value_size(self) -> int:
-        return self.value.size
+        return 0 if self.kind == "ringbuf" else self.value.size
 
     @property
     def fields(self) -> list[str]:

@@ -36,13 +36,14 @@ BPF_MAP_CREATE, BPF_PROG_LOAD = 0, 5
 BPF_F_NO_PREALLOC = 1
 SCHED_CLS, XDP = 3, 6
 
-# (name, BPF_MAP_TYPE_*, key size, value size, flags)
+# (name, BPF_MAP_TYPE_*, key size, value size, flags, max entries)
 MAP_TYPES = (
-    ("hash", 1, 4, 8, 0),
-    ("array", 2, 4, 8, 0),
-    ("percpu_array", 6, 4, 8, 0),
-    ("lru_hash", 9, 4, 8, 0),
-    ("lpm_trie", 11, 8, 4, BPF_F_NO_PREALLOC),
+    ("hash", 1, 4, 8, 0, 1),
+    ("array", 2, 4, 8, 0, 1),
+    ("percpu_array", 6, 4, 8, 0, 1),
+    ("lru_hash", 9, 4, 8, 0, 1),
+    ("lpm_trie", 11, 8, 4, BPF_F_NO_PREALLOC, 1),
+    ("ringbuf", 27, 0, 0, 0, 4096),  # lb_events (Linux 5.8): a page at least
 )
 # The helpers the tc program calls (bpf/*.h), by their uapi number.
 HELPERS = (
@@ -59,6 +60,7 @@ HELPERS = (
     ("csum_diff", 28),
     ("skb_change_tail", 38),
     ("fib_lookup", 69),
+    ("ringbuf_output", 130),
 )
 PROBE_LINK = "lbctl-probe0"  # the veth pair made (and deleted) by the attach probe
 
@@ -97,9 +99,11 @@ def _errname(err: int) -> str:
     return errno.errorcode.get(err, str(err))
 
 
-def create_map(map_type: int, key: int, value: int, flags: int = 0) -> tuple[int, int]:
+def create_map(
+    map_type: int, key: int, value: int, flags: int = 0, entries: int = 1
+) -> tuple[int, int]:
     attr = ctypes.create_string_buffer(128)
-    struct.pack_into("=IIIII", attr, 0, map_type, key, value, 1, flags)
+    struct.pack_into("=IIIII", attr, 0, map_type, key, value, entries, flags)
     return _bpf(BPF_MAP_CREATE, attr)
 
 
@@ -152,8 +156,8 @@ def _permission(err: int) -> str:
 def probe_bpf(xdp: bool = False, attach: bool = True) -> Probe:
     """The BPF features lbctl's tc (and XDP) datapath needs, checked with real calls."""
     out = Probe()
-    for name, kind, key, value, flags in MAP_TYPES:
-        fd, err = create_map(kind, key, value, flags)
+    for name, kind, key, value, flags, entries in MAP_TYPES:
+        fd, err = create_map(kind, key, value, flags, entries)
         _close(fd)
         if fd < 0:
             what = "bpf() system call" if not out.checked else f"BPF map type {name}"

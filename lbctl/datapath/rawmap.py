@@ -48,6 +48,7 @@ KINDS = {
     "lru_hash": 9,
     "lru_percpu_hash": 10,
     "lpm_trie": 11,
+    "ringbuf": 27,
 }
 KIND_NAMES = {number: name for name, number in KINDS.items()}
 PERCPU = {"percpu_hash", "percpu_array", "lru_percpu_hash"}
@@ -160,7 +161,11 @@ class RawMap:
         return failed
 
     def chunks(self, size: int = 4096) -> Iterator[list[tuple[bytes, bytes]]]:
-        """Every entry, `size` at a time (an array's zero entries included)."""
+        """Every entry, `size` at a time (an array's zero entries included).
+
+        A ring buffer has none: its records are read, not copied."""
+        if self.info.kind == "ringbuf":
+            return
         ksz, vsz = self.info.key_size, self.value_size
         keys = ffi.new("char[]", size * ksz)
         values = ffi.new("char[]", size * vsz)

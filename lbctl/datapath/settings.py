@@ -54,6 +54,7 @@ class BpfSettings:
     nat_reuse_acked_ms: int = 1  # ... or this soon after its last ACK (or a RST) passed
     fib_redirect: bool = True
     service_counters: bool = True  # lb_fe_stats entries: per-Service packets and drops
+    events: bool = True  # the event sites (`lbctl monitor`); off: compiled out (benchmarks)
 
     def cflags(self) -> list[str]:
         defines: dict[str, str | int] = {
@@ -78,6 +79,7 @@ class BpfSettings:
             "LBCTL_NAT_REUSE_NS": f"{self.nat_reuse_ms * SECOND_NS // 1000}ULL",
             "LBCTL_NAT_REUSE_ACKED_NS": f"{self.nat_reuse_acked_ms * SECOND_NS // 1000}ULL",
             "LBCTL_FIB_REDIRECT": int(self.fib_redirect),
+            "LBCTL_EVENTS": int(self.events),
         }
         flags = [f"-I{bpf_source_dir()}"]
         flags += [f"-D{name}={value}" for name, value in defines.items()]

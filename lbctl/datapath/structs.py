@@ -25,9 +25,10 @@ import cffi
 
 from lbctl.datapath import layout
 
-# A pinned map's declaration in bpf/maps.h: kind, key, value, name, size, pin, flags.
+# A pinned map's declaration in bpf/maps.h: kind, key, value, name, size, pin, flags
+# (LBCTL_RINGBUF_PINNED: a ring buffer, its size in bytes).
 _DECLARATION = re.compile(
-    r'BPF_TABLE_PINNED7?\(\s*"(\w+)"\s*,\s*([^,]+?)\s*,\s*([^,]+?)\s*,\s*(\w+)\s*,'
+    r'(?:BPF_TABLE_PINNED7?|LBCTL_RINGBUF_PINNED)\(\s*"(\w+)"\s*,\s*([^,]+?)\s*,\s*([^,]+?)\s*,\s*(\w+)\s*,'
     r"\s*([^,]+?)\s*,\s*LBCTL_PIN\(\s*\w+\s*\)\s*(?:,\s*([^)]+?))?\s*\)\s*;",
     re.S,
 )
