@@ -27,7 +27,9 @@ setup(
             "kubernetes-validate>=1.37",
             # property-based generation of malformed objects (tests/test_reliability_input.py)
             "hypothesis>=6.100",
+            # the import layers of lbctl/ (cli -> agent -> sources, datapath -> plan -> model)
+            "import-linter>=2",
         ],
     },
-    entry_points={"console_scripts": ["lbctl=lbctl.cli:main"]},
+    entry_points={"console_scripts": ["lbctl=lbctl.cli.main:main"]},
 )

@@ -86,15 +86,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import monitor_cost
 from bench.machine import machine
-from lbctl.datapath import layout, libbpf, record
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.datapath.compiler import EGRESS_PROGRAM
-from lbctl.datapath.maps import MAP_TYPES
-from lbctl.datapath.nodeconf import NodeConfig
-from lbctl.datapath.settings import BpfSettings
-from lbctl.dump import read_counters
+from lbctl.datapath.ebpf import layout, libbpf
+from lbctl.datapath.ebpf.compiler import EGRESS_PROGRAM
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.datapath.ebpf.inspect import read_counters
+from lbctl.datapath.ebpf.maps import MAP_TYPES
+from lbctl.datapath.ebpf.settings import BpfSettings
+from lbctl.datapath.ebpf.upgrade import record
+from lbctl.datapath.node import NodeConfig
 from lbctl.model import Protocol, ServiceRef
-from lbctl.plan import Backend, Frontend, FrontendKey
+from lbctl.plan.planner import Backend, Frontend, FrontendKey
 from tests import netlab, packets
 from tests.netlab import Lab, Netns
 

@@ -48,11 +48,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import machine
-from lbctl.datapath import convert, migrate, rawmap, record
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.datapath.mapspec import MapSpec
-from lbctl.datapath.settings import BpfSettings
-from lbctl.datapath.structs import Layout
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.datapath.ebpf.settings import BpfSettings
+from lbctl.datapath.ebpf.upgrade import convert, migrate, rawmap, record
+from lbctl.datapath.ebpf.upgrade.mapspec import MapSpec
+from lbctl.datapath.ebpf.upgrade.structs import Layout
 from tests.netlab import Lab, RequestError, tcp_request
 from tests.upgradelab import (
     BASE,

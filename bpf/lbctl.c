@@ -6,7 +6,7 @@
  *   lbctl_xdp.c  XDP on the external interfaces: the fast path for traffic
  *                from outside, handing tc what it cannot finish
  *
- * Headers come first, in dependency order; lbctl/datapath/settings.py
+ * Headers come first, in dependency order; lbctl/datapath/ebpf/settings.py
  * pastes each local file in once.
  */
 #include <uapi/linux/bpf.h>

@@ -1,11 +1,11 @@
 /* lbctl: the one definition of every BPF map layout.
  *
  * The BPF programs include this file; the Python control plane reads the
- * same declarations with cffi (lbctl/datapath/layout.py), so neither side
+ * same declarations with cffi (lbctl/datapath/ebpf/layout.py), so neither side
  * packs bytes by hand and the two cannot drift.  Keep it to what cffi's
  * cdef understands: fixed-width integer types, structs, and
  * "#define NAME <integer>" constants.  Map sizes and switches are not here:
- * they reach the compiler as -D flags from lbctl/datapath/settings.py.
+ * they reach the compiler as -D flags from lbctl/datapath/ebpf/settings.py.
  *
  * Addresses and ports are stored in network byte order, as packets carry
  * them, so the hot path never converts.

@@ -1,5 +1,5 @@
 /* Map declarations.  Layouts come from lbctl.h; names, sizes and the pin
- * directory are fixed by lbctl/datapath/settings.py through -D flags, and
+ * directory are fixed by lbctl/datapath/ebpf/settings.py through -D flags, and
  * every map is pinned there so it outlives the agent (a restart adopts it).
  */
 #ifndef LBCTL_MAPS_H
@@ -20,7 +20,7 @@ BPF_TABLE_PINNED("hash", __u32, struct lb_frontend_meta, lb_frontend_meta,
 /* ct4 and nat4 are plain hashes, not LRU ones: when full, a new flow is
  * refused (LB_STAT_CT_FULL, LB_STAT_NAT_EXHAUSTED) instead of evicting an
  * entry of an established flow, which would break it.  The agent's sweep
- * (lbctl/datapath/ctgc.py) deletes dead flows and, when a table is nearly
+ * (lbctl/datapath/ebpf/conntrack_gc.py) deletes dead flows and, when a table is nearly
  * full, idle and half-open ones (never an established flow in use). */
 BPF_TABLE_PINNED("hash", struct ct4_key, struct ct4_entry, ct4,
 		 LBCTL_CT_SIZE, LBCTL_PIN(ct4));
@@ -50,7 +50,7 @@ BPF_TABLE_PINNED7("percpu_hash", __u32, struct lb_fe_stats, lb_fe_stats,
 BPF_TABLE_PINNED("array", __u32, struct lb_monitor, lb_monitor, 1, LBCTL_PIN(lb_monitor));
 
 /* A pinned ring buffer: bcc's BPF_RINGBUF_OUTPUT with a pin, declared the way
- * lbctl/datapath/structs.py reads declarations (kind, key, value, name, size
+ * lbctl/datapath/ebpf/upgrade/structs.py reads declarations (kind, key, value, name, size
  * in bytes, pin); the key and value only name the record for the layout. */
 #define LBCTL_RINGBUF_PINNED(_kind, _key, _leaf, _name, _bytes, _pinned)        \
 	struct _name##_table_t {                                               \

@@ -13,7 +13,7 @@
  *
  * Each returns a backend id (0: none); lb4_select() in lb.h falls back to
  * slot 1 when that id is gone.  The hashes are reproduced bit for bit by
- * lbctl/scheduling.py, which the tests hold the programs to.
+ * lbctl/plan/scheduling.py, which the tests hold the programs to.
  */
 #ifndef LBCTL_SCHED_H
 #define LBCTL_SCHED_H

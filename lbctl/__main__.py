@@ -1,3 +1,3 @@
-from lbctl.cli import main
+from lbctl.cli.main import main
 
 raise SystemExit(main())

@@ -1224,7 +1224,9 @@ class Agent:
 
     def frontends(self) -> list[dict[str, Any]]:
         """The frontends of the pinned maps (what `lbctl maps dump -o json` prints)."""
-        from lbctl import dump  # the same reader as the CLI, without its start-up time
+        from lbctl.datapath.ebpf import (
+            inspect as dump,  # the same reader as the CLI, without its start-up time
+        )
 
         assert self.proc is not None
         try:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.datapath.maps import MAP_TYPES
-from lbctl.datapath.settings import BpfSettings
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.datapath.ebpf.maps import MAP_TYPES
+from lbctl.datapath.ebpf.settings import BpfSettings
 
 BPFFS = Path("/sys/fs/bpf")
 PIN_PREFIX = f"lbctl-test-{os.getpid()}-"
@@ -74,7 +74,7 @@ def datapath() -> Iterator[BpfDatapath]:
 
 
 def reset_datapath(dp: BpfDatapath) -> None:
-    from lbctl.datapath.nodeconf import NodeConfig
+    from lbctl.datapath.node import NodeConfig
 
     dp.reconcile({})
     dp.configure(NodeConfig())

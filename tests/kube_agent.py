@@ -6,10 +6,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from lbctl.agent import Agent, AgentOptions
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.informer import Backoff
-from lbctl.kubesource import KubeSource
+from lbctl.agent.loop import Agent, AgentOptions
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.sources.informer import Backoff
+from lbctl.sources.kube import KubeSource
 from tests import k8s_yaml
 from tests.apiserver import FakeApiServer
 from tests.netlab import Netns

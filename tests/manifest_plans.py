@@ -6,9 +6,9 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
-from lbctl.manifests import ManifestSource
 from lbctl.model import ServiceTable
-from lbctl.plan import Frontend, FrontendKey, NodeContext, PlanDiff, Planner
+from lbctl.plan.planner import Frontend, FrontendKey, NodeContext, PlanDiff, Planner
+from lbctl.sources.manifests import ManifestSource
 
 
 class ManifestPlans:
@@ -31,7 +31,7 @@ class ManifestPlans:
 def touched(change: PlanDiff) -> set[Any]:
     """The virtual services (address, port, IPPROTO_*) a diff touches, as IpvsDatapath.apply
     counts them."""
-    from lbctl.datapath.contributions import vs_key
+    from lbctl.datapath.ipvs.contributions import vs_key
 
     return {vs_key(k) for k in change.removals} | {vs_key(fe.key) for fe in change.upserts}
 

@@ -19,9 +19,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from lbctl.datapath import layout, nodeconf
-from lbctl.datapath.maps import Maps
-from lbctl.datapath.settings import BpfSettings
+from lbctl.datapath import node as nodeconf
+from lbctl.datapath.ebpf import layout
+from lbctl.datapath.ebpf.maps import Maps
+from lbctl.datapath.ebpf.settings import BpfSettings
 
 Target = tuple[str, int, int]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lbctl.agent import Agent, AgentOptions
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.datapath.frontends import FrontendTable
-from lbctl.manifests import ManifestSource
+from lbctl.agent.loop import Agent, AgentOptions
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.datapath.ebpf.frontends import FrontendTable
+from lbctl.sources.manifests import ManifestSource
 from tests import k8s_yaml
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lbctl import config
+from lbctl.agent import config
 from tests.test_deploy import DEPLOY, MONITORING, agent_container, find, pod_spec
 
 RULES = MONITORING / "lbctl-rules.yaml"
@@ -169,7 +169,9 @@ def test_the_scrape_annotations_and_podmonitor_agree_with_the_daemonset() -> Non
     notes = template["annotations"]
     assert notes["prometheus.io/scrape"] == "true"
     assert notes["prometheus.io/port"] == str(number)
-    assert notes["prometheus.io/path"] == "/metrics"  # the agent's route (lbctl/serve.py)
+    assert (
+        notes["prometheus.io/path"] == "/metrics"
+    )  # the agent's route (lbctl/agent/http/server.py)
     assert pod_spec(daemonset)["hostNetwork"] is True  # the pod's address is the node's
 
     monitor = load(PODMONITOR)

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-from lbctl.datapath import layout, libbpf
-from lbctl.datapath.bpf import BpfDatapath
+from lbctl.datapath.ebpf import layout, libbpf
+from lbctl.datapath.ebpf.datapath import BpfDatapath
 from lbctl.model import Protocol, ServiceRef
-from lbctl.plan import Backend, Frontend, FrontendKey
+from lbctl.plan.planner import Backend, Frontend, FrontendKey
 from tests import packets
 
 TC_ACT_OK = 0

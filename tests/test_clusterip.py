@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lbctl.datapath.maps import Maps
+from lbctl.datapath.ebpf.maps import Maps
 from tests import k8s_yaml, netlab
 from tests.agent_proc import AgentProcess, lbctl
 from tests.netlab import (
@@ -155,7 +155,7 @@ def test_deleting_the_service_stops_translation(env: Env) -> None:
 def test_manifest_change_reaches_the_maps_within_a_second(env: Env) -> None:
     maps = Maps.open_pinned(env.agent.pin_dir)
     try:
-        from lbctl.datapath import layout
+        from lbctl.datapath.ebpf import layout
 
         key = layout.new(
             "struct lb4_key", addr=layout.ip4("10.96.0.11"), port=layout.port(8000), proto=6

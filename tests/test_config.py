@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lbctl import config
-from lbctl.config import Config, ConfigError
-from lbctl.datapath.settings import DEFAULT_PIN_DIR, BpfSettings
+from lbctl.agent import config
+from lbctl.agent.config import Config, ConfigError
+from lbctl.datapath.ebpf.settings import DEFAULT_PIN_DIR, BpfSettings
 
 HEADER = "apiVersion: lbctl.io/v1alpha1\nkind: LbctlConfiguration\n"
 

@@ -1,7 +1,7 @@
 """A nearly full conntrack table: which flows the agent's sweep ends to make room.
 
 The programs mark a flow `assured` once its client spoke after a reply (a
-TCP handshake completed); the sweep (lbctl/datapath/ctgc.py) ends idle
+TCP handshake completed); the sweep (lbctl/datapath/ebpf/conntrack_gc.py) ends idle
 flows, then not-assured ones, newest first, and never an established TCP
 connection in use, as netfilter never early-drops an assured connection.  Real frames through the
 real tc program under BPF_PROG_TEST_RUN make the entries; a datapath of its
@@ -15,9 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from lbctl.datapath import ctgc, layout
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.datapath.settings import BpfSettings
+from lbctl.datapath.ebpf import conntrack_gc, layout
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.datapath.ebpf.settings import BpfSettings
 from tests import packets
 from tests.conftest import BPFFS, PIN_PREFIX, remove_pins
 from tests.test_bpf_prog import (
@@ -107,11 +107,11 @@ def test_the_sweep_ends_half_open_flows_newest_first_never_established_ones(
         half_open(dp, sport)
         time.sleep(0.001)  # created_ns orders them
     used = len(list(dp.maps.ct4.keys()))
-    assert used == 2 * (10 + len(flood)) >= ctgc.HIGH * CT_SIZE, used
-    swept = ctgc.sweep(dp.maps, dp.settings)
+    assert used == 2 * (10 + len(flood)) >= conntrack_gc.HIGH * CT_SIZE, used
+    swept = conntrack_gc.sweep(dp.maps, dp.settings)
     left = {layout.port_num(k.sport) for k, _ in dp.maps.ct4.items() if k.dir == CT_DIR_FORWARD}
     assert set(range(46000, 46010)) <= left, "an established flow was ended to make room"
-    assert swept.conntrack_used <= ctgc.LOW * CT_SIZE, swept
+    assert swept.conntrack_used <= conntrack_gc.LOW * CT_SIZE, swept
     gone = [p for p in flood if p not in left]
     assert gone and gone == flood[-len(gone) :], "the newest half-open flows go first"
     assert swept.evicted == len(gone)
@@ -124,16 +124,16 @@ def test_a_table_full_of_established_flows_keeps_them_and_refuses_new_ones(
     sports = range(48000, 48000 + CT_SIZE // 2)
     for sport in sports:
         established(dp, sport)
-    swept = ctgc.sweep(dp.maps, dp.settings)
+    swept = conntrack_gc.sweep(dp.maps, dp.settings)
     assert swept.evicted == 0 and swept.conntrack_used == CT_SIZE, swept
     result = run(dp, packets.ipv4_tcp(CLIENT, VIP, 49000, TCP_PORT, "S"))
     assert result.retval == TC_ACT_SHOT, "a new flow that finds the table full is dropped"
     for sport in sports:
         assert forward(dp, sport) is not None
     # established connections idle for IDLE_TCP_S are fair game
-    then = time.monotonic_ns() - (ctgc.IDLE_TCP_S + 1) * 1_000_000_000
+    then = time.monotonic_ns() - (conntrack_gc.IDLE_TCP_S + 1) * 1_000_000_000
     for key, e in list(dp.maps.ct4.items()):
         e.last_seen_ns = then
         dp.maps.ct4.update(key, e)
-    swept = ctgc.sweep(dp.maps, dp.settings)
-    assert swept.evicted > 0 and swept.conntrack_used <= ctgc.LOW * CT_SIZE, swept
+    swept = conntrack_gc.sweep(dp.maps, dp.settings)
+    assert swept.evicted > 0 and swept.conntrack_used <= conntrack_gc.LOW * CT_SIZE, swept

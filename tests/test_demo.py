@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from lbctl.datapath import cgroup
+from lbctl.datapath.ebpf import cgroup
 from tests.conftest import BPFFS, PIN_PREFIX, remove_pins
 from tests.test_deploy import remove_cgroup
 

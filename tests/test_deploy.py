@@ -47,9 +47,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import lbctl
-from lbctl import config
-from lbctl.cli import _parser
-from lbctl.datapath import cgroup
+from lbctl.agent import config
+from lbctl.cli.main import _parser
+from lbctl.datapath.ebpf import cgroup
 from tests import k8s_yaml
 from tests.agent_proc import LBCTL
 from tests.apiserver import FakeApiServer, Request

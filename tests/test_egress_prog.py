@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from lbctl.datapath import layout, libbpf
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.datapath.compiler import EGRESS_PROGRAM
-from lbctl.datapath.nodeconf import NodeConfig
+from lbctl.datapath.ebpf import layout, libbpf
+from lbctl.datapath.ebpf.compiler import EGRESS_PROGRAM
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.datapath.node import NodeConfig
 from lbctl.model import Protocol, ServiceRef
-from lbctl.plan import Backend, Frontend, FrontendKey
+from lbctl.plan.planner import Backend, Frontend, FrontendKey
 from tests import packets
 from tests.test_bpf_prog import TC_ACT_OK, checked, run, stat_delta, stats
 
@@ -283,8 +283,8 @@ def test_the_node_stacks_icmp_error_about_a_flow_reaches_the_pod_from_the_servic
 def test_maps_of_an_older_agent_get_the_backends_place_when_adopted(dp: BpfDatapath) -> None:
     """Backends written without a place (an agent from before) are rewritten by the
     restarted agent as soon as it knows the node, before new flows need it."""
-    from lbctl.datapath.frontends import FrontendTable
-    from lbctl.datapath.nodeconf import Placement
+    from lbctl.datapath.ebpf.frontends import FrontendTable
+    from lbctl.datapath.node import Placement
 
     for key, value in list(dp.maps.lb4_backends.items()):
         value.flags &= layout.const("LB_BACKEND_F_READY") | layout.const("LB_BACKEND_F_SERVING")
@@ -309,7 +309,7 @@ def test_an_lb_stats_pinned_by_an_older_lbctl_grows(pin_dir: Path) -> None:
     fails): the upgrade copies it into one of this lbctl's size."""
     import subprocess
 
-    from lbctl.datapath.settings import BpfSettings
+    from lbctl.datapath.ebpf.settings import BpfSettings
 
     pin_dir.mkdir(parents=True)
     old = pin_dir / "lb_stats"

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from lbctl.manifests import ManifestSource
 from lbctl.model import ServiceTable
+from lbctl.sources.manifests import ManifestSource
 from tests import extlab, k8s_yaml
 from tests.agent_proc import AgentProcess
 from tests.conftest import BPFFS, PIN_PREFIX, remove_pins

@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from lbctl.datapath import layout
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.datapath.frontends import FrontendTable
-from lbctl.datapath.libbpf import prog_test_run
-from lbctl.datapath.settings import BpfSettings
+from lbctl.datapath.ebpf import layout
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.datapath.ebpf.frontends import FrontendTable
+from lbctl.datapath.ebpf.libbpf import prog_test_run
+from lbctl.datapath.ebpf.settings import BpfSettings
 from lbctl.model import Protocol, ServiceRef
-from lbctl.plan import Backend, Frontend, FrontendKey
+from lbctl.plan.planner import Backend, Frontend, FrontendKey
 from tests import packets
 
 IP = ipaddress.ip_address

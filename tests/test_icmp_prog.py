@@ -14,11 +14,11 @@ import ipaddress
 
 import pytest
 
-from lbctl.datapath import layout
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.datapath.nodeconf import NodeConfig
+from lbctl.datapath.ebpf import layout
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.datapath.node import NodeConfig
 from lbctl.model import Protocol, ServiceRef
-from lbctl.plan import Backend, Frontend, FrontendKey
+from lbctl.plan.planner import Backend, Frontend, FrontendKey
 from tests import packets
 from tests.test_bpf_prog import TC_ACT_OK, run, stat_delta, stats, ttl_after
 

@@ -36,7 +36,7 @@ import pytest
 import yaml
 
 import lbctl
-from lbctl.datapath import cgroup
+from lbctl.datapath.ebpf import cgroup
 from tests import k8s_yaml
 from tests.agent_proc import LBCTL
 from tests.apiserver import FakeApiServer

@@ -34,12 +34,13 @@ from typing import Any
 
 import pytest
 
-from lbctl.datapath import ipvs, nftables
-from lbctl.datapath.contributions import TableSync
-from lbctl.datapath.nodeconf import NodeConfig
-from lbctl.manifests import ManifestSource
+from lbctl.datapath.ipvs import datapath as ipvs
+from lbctl.datapath.ipvs import nftables
+from lbctl.datapath.ipvs.contributions import TableSync
+from lbctl.datapath.node import NodeConfig
 from lbctl.model import ServiceTable
-from lbctl.plan import Frontend, NodeContext, Planner
+from lbctl.plan.planner import Frontend, NodeContext, Planner
+from lbctl.sources.manifests import ManifestSource
 from tests import k8s_yaml
 from tests.agent_proc import lbctl
 from tests.manifest_plans import ManifestPlans, Unscannable, touched

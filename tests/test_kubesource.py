@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from lbctl.agent import Agent, AgentOptions
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.informer import Backoff
-from lbctl.kubesource import KubeSource
+from lbctl.agent.loop import Agent, AgentOptions
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.sources.informer import Backoff
+from lbctl.sources.kube import KubeSource
 from tests import k8s_yaml
 from tests.apiserver import FakeApiServer
 from tests.netlab import Netns
@@ -49,7 +49,7 @@ def make_source(server: FakeApiServer, ns: Netns, **options: Any) -> KubeSource:
 
     conf = client.Configuration()
     conf.host = server.url
-    conf.retries = False  # as lbctl.kubesource.api_client sets it
+    conf.retries = False  # as lbctl.sources.kube.api_client sets it
     started = options.pop("started", True)
     source = KubeSource(
         client.ApiClient(conf),

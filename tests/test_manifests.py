@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lbctl.manifests import ManifestSource
 from lbctl.model import ServiceRef, ServiceTable
+from lbctl.sources.manifests import ManifestSource
 
 SERVICE = """\
 apiVersion: v1
@@ -149,7 +149,7 @@ def test_duplicate_object_first_file_wins_then_hands_over(
 
 
 def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
-    from lbctl.manifests import SourceError
+    from lbctl.sources.manifests import SourceError
 
     with pytest.raises(SourceError, match=r"manifest directory .*nope"):
         ManifestSource(tmp_path / "nope").poll(ServiceTable())
@@ -217,7 +217,7 @@ def test_a_yaml_alias_bomb_costs_one_error_line(tmp_path: Path) -> None:
         "import resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
         "from pathlib import Path\n"
-        "from lbctl.manifests import ManifestSource\n"
+        "from lbctl.sources.manifests import ManifestSource\n"
         "from lbctl.model import ServiceTable\n"
         "source, table = ManifestSource(Path(sys.argv[1])), ServiceTable()\n"
         "source.poll(table)\n"

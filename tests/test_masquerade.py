@@ -29,8 +29,8 @@ from typing import Any
 
 import pytest
 
-from lbctl import trace_command
-from lbctl.datapath.view import Packet as TracePacket
+from lbctl.cli import trace as trace_command
+from lbctl.datapath.ebpf.trace.view import Packet as TracePacket
 from lbctl.model import Protocol
 from tests import conformance
 from tests.conftest import PIN_PREFIX, remove_pins

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lbctl.agent import Agent
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.datapath.servicecounters import DROP_REASONS
-from lbctl.kubesource import TRIGGER_TIME, KubeSource
-from lbctl.serve import Observability
+from lbctl.agent.http.server import Observability
+from lbctl.agent.loop import Agent
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.datapath.ebpf.servicecounters import DROP_REASONS
+from lbctl.sources.kube import TRIGGER_TIME, KubeSource
 from tests import extlab, k8s_yaml
 from tests.agent_proc import AgentProcess
 from tests.apiserver import FakeApiServer

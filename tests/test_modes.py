@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from lbctl.datapath import probe
+from lbctl.datapath.ebpf import probe
 from tests import k8s_yaml
 from tests.agent_proc import LBCTL, AgentProcess, lbctl
 from tests.netlab import Lab, Netns

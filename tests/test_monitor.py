@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from lbctl.datapath import layout
-from lbctl.datapath.libbpf import BpfMap
+from lbctl.datapath.ebpf import layout
+from lbctl.datapath.ebpf.libbpf import BpfMap
 from tests import k8s_yaml
 from tests.agent_proc import LBCTL, lbctl
 from tests.extlab import CLIENT_IP, LB_IP, NODE_IP, OTHER_CLIENT_IP

@@ -1,7 +1,7 @@
 """The event stream under BPF_PROG_TEST_RUN: each event site, the switch, the stale stamp.
 
 Frames go through the session's tc program; what `lbctl monitor` would print is
-read from the pinned lb_events ring buffer by lbctl/monitor.py's own Monitor, so
+read from the pinned lb_events ring buffer by lbctl/cli/monitor.py's own Monitor, so
 the decoding and naming are those of the command.
 """
 
@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from lbctl import monitor
-from lbctl.datapath import events, layout, libbpf
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.datapath.nodeconf import NodeConfig
+from lbctl.cli import monitor
+from lbctl.datapath.ebpf import events, layout, libbpf
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.datapath.node import NodeConfig
 from lbctl.model import Protocol, ServiceRef
-from lbctl.plan import SCOPE_EXTERNAL, Backend, Frontend, FrontendKey
+from lbctl.plan.planner import SCOPE_EXTERNAL, Backend, Frontend, FrontendKey
 from tests import packets
 from tests.test_bpf_prog import TC_ACT_SHOT, run
 

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from lbctl.datapath import ctgc, layout
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.datapath.nodeconf import NodeConfig
+from lbctl.datapath.ebpf import conntrack_gc, layout
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.datapath.node import NodeConfig
 from lbctl.model import IPNetwork, Protocol, ServiceRef
-from lbctl.plan import SCOPE_EXTERNAL, Backend, Frontend, FrontendKey
+from lbctl.plan.planner import SCOPE_EXTERNAL, Backend, Frontend, FrontendKey
 from tests import packets
 from tests.test_bpf_prog import TC_ACT_SHOT, checked, run, stat_delta, stats
 
@@ -92,7 +92,7 @@ def test_nat_ports_run_out_and_come_back_after_the_sweep(dp: BpfDatapath) -> Non
     assert stat_delta(before, stats(dp)) == {STAT_NAT_EXHAUSTED: 1}
     assert len(dp.maps.nat4) == 2
     # an hour later every flow has timed out: the sweep frees their ports
-    swept = ctgc.sweep(dp.maps, dp.settings, ctgc.now_ns() + 3600 * 10**9)
+    swept = conntrack_gc.sweep(dp.maps, dp.settings, conntrack_gc.now_ns() + 3600 * 10**9)
     assert (swept.conntrack, swept.nat) == (2, 2)
     assert len(dp.maps.ct4) == 0 and len(dp.maps.nat4) == 0
     assert 61000 <= ask(dp, OUTSIDE, 40002).sport <= 61001
@@ -192,10 +192,10 @@ def test_the_sweep_spares_a_nat_port_taken_over_after_it_looked(dp: BpfDatapath)
     time.sleep(0.01)
     new = checked(run(dp, packets.ipv4_tcp(OUTSIDE, NODE, 40001, NODE_PORT, "S")))
     assert new.sport == old.sport == 61000
-    assert not ctgc._delete_unchanged(dp.maps.nat4, key, seen)
+    assert not conntrack_gc._delete_unchanged(dp.maps.nat4, key, seen)
     reply = checked(run(dp, packets.ipv4_tcp(BACKEND, NODE, 5353, new.sport, "SA", ack=1)))
     assert (reply.dst, reply.dport) == (OUTSIDE, 40001)
-    assert ctgc._delete_unchanged(dp.maps.nat4, key, dp.maps.nat4.lookup(key))
+    assert conntrack_gc._delete_unchanged(dp.maps.nat4, key, dp.maps.nat4.lookup(key))
 
 
 def test_the_sweep_spares_a_masqueraded_flow_made_after_its_conntrack_walk(
@@ -214,7 +214,7 @@ def test_the_sweep_spares_a_masqueraded_flow_made_after_its_conntrack_walk(
         return read
 
     monkeypatch.setattr(dp.maps.ct4, "items", walk_then_connect)
-    swept = ctgc.sweep(dp.maps, dp.settings)
+    swept = conntrack_gc.sweep(dp.maps, dp.settings)
     monkeypatch.undo()
     assert (swept.conntrack, swept.nat) == (0, 0)
     reply = checked(run(dp, packets.ipv4_tcp(BACKEND, NODE, 5353, made[0].sport, "SA", ack=1)))
@@ -222,8 +222,8 @@ def test_the_sweep_spares_a_masqueraded_flow_made_after_its_conntrack_walk(
     # a NAT entry older than the walk whose flow is gone is still an orphan
     ((forward, _),) = list(dp.maps.ct4.items())
     assert dp.maps.ct4.delete(forward)
-    assert ctgc.sweep(dp.maps, dp.settings).nat == 0  # made a moment ago
-    assert ctgc.sweep(dp.maps, dp.settings, ctgc.now_ns() + 3 * 10**9).nat == 1
+    assert conntrack_gc.sweep(dp.maps, dp.settings).nat == 0  # made a moment ago
+    assert conntrack_gc.sweep(dp.maps, dp.settings, conntrack_gc.now_ns() + 3 * 10**9).nat == 1
 
 
 def test_the_sweep_spares_a_reverse_entry_whose_forward_entry_its_walk_missed(
@@ -242,7 +242,7 @@ def test_the_sweep_spares_a_reverse_entry_whose_forward_entry_its_walk_missed(
         return read + [(k, v) for k, v in walk() if k.dir == reverse]
 
     monkeypatch.setattr(dp.maps.ct4, "items", walk_missing_a_forward_entry)
-    swept = ctgc.sweep(dp.maps, dp.settings)
+    swept = conntrack_gc.sweep(dp.maps, dp.settings)
     monkeypatch.undo()
     assert swept.conntrack == 0 and len(dp.maps.ct4) == 2
     back = checked(run(dp, packets.ipv4_udp(LOCAL, OUTSIDE, 5353, 40000, b"a")))
@@ -264,7 +264,9 @@ def test_a_flow_stamped_by_another_cpu_a_moment_later_is_alive(dp: BpfDatapath) 
         for k, v in dp.maps.ct4.items()
         if k.dir == forward and layout.port_num(k.sport) == 40000
     ]
-    entry.last_seen_ns = ctgc.now_ns() + 10**9  # stamped "after" the next packet's clock read
+    entry.last_seen_ns = (
+        conntrack_gc.now_ns() + 10**9
+    )  # stamped "after" the next packet's clock read
     dp.maps.ct4.update(key, entry)
     before = stats(dp)
     assert run(dp, packets.ipv4_tcp(OUTSIDE, NODE, 40001, NODE_PORT, "S")).retval == TC_ACT_SHOT
@@ -277,9 +279,9 @@ def test_a_flow_stamped_by_another_cpu_a_moment_later_is_alive(dp: BpfDatapath) 
 def test_the_sweep_keeps_live_flows(dp: BpfDatapath) -> None:
     dp.reconcile({fe.key: fe for fe in [frontend([BACKEND])]})
     ask(dp, OUTSIDE, 40000)
-    assert ctgc.sweep(dp.maps, dp.settings) == ctgc.Swept(0, 0)
+    assert conntrack_gc.sweep(dp.maps, dp.settings) == conntrack_gc.Swept(0, 0)
     assert len(dp.maps.ct4) == 1 and len(dp.maps.nat4) == 1
-    flows = ctgc.flows(dp.maps)
+    flows = conntrack_gc.flows(dp.maps)
     assert flows[0]["client"] == f"{OUTSIDE}:40000" and flows[0]["masquerade"]
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from lbctl.model import Protocol
-from lbctl.objects import (
+from lbctl.sources.parse import (
     Ignored,
     InvalidObject,
     meta_ref,
@@ -172,7 +172,7 @@ def test_scheduler_annotation(caplog: pytest.LogCaptureFixture) -> None:
     assert parse_service(service()).scheduler is None  # the cluster default
     obj = annotated(service(), **{"lbctl.io/scheduler": "maglev"})
     assert parse_service(obj).scheduler == "maglev"
-    with caplog.at_level(logging.ERROR, logger="lbctl.objects"):
+    with caplog.at_level(logging.ERROR, logger="lbctl.sources.parse"):
         bad = parse_service(annotated(service(), **{"lbctl.io/scheduler": "fastest"}))
     assert bad.scheduler is None
     (record,) = caplog.records
@@ -249,7 +249,7 @@ def test_a_bad_weight_is_logged_once_and_counts_as_one(
     expected: list[int],
     message: str,
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="lbctl.objects"):
+    with caplog.at_level(logging.ERROR, logger="lbctl.sources.parse"):
         assert weights(**annotations) == expected
     (record,) = caplog.records
     text = record.getMessage()
@@ -340,7 +340,7 @@ def test_an_ipv4_address_with_leading_zeros_is_read_as_decimal(
     """As Kubernetes reads it (netutils.ParseIPSloppy), never as octal, and logged."""
     obj = service(clusterIP="010.096.000.010", externalIPs=["192.0.2.010"])
     obj["metadata"]["namespace"] = "ns"
-    with caplog.at_level(logging.WARNING, logger="lbctl.objects"):
+    with caplog.at_level(logging.WARNING, logger="lbctl.sources.parse"):
         svc = parse_checked(parse_service, obj)
     assert svc.cluster_ips == (ipaddress.ip_address("10.96.0.10"),)
     assert svc.external_ips == (ipaddress.ip_address("192.0.2.10"),)
@@ -378,7 +378,7 @@ def test_a_message_shows_a_value_cut_short() -> None:
 
 def test_a_nodes_pod_ranges() -> None:
     """spec.podCIDRs (dual-stack: one per family), or the older spec.podCIDR alone."""
-    from lbctl.objects import parse_node
+    from lbctl.sources.parse import parse_node
     from tests import k8s_yaml
 
     node = parse_node(k8s_yaml.node("n1", addresses=["192.0.2.1"], pod_cidrs=["10.244.1.0/24"]))

@@ -6,7 +6,7 @@ default port there; every command runs in that namespace as an operator
 would, without `--bpffs`: first while the agent runs (they ask its
 /statusz), then after a `kill -9` (the programs it left attached in the
 namespace name their maps), and last with nothing left (the default, and a
-message naming every place looked at).  `lbctl/pindir.py` is the one
+message naming every place looked at).  `lbctl/cli/locate.py` is the one
 resolver behind all four.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lbctl.datapath.settings import DEFAULT_PIN_DIR
+from lbctl.datapath.ebpf.settings import DEFAULT_PIN_DIR
 from tests import k8s_yaml
 from tests.agent_proc import AgentProcess, lbctl
 from tests.netlab import Cluster, Lab, build_cluster

@@ -19,7 +19,7 @@ from lbctl.model import (
     ServiceRef,
     ServiceTable,
 )
-from lbctl.plan import SCOPE_EXTERNAL, FrontendKey, NodeContext, Planner, plan_service
+from lbctl.plan.planner import SCOPE_EXTERNAL, FrontendKey, NodeContext, Planner, plan_service
 
 IP = ipaddress.ip_address
 REF = ServiceRef("ns", "web")
@@ -446,7 +446,8 @@ def test_backends_carry_their_endpoints_weight() -> None:
 
 
 def test_the_default_scheduler_is_a_validated_setting_and_flag() -> None:
-    from lbctl import cli, config
+    from lbctl.agent import config
+    from lbctl.cli import main as cli
 
     head = {"apiVersion": config.API_VERSION, "kind": config.KIND}
     assert config.parse(head, "f").scheduler == "random"

@@ -35,8 +35,8 @@ from typing import Any
 import pytest
 import yaml
 
-from lbctl import config
-from lbctl.kubesource import TRIGGER_TIME
+from lbctl.agent import config
+from lbctl.sources.kube import TRIGGER_TIME
 from tests import extlab, grafana, k8s_yaml
 from tests.agent_proc import AgentProcess
 from tests.apiserver import FakeApiServer

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from lbctl.agent import Agent, AgentOptions
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.kubesource import KubeSource
+from lbctl.agent.loop import Agent, AgentOptions
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.sources.kube import KubeSource
 from tests import k8s_yaml
 from tests.apiserver import FakeApiServer
 from tests.netlab import Netns

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from lbctl.datapath import cgroup
+from lbctl.datapath.ebpf import cgroup
 from tests import k8s_yaml
 from tests.agent_proc import AgentProcess
 from tests.netlab import Netns
@@ -151,7 +151,7 @@ FIND = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from lbctl.datapath import cgroup
+    from lbctl.datapath.ebpf import cgroup
     try:
         print("found", cgroup.find_cgroup2(Path(sys.argv[1])))
     except cgroup.CgroupError as err:

@@ -18,7 +18,7 @@ equal those of a second agent synced once from the API's final state (the
 cilium#48050 case: stale backends after API blips): the same frontends with the
 same backends in the same states, and the same number of entries in every map
 of Services (a leaked backend, slot or table entry counts).  Both are read
-through lbctl's own map readers (lbctl/dump.py, what `lbctl maps dump` prints).
+through lbctl's own map readers (lbctl/datapath/ebpf/inspect.py, what `lbctl maps dump` prints).
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lbctl import dump
-from lbctl.agent import Agent, AgentOptions
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.informer import Backoff
-from lbctl.kubesource import KubeSource
+from lbctl.agent.loop import Agent, AgentOptions
+from lbctl.datapath.ebpf import inspect as dump
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.sources.informer import Backoff
+from lbctl.sources.kube import KubeSource
 from tests import k8s_yaml
 from tests.agent_proc import AgentProcess, lbctl
 from tests.apiserver import FakeApiServer

@@ -33,8 +33,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lbctl.manifests import ObjectId
-from lbctl.objects import (
+from lbctl.sources.manifests import ObjectId
+from lbctl.sources.parse import (
     Ignored,
     InvalidObject,
     meta_ref,

@@ -44,12 +44,12 @@ from typing import Any
 
 import pytest
 
-from lbctl.datapath import layout, libbpf
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.datapath.compiler import EGRESS_PROGRAM
-from lbctl.datapath.nodeconf import NodeConfig
+from lbctl.datapath.ebpf import layout, libbpf
+from lbctl.datapath.ebpf.compiler import EGRESS_PROGRAM
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.datapath.node import NodeConfig
 from lbctl.model import Protocol, ServiceRef
-from lbctl.plan import SCOPE_EXTERNAL, Backend, Frontend, FrontendKey
+from lbctl.plan.planner import SCOPE_EXTERNAL, Backend, Frontend, FrontendKey
 from tests import netlab, packets
 from tests.fuzz_frames import ETH, Flow, Generator
 from tests.netlab import Lab, Netns

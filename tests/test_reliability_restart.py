@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from lbctl.datapath.maps import Maps
+from lbctl.datapath.ebpf.maps import Maps
 from tests import k8s_yaml, mapstate, relworld
 from tests.agent_proc import AgentProcess
 from tests.extlab import NODE_IP, World

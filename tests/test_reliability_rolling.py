@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from lbctl.datapath import layout
-from lbctl.datapath.maps import Maps
+from lbctl.datapath.ebpf import layout
+from lbctl.datapath.ebpf.maps import Maps
 from tests import extlab, k8s_yaml, relworld
 from tests.agent_proc import AgentProcess
 from tests.extlab import NODE_IP, World

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from lbctl.cli import _parser
+from lbctl.cli.main import _parser
 from tests.test_deploy import DEPLOY, MANIFESTS, configmap_config, documents, pod_spec
 from tests.test_deploy_versions import VERSIONS, kustomize, problems
 
@@ -148,7 +148,7 @@ def test_every_runbook_command_holds_against_deploy(tmp_path: Path) -> None:
     # what is pushed is what was built
     built = [c[0].removeprefix("IMAGE=") for c in commands if c[0].startswith("IMAGE=")]
     assert built == [seen["pushed"]], (built, seen)
-    # `lbctl` in the agent's pod finds the maps by asking the agent (lbctl/pindir.py,
+    # `lbctl` in the agent's pod finds the maps by asking the agent (lbctl/cli/locate.py,
     # tests/test_pindir.py, and test_deploy runs it as `kubectl exec` would): no
     # --bpffs, or exactly the config's, where the DaemonSet mounts the host's bpffs
     bpffs = yaml.safe_load(configmap_config(tmp_path).read_text())["bpffs"]

@@ -2,7 +2,7 @@
 
 Frames go through the loaded program; the backend a new flow got is the
 destination of the frame that comes out.  The deterministic schedulers
-(maglev, sh) are held to lbctl.scheduling, the Python model, which is built
+(maglev, sh) are held to lbctl.plan.scheduling, the Python model, which is built
 here from the backends' addresses alone, as another node would.
 """
 
@@ -15,11 +15,11 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from lbctl import scheduling
-from lbctl.datapath import ctgc, layout
-from lbctl.datapath.bpf import BpfDatapath
+from lbctl.datapath.ebpf import conntrack_gc, layout
+from lbctl.datapath.ebpf.datapath import BpfDatapath
 from lbctl.model import Protocol, ServiceRef
-from lbctl.plan import Backend, Frontend, FrontendKey
+from lbctl.plan import scheduling
+from lbctl.plan.planner import Backend, Frontend, FrontendKey
 from tests import packets
 from tests.conftest import compiled_datapath
 from tests.test_bpf_prog import FORWARDED, run
@@ -85,7 +85,7 @@ def clear_conntrack(dp: BpfDatapath) -> None:
 def model_pick(
     backends: Sequence[str], scheduler: str, client: str, sport: int, proto: Protocol
 ) -> str:
-    """The backend lbctl.scheduling says a flow gets, from the addresses alone."""
+    """The backend lbctl.plan.scheduling says a flow gets, from the addresses alone."""
     ordered = sorted(backends, key=lambda a: int(ip(a)))
     names = [(f"{a}:{TARGET}/{proto.name}", 1) for a in ordered]
     table = scheduling.build_table(scheduler, names, scheduling.DEFAULT_TABLE_SIZE)
@@ -277,12 +277,12 @@ def test_lc_counts_flows_that_time_out(clean_datapath: BpfDatapath) -> None:
     lost = next(k for k, e in dp.maps.ct4.items() if k.dir == 0)
     lost_backend = next(e for k, e in dp.maps.ct4.items() if k.dir == 0 and k.sport == lost.sport)
     dp.maps.ct4.delete(lost)
-    ctgc.sweep(dp.maps, dp.settings)
+    conntrack_gc.sweep(dp.maps, dp.settings)
     healed = open_flows(dp)
     assert sorted(healed.values()) == [1, 2]
     assert healed[layout.ip4_str(lost_backend.nat_addr)] == 1
     # an hour later every UDP flow is dead: the sweep counts them expired
-    swept = ctgc.sweep(dp.maps, dp.settings, ctgc.now_ns() + 3600 * 10**9)
+    swept = conntrack_gc.sweep(dp.maps, dp.settings, conntrack_gc.now_ns() + 3600 * 10**9)
     # the three flows left, forward and reverse entries, and the lost flow's
     # reverse entry, which the first sweep left as too young to be an orphan
     assert swept.conntrack == 7
@@ -327,13 +327,13 @@ def test_affinity_goes_with_its_backend(clean_datapath: BpfDatapath) -> None:
     assert {new_flow(dp, 42002 + i) for i in range(5)} == {second}
     # the sweep drops entries whose backend left or whose time passed
     dp.table.upsert(frontend([a for a in rest if a != second], "random", affinity=300))
-    swept = ctgc.sweep(dp.maps, dp.settings, affinity=dp.table.affinities())
+    swept = conntrack_gc.sweep(dp.maps, dp.settings, affinity=dp.table.affinities())
     assert swept.affinity == 1
     assert len(dp.maps.lb4_affinity) == 0
 
 
 def test_a_restart_adopts_the_table_and_rewrites_nothing(clean_datapath: BpfDatapath) -> None:
-    from lbctl.datapath.frontends import FrontendTable
+    from lbctl.datapath.ebpf.frontends import FrontendTable
 
     dp = clean_datapath
     backends = addresses(6)

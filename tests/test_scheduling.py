@@ -1,4 +1,4 @@
-"""lbctl.scheduling: the tables and hashes, as pure functions."""
+"""lbctl.plan.scheduling: the tables and hashes, as pure functions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import collections
 
 import pytest
 
-from lbctl import scheduling
+from lbctl.plan import scheduling
 
 SIZE = scheduling.DEFAULT_TABLE_SIZE
 

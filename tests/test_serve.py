@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lbctl.agent import Agent, AgentOptions
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.dump import STAT_NAMES
-from lbctl.kubesource import KubeSource
-from lbctl.manifests import ManifestSource
-from lbctl.serve import Observability
+from lbctl.agent.http.server import Observability
+from lbctl.agent.loop import Agent, AgentOptions
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.datapath.ebpf.inspect import STAT_NAMES
+from lbctl.sources.kube import KubeSource
+from lbctl.sources.manifests import ManifestSource
 from tests import k8s_yaml
 from tests.apiserver import FakeApiServer
 from tests.kube_agent import kube_agent as kube_agent_in

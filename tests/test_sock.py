@@ -30,13 +30,13 @@ from typing import Any
 
 import pytest
 
-from lbctl.datapath import cgroup, layout, libbpf
-from lbctl.datapath.compiler import Compilation, Loaded
-from lbctl.datapath.frontends import FrontendTable
-from lbctl.datapath.maps import Maps
-from lbctl.datapath.settings import BpfSettings
+from lbctl.datapath.ebpf import cgroup, layout, libbpf
+from lbctl.datapath.ebpf.compiler import Compilation, Loaded
+from lbctl.datapath.ebpf.frontends import FrontendTable
+from lbctl.datapath.ebpf.maps import Maps
+from lbctl.datapath.ebpf.settings import BpfSettings
 from lbctl.model import Protocol, ServiceRef
-from lbctl.plan import Backend, Frontend, FrontendKey
+from lbctl.plan.planner import Backend, Frontend, FrontendKey
 from tests.netlab import (
     POD_CIDR_GATEWAY,
     Cluster,

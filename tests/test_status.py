@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lbctl.datapath.maps import MAP_TYPES
+from lbctl.datapath.ebpf.maps import MAP_TYPES
 from tests import k8s_yaml
 from tests.agent_proc import AgentProcess, lbctl
 from tests.apiserver import FakeApiServer

@@ -36,14 +36,14 @@ from typing import Any
 
 import pytest
 
-from lbctl.datapath import ctgc, libbpf
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.datapath.nodeconf import NodeConfig
-from lbctl.datapath.view import MapView, Packet
+from lbctl.agent.http.tracez import settings_of as tracez_settings
+from lbctl.datapath.ebpf import conntrack_gc, libbpf
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.datapath.ebpf.trace.decide import Knobs, trace
+from lbctl.datapath.ebpf.trace.view import MapView, Packet
+from lbctl.datapath.node import NodeConfig
 from lbctl.model import Protocol, ServiceRef
-from lbctl.plan import SCOPE_ALL, SCOPE_EXTERNAL, Backend, Frontend, FrontendKey
-from lbctl.trace import Knobs, trace
-from lbctl.tracez import settings_of as tracez_settings
+from lbctl.plan.planner import SCOPE_ALL, SCOPE_EXTERNAL, Backend, Frontend, FrontendKey
 from tests import extlab, k8s_yaml, packets
 from tests.agent_proc import AgentProcess, lbctl
 from tests.extlab import CLIENT_IP, NODE_A, NODE_B, NODE_IP, OTHER_CLIENT_IP, World
@@ -579,7 +579,7 @@ def test_trace_equals_the_program(clean_datapath: BpfDatapath) -> None:
             for key, a in list(dp.maps.lb4_affinity.items()):
                 a.last_seen_ns -= 6 * 10**9
                 dp.maps.lb4_affinity.update(key, a)
-        t = trace(MapView(dp.maps), p, ctgc.now_ns(), knobs)
+        t = trace(MapView(dp.maps), p, conntrack_gc.now_ns(), knobs)
         assert p.sport is not None
         if p.protocol is Protocol.TCP:
             frame = packets.ipv4_tcp(str(p.src), str(p.dst), p.sport, p.dport, "S")

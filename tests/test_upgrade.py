@@ -165,7 +165,7 @@ class NodeProcess:
 
 
 def test_xdp_and_socket_hooks_move_to_the_new_maps(node: Node) -> None:
-    from lbctl.datapath import rawmap, swap
+    from lbctl.datapath.ebpf.upgrade import rawmap, swap
     from tests.test_sock import CgroupMaker
 
     cgroups = CgroupMaker()

@@ -20,16 +20,17 @@ from typing import Any
 
 import pytest
 
-from lbctl.datapath import convert, libbpf, migrate, pinsets, rawmap, record
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.datapath.maps import MAP_TYPES
-from lbctl.datapath.mapspec import MapSpec, specs
-from lbctl.datapath.nodeconf import NodeConfig
-from lbctl.datapath.settings import BpfSettings
-from lbctl.datapath.structs import Layout
-from lbctl.datapath.upgrade import PAUSE_ENV
+from lbctl.datapath.ebpf import libbpf
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.datapath.ebpf.maps import MAP_TYPES
+from lbctl.datapath.ebpf.settings import BpfSettings
+from lbctl.datapath.ebpf.upgrade import convert, migrate, pinsets, rawmap, record
+from lbctl.datapath.ebpf.upgrade.mapspec import MapSpec, specs
+from lbctl.datapath.ebpf.upgrade.run import PAUSE_ENV
+from lbctl.datapath.ebpf.upgrade.structs import Layout
+from lbctl.datapath.node import NodeConfig
 from lbctl.model import Protocol, ServiceRef
-from lbctl.plan import Backend, Frontend, FrontendKey
+from lbctl.plan.planner import Backend, Frontend, FrontendKey
 from tests import packets
 from tests.conftest import BPFFS, PIN_PREFIX, remove_pins
 from tests.test_bpf_prog import checked, run
@@ -286,7 +287,8 @@ def test_the_record_round_trips_and_layout_1_is_frozen(pin_dir: Path) -> None:
     assert back is not None and back.settings == {"ct_size": 3} and back.state == record.LIVE
     record.set_state(pin_dir / record.NAME, record.COMMITTING)
     assert (read := record.read(pin_dir / record.NAME)) and read.state == record.COMMITTING
-    # the layout of the maps 6e1a90b pinned: an edit of lbctl/datapath/layout1.py changes it
+    # the layout of the maps 6e1a90b pinned: an edit of
+    # lbctl/datapath/ebpf/upgrade/layout1.py changes it
     assert record.layout_1().fingerprint == "02a79f95f4e1"
     assert record.layout_1().describe("struct ct4_entry").size == 48
 
@@ -398,8 +400,8 @@ _CHILD = """
 import logging, sys
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.datapath.settings import BpfSettings
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.datapath.ebpf.settings import BpfSettings
 BpfDatapath(BpfSettings(pin_dir=Path(sys.argv[1]), **eval(sys.argv[2])))
 """
 

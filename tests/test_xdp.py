@@ -32,11 +32,11 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
-from lbctl.datapath import layout, libbpf, tc, xdp
-from lbctl.datapath.bpf import BpfDatapath
-from lbctl.datapath.nodeconf import NodeConfig
+from lbctl.datapath.ebpf import layout, libbpf, tc, xdp
+from lbctl.datapath.ebpf.datapath import BpfDatapath
+from lbctl.datapath.node import NodeConfig
 from lbctl.model import IPNetwork, Protocol, ServiceRef
-from lbctl.plan import Backend, Frontend, FrontendKey
+from lbctl.plan.planner import Backend, Frontend, FrontendKey
 from tests import extlab, netlab, packets
 from tests import test_external as external
 from tests.agent_proc import AgentProcess

@@ -1,0 +1,1 @@
+"""The agent's HTTP endpoints: server, metrics, statusz, tracez, NodePort health checks."""

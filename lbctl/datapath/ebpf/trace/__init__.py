@@ -1,0 +1,1 @@
+"""`lbctl trace`'s engine: the programs' decision mirrored in Python over the pinned maps."""

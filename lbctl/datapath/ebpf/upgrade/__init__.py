@@ -1,0 +1,1 @@
+"""Upgrading pinned maps in place: layouts, records, conversion, copy and swap."""

@@ -1,0 +1,1 @@
+"""The IPVS datapath: virtual services by netlink and the nftables table beside them."""

@@ -1,0 +1,1 @@
+"""The plan: what the datapath must hold for the model, pure (planner, scheduling)."""

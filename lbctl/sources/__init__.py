@@ -1,0 +1,1 @@
+"""Sources of the model: Kubernetes objects parsed, watched (kube) or read from manifests."""
