@@ -86,6 +86,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import monitor_cost
 from bench.machine import machine
+from lbctl.datapath import NodeConfig
 from lbctl.datapath.ebpf import layout, libbpf
 from lbctl.datapath.ebpf.compiler import EGRESS_PROGRAM
 from lbctl.datapath.ebpf.datapath import BpfDatapath
@@ -93,7 +94,6 @@ from lbctl.datapath.ebpf.inspect import read_counters
 from lbctl.datapath.ebpf.maps import MAP_TYPES
 from lbctl.datapath.ebpf.settings import BpfSettings
 from lbctl.datapath.ebpf.upgrade import record
-from lbctl.datapath.node import NodeConfig
 from lbctl.model import Protocol, ServiceRef
 from lbctl.plan.planner import Backend, Frontend, FrontendKey
 from tests import netlab, packets

@@ -14,6 +14,13 @@ from collections.abc import Iterable
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# How a frontend picks the backend of a new flow: the cluster default
+# (`scheduler` in the configuration, --scheduler), or a Service's own annotation.
+# The sources read the annotation, the plan and the datapaths carry the choice out
+# (lbctl/plan/scheduling.py is the reference of each).
+SCHEDULERS = ("random", "rr", "wrr", "maglev", "sh", "lc")
+SCHEDULER_ANNOTATION = "lbctl.io/scheduler"
+
 
 class Protocol(enum.Enum):
     TCP = 6

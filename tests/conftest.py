@@ -74,7 +74,7 @@ def datapath() -> Iterator[BpfDatapath]:
 
 
 def reset_datapath(dp: BpfDatapath) -> None:
-    from lbctl.datapath.node import NodeConfig
+    from lbctl.datapath import NodeConfig
 
     dp.reconcile({})
     dp.configure(NodeConfig())

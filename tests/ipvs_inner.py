@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
+from lbctl.datapath import NodeConfig
 from lbctl.datapath.ipvs.datapath import IpvsDatapath
-from lbctl.datapath.node import NodeConfig
 from tests import k8s_yaml
 from tests.agent_proc import LBCTL, AgentProcess, lbctl
 from tests.manifest_plans import ManifestPlans, Unscannable

@@ -19,8 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from lbctl.datapath import node as nodeconf
-from lbctl.datapath.ebpf import layout
+from lbctl.datapath.ebpf import layout, nodeconf
 from lbctl.datapath.ebpf.maps import Maps
 from lbctl.datapath.ebpf.settings import BpfSettings
 

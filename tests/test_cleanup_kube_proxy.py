@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from lbctl.cli.cleanup import VirtualService, jump_target, kube_proxy_services
+from lbctl.cli.cleanup import jump_target, kube_proxy_services
+from lbctl.datapath.ipvs.owned import VirtualService
 from tests.agent_proc import lbctl
 from tests.kubeproxy_rules import ServicePort, iptables_rules, nftables_base, nftables_services
 from tests.netlab import Netns

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from lbctl.datapath import NodeConfig
 from lbctl.datapath.ebpf import layout, libbpf
 from lbctl.datapath.ebpf.compiler import EGRESS_PROGRAM
 from lbctl.datapath.ebpf.datapath import BpfDatapath
-from lbctl.datapath.node import NodeConfig
 from lbctl.model import Protocol, ServiceRef
 from lbctl.plan.planner import Backend, Frontend, FrontendKey
 from tests import packets
@@ -284,7 +284,7 @@ def test_maps_of_an_older_agent_get_the_backends_place_when_adopted(dp: BpfDatap
     """Backends written without a place (an agent from before) are rewritten by the
     restarted agent as soon as it knows the node, before new flows need it."""
     from lbctl.datapath.ebpf.frontends import FrontendTable
-    from lbctl.datapath.node import Placement
+    from lbctl.datapath.ebpf.nodeconf import Placement
 
     for key, value in list(dp.maps.lb4_backends.items()):
         value.flags &= layout.const("LB_BACKEND_F_READY") | layout.const("LB_BACKEND_F_SERVING")

@@ -14,9 +14,9 @@ import ipaddress
 
 import pytest
 
+from lbctl.datapath import NodeConfig
 from lbctl.datapath.ebpf import layout
 from lbctl.datapath.ebpf.datapath import BpfDatapath
-from lbctl.datapath.node import NodeConfig
 from lbctl.model import Protocol, ServiceRef
 from lbctl.plan.planner import Backend, Frontend, FrontendKey
 from tests import packets

@@ -34,10 +34,10 @@ from typing import Any
 
 import pytest
 
+from lbctl.datapath import NodeConfig
 from lbctl.datapath.ipvs import datapath as ipvs
 from lbctl.datapath.ipvs import nftables
 from lbctl.datapath.ipvs.contributions import TableSync
-from lbctl.datapath.node import NodeConfig
 from lbctl.model import ServiceTable
 from lbctl.plan.planner import Frontend, NodeContext, Planner
 from lbctl.sources.manifests import ManifestSource

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from lbctl.cli import monitor
+from lbctl.datapath import NodeConfig
 from lbctl.datapath.ebpf import events, layout, libbpf
 from lbctl.datapath.ebpf.datapath import BpfDatapath
-from lbctl.datapath.node import NodeConfig
 from lbctl.model import Protocol, ServiceRef
 from lbctl.plan.planner import SCOPE_EXTERNAL, Backend, Frontend, FrontendKey
 from tests import packets

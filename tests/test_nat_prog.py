@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from lbctl.datapath import NodeConfig
 from lbctl.datapath.ebpf import conntrack_gc, layout
 from lbctl.datapath.ebpf.datapath import BpfDatapath
-from lbctl.datapath.node import NodeConfig
 from lbctl.model import IPNetwork, Protocol, ServiceRef
 from lbctl.plan.planner import SCOPE_EXTERNAL, Backend, Frontend, FrontendKey
 from tests import packets

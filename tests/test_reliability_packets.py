@@ -44,10 +44,10 @@ from typing import Any
 
 import pytest
 
+from lbctl.datapath import NodeConfig
 from lbctl.datapath.ebpf import layout, libbpf
 from lbctl.datapath.ebpf.compiler import EGRESS_PROGRAM
 from lbctl.datapath.ebpf.datapath import BpfDatapath
-from lbctl.datapath.node import NodeConfig
 from lbctl.model import Protocol, ServiceRef
 from lbctl.plan.planner import SCOPE_EXTERNAL, Backend, Frontend, FrontendKey
 from tests import netlab, packets

@@ -37,11 +37,11 @@ from typing import Any
 import pytest
 
 from lbctl.agent.http.tracez import settings_of as tracez_settings
+from lbctl.datapath import NodeConfig
 from lbctl.datapath.ebpf import conntrack_gc, libbpf
 from lbctl.datapath.ebpf.datapath import BpfDatapath
 from lbctl.datapath.ebpf.trace.decide import Knobs, trace
 from lbctl.datapath.ebpf.trace.view import MapView, Packet
-from lbctl.datapath.node import NodeConfig
 from lbctl.model import Protocol, ServiceRef
 from lbctl.plan.planner import SCOPE_ALL, SCOPE_EXTERNAL, Backend, Frontend, FrontendKey
 from tests import extlab, k8s_yaml, packets

@@ -15,9 +15,9 @@ import ipaddress
 
 import pytest
 
+from lbctl.datapath import NodeConfig
 from lbctl.datapath.ebpf import layout
 from lbctl.datapath.ebpf.datapath import BpfDatapath
-from lbctl.datapath.node import NodeConfig
 from tests import packets
 from tests.test_bpf_prog import (
     CLIENT,

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from lbctl.datapath import NodeConfig
 from lbctl.datapath.ebpf import libbpf
 from lbctl.datapath.ebpf.datapath import BpfDatapath
 from lbctl.datapath.ebpf.maps import MAP_TYPES
@@ -28,7 +29,6 @@ from lbctl.datapath.ebpf.upgrade import convert, migrate, pinsets, rawmap, recor
 from lbctl.datapath.ebpf.upgrade.mapspec import MapSpec, specs
 from lbctl.datapath.ebpf.upgrade.run import PAUSE_ENV
 from lbctl.datapath.ebpf.upgrade.structs import Layout
-from lbctl.datapath.node import NodeConfig
 from lbctl.model import Protocol, ServiceRef
 from lbctl.plan.planner import Backend, Frontend, FrontendKey
 from tests import packets

@@ -32,9 +32,9 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
+from lbctl.datapath import NodeConfig
 from lbctl.datapath.ebpf import layout, libbpf, tc, xdp
 from lbctl.datapath.ebpf.datapath import BpfDatapath
-from lbctl.datapath.node import NodeConfig
 from lbctl.model import IPNetwork, Protocol, ServiceRef
 from lbctl.plan.planner import Backend, Frontend, FrontendKey
 from tests import extlab, netlab, packets

@@ -17,10 +17,9 @@ from typing import Any, cast
 import yaml
 
 from lbctl.agent.node import AddressPolicy
+from lbctl.datapath import DEFAULT_NAT_PORTS, NodeConfig
 from lbctl.datapath.ebpf.settings import DEFAULT_PIN_DIR, BpfSettings
-from lbctl.datapath.node import DEFAULT_NAT_PORTS, NodeConfig
-from lbctl.model import IPNetwork
-from lbctl.plan.planner import SCHEDULERS
+from lbctl.model import SCHEDULERS, IPNetwork
 from lbctl.plan.scheduling import is_prime
 
 API_VERSION = "lbctl.io/v1alpha1"

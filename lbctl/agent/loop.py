@@ -18,81 +18,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 from lbctl.agent import node as addresses
 from lbctl.agent.node import AddressPolicy
+from lbctl.datapath import Datapath, NodeConfig
 from lbctl.datapath.ebpf import cgroup, tc
-from lbctl.datapath.node import NodeConfig
 from lbctl.model import ServiceRef, ServiceTable
-from lbctl.plan.planner import Frontend, FrontendKey, NodeContext, PlanDiff, Planner
+from lbctl.plan.planner import NodeContext, PlanDiff, Planner
+from lbctl.sources import Source
 
 log = logging.getLogger(__name__)
 
 # The parts an operator may ask for that can be off while the rest runs (Agent.off).
 SOCKET_HOOKS, INTERFACES, XDP = "socket hooks", "interfaces", "XDP fast path"
-
-
-class Source(Protocol):
-    @property
-    def complete(self) -> bool:
-        """False while part of the source cannot be read (its content is unknown)."""
-        ...
-
-    @property
-    def arrived(self) -> float | None:
-        """When (time.monotonic) the oldest change the last poll applied reached lbctl."""
-        ...
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def wait_ready(self, timeout: float) -> bool:
-        """Wait until the whole source has been read once; False on timeout."""
-        ...
-
-    def wait(self, timeout: float) -> None:
-        """Return when there may be changes to poll, at the latest after `timeout`."""
-        ...
-
-    def poll(self, table: ServiceTable) -> set[ServiceRef]: ...
-
-
-class Datapath(Protocol):
-    mode: str
-
-    def load(self) -> None:
-        """Finish what the constructor started (compiling); a no-op when done."""
-        ...
-
-    def configure(self, conf: NodeConfig) -> None:
-        """The node's address, NAT ports and cluster CIDRs."""
-        ...
-
-    def collect_garbage(self) -> list[str]:
-        """Forget flows that timed out; what an operator should know (a full table)."""
-        ...
-
-    def reconcile(
-        self, desired: dict[FrontendKey, Frontend], remove_stale: bool = True
-    ) -> list[str]: ...
-
-    def apply(self, change: PlanDiff) -> list[str]: ...
-
-    def attach(self, links: list[tc.Link]) -> list[str]: ...
-
-    def forget_missing(self, present: list[tc.Link]) -> None: ...
-
-    def forget_detached(self) -> list[str]:
-        """Interfaces whose program was removed behind lbctl's back; re-attached next."""
-        ...
-
-    def attach_xdp(self, links: list[tc.Link], mode: str) -> list[str]: ...
-
-    def attach_cgroup(self, path: str | None) -> list[str]: ...
-
-    def close(self) -> None: ...
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 
 from lbctl.agent.config import Config
-from lbctl.agent.loop import Datapath
+from lbctl.datapath import Datapath
 from lbctl.datapath.ebpf import probe
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,9 @@ class Selection:
 def _ipvs(chosen_by: str, why: str, bpf_missing: str | None = None) -> Selection:
     """The IPVS datapath; bpf_missing: why the eBPF one cannot run (None: forced)."""
     from lbctl.datapath.ipvs.datapath import IpvsDatapath
+    from lbctl.datapath.ipvs.probe import probe_ipvs
 
-    found = probe.probe_ipvs()
+    found = probe_ipvs()
     if not found.ok:
         if bpf_missing is None:
             raise ModeError(
@@ -61,8 +62,8 @@ def select(cfg: Config, chosen_by: str) -> Selection:
             )
         log.warning("%s: %s; falling back to IPVS", chosen_by, why)
         return _ipvs(chosen_by, f"fell back to IPVS, {why}", why)
+    from lbctl.datapath import DatapathError
     from lbctl.datapath.ebpf.datapath import BpfDatapath
-    from lbctl.datapath.ebpf.frontends import DatapathError
 
     reason = f"{chosen_by}: BPF features probed, all {found.summary()}"
     try:
@@ -77,8 +78,8 @@ def select(cfg: Config, chosen_by: str) -> Selection:
 
 def settle(selection: Selection, cfg: Config) -> Selection:
     """Wait for the BPF compiler; under auto, fall back to IPVS if it failed."""
+    from lbctl.datapath import DatapathError
     from lbctl.datapath.ebpf.datapath import BpfDatapath
-    from lbctl.datapath.ebpf.frontends import DatapathError
 
     dp = selection.datapath
     if not isinstance(dp, BpfDatapath):

@@ -12,8 +12,6 @@ import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
 
-from pyroute2 import IPRoute
-
 LOCALHOST = ipaddress.IPv4Address("127.0.0.1")
 
 
@@ -30,6 +28,8 @@ def local_ipv4() -> list[LocalAddress]:
     """Every IPv4 address of this namespace except loopback ones, by interface index.
 
     The Services' own addresses on the IPVS datapath's dummy link are not the node's."""
+    from pyroute2 import IPRoute  # here: reading the configuration needs no netlink
+
     with IPRoute() as ipr:
         names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
         raw = ipr.get_addr(family=socket.AF_INET)

@@ -30,13 +30,14 @@ import ipaddress
 import itertools
 import shlex
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lbctl.cli.output import counted
+from lbctl.datapath.ipvs import owned
+from lbctl.datapath.ipvs.owned import IPVS_PROC, NODE_PORT_RANGE, VirtualService
+from lbctl.words import counted
 
 TABLES = ("nat", "filter", "mangle")
 # The fixed chains kube-proxy has created, by table, in its iptables and
@@ -87,13 +88,11 @@ KUBELET_CHAINS = frozenset(
 IPTABLES_TOOLS = ("iptables-legacy", "iptables-nft", "ip6tables-legacy", "ip6tables-nft")
 NFT_TABLES = ("ip kube-proxy", "ip6 kube-proxy")
 IPVS_LINK = "kube-ipvs0"
-IPVS_PROC = Path("/proc/net/ip_vs")  # per network namespace, while ip_vs is loaded
 # iptables-legacy's tables of this namespace, by family; no file: no legacy tables
 LEGACY_TABLES = {
     "iptables": Path("/proc/net/ip_tables_names"),
     "ip6tables": Path("/proc/net/ip6_tables_names"),
 }
-NODE_PORT_RANGE = (30000, 32767)  # kube-apiserver's default --service-node-port-range
 _RETRIES = 3  # re-read and try again when a table changed between reading and writing
 
 
@@ -272,46 +271,18 @@ def clean_nftables() -> tuple[list[str], list[str]]:
 # -- IPVS ----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class VirtualService:
-    """An IPVS virtual service, as `ipvsadm -Ln` would show it."""
-
-    protocol: int  # IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP; 0 for a firewall-mark service
-    address: str  # "" for a firewall-mark service
-    port: int
-    fwmark: int = 0
-
-    def __str__(self) -> str:
-        if self.fwmark:
-            return f"fwmark {self.fwmark}"
-        name = {socket.IPPROTO_TCP: "TCP", socket.IPPROTO_UDP: "UDP"}.get(
-            self.protocol, f"proto {self.protocol}"
-        )
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{name} {host}:{self.port}"
-
-
 def kube_proxy_services(
     services: Iterable[VirtualService],
     link_addresses: set[str] | None,
     node_addresses: set[str],
     node_port_range: tuple[int, int] = NODE_PORT_RANGE,
 ) -> list[VirtualService]:
-    """The virtual services kube-proxy's IPVS mode made.
-
-    `link_addresses`: the addresses of kube-ipvs0, None when there is no such
-    link.  Its addresses are all service addresses; NodePorts are on the
-    node's own addresses, and count only while kube-ipvs0 shows that
-    kube-proxy ran in IPVS mode here.  Firewall-mark services are never kube-proxy's.
-    """
-    if link_addresses is None:
-        return []
-    low, high = node_port_range
+    """The virtual services kube-proxy's IPVS mode made: those `owned.why` gives
+    to kube-ipvs0, whose addresses `link_addresses` are (None: no such link)."""
     return [
         s
         for s in services
-        if not s.fwmark
-        and (s.address in link_addresses or (s.address in node_addresses and low <= s.port <= high))
+        if owned.why(s, link_addresses, node_addresses, node_port_range) is not None
     ]
 
 

@@ -24,7 +24,7 @@ from lbctl.datapath.ebpf.settings import DEFAULT_PIN_DIR, BpfSettings
 
 if TYPE_CHECKING:
     from lbctl.agent.config import Config
-    from lbctl.agent.loop import Source
+    from lbctl.sources import Source
 
 log = logging.getLogger("lbctl")
 
@@ -38,7 +38,7 @@ def _interfaces(value: str) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     from lbctl.cli.cleanup import parse_node_port_range
-    from lbctl.plan.planner import SCHEDULERS
+    from lbctl.model import SCHEDULERS
 
     p = argparse.ArgumentParser(
         prog="lbctl",
@@ -678,9 +678,10 @@ def _refuse_while_in_use(pin_dir: Path) -> None:
 
 
 def _cleanup_kube_proxy(args: argparse.Namespace) -> int:
-    from lbctl.cli import cleanup as kubeproxy_cleanup
+    from lbctl.cli import cleanup
+    from lbctl.datapath.ipvs.owned import NODE_PORT_RANGE
 
-    report = kubeproxy_cleanup.cleanup(args.node_port_range or kubeproxy_cleanup.NODE_PORT_RANGE)
+    report = cleanup.cleanup(args.node_port_range or NODE_PORT_RANGE)
     for line in report.lines:
         print(line)
     for error in report.errors:

@@ -16,11 +16,6 @@ def columns(rows: Sequence[Sequence[str]]) -> str:
     )
 
 
-def counted(n: int, one: str, many: str | None = None) -> str:
-    """`1 virtual service`, `2 virtual services`: n and the word in its number."""
-    return f"{n} {one}" if n == 1 else f"{n} {many or one + 's'}"
-
-
 def render(data: dict[str, Any], output: str, table: Callable[[dict[str, Any]], str]) -> str:
     """`data` as JSON or YAML, or as `table` renders it."""
     if output == "json":

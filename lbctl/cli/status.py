@@ -26,11 +26,12 @@ from typing import Any
 from lbctl.agent.config import parse_bind_address
 from lbctl.cli.agentclient import get_json
 from lbctl.cli.locate import PinDir, resolve
-from lbctl.cli.output import columns, counted
+from lbctl.cli.output import columns
 from lbctl.cli.output import render as output_render
 from lbctl.datapath.ebpf.maps import MAP_TYPES
 from lbctl.datapath.ebpf.upgrade import status as upgrade_status
 from lbctl.datapath.ipvs import nftables
+from lbctl.words import counted
 
 OK, FAILED, USAGE, AGENT_DOWN, UNHEALTHY, NO_DATAPATH = 0, 1, 2, 3, 4, 5
 STATES = {  # the verdict of each exit code `lbctl status` decides
@@ -124,9 +125,9 @@ def socket_hooks(pin_dir: Path) -> list[dict[str, Any]]:
 
 
 def pinned_maps(where: PinDir) -> dict[str, Any]:
+    from lbctl.datapath import DatapathError
     from lbctl.datapath.ebpf import libbpf
     from lbctl.datapath.ebpf.datapath import check_bpffs
-    from lbctl.datapath.ebpf.frontends import DatapathError
     from lbctl.datapath.ebpf.maps import SIZE_FLAGS
 
     pin_dir = where.path

@@ -26,7 +26,6 @@ from lbctl.model import (
     ServiceRef,
     ServiceTable,
 )
-from lbctl.plan import scheduling
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +33,6 @@ log = logging.getLogger(__name__)
 SCOPE_ALL = 0  # every client
 SCOPE_EXTERNAL = 1  # clients from outside the cluster (externalTrafficPolicy Local)
 SCOPE_NAMES = {SCOPE_ALL: "", SCOPE_EXTERNAL: "external"}
-
-# How a frontend picks the backend of a new flow: the cluster default
-# (`scheduler` in the configuration, --scheduler), or a Service's own annotation.
-SCHEDULERS = scheduling.SCHEDULERS
-SCHEDULER_ANNOTATION = "lbctl.io/scheduler"
 
 # Frontend kinds, as `lbctl maps dump` shows them.
 CLUSTER_IP, NODE_PORT, LOAD_BALANCER, EXTERNAL_IP = (

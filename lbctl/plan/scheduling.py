@@ -16,10 +16,11 @@ import math
 from collections.abc import Sequence
 from typing import TypeVar
 
+from lbctl.model import SCHEDULERS
+
 T = TypeVar("T")
 
-RANDOM, RR, WRR, MAGLEV, SH, LC = "random", "rr", "wrr", "maglev", "sh", "lc"
-SCHEDULERS = (RANDOM, RR, WRR, MAGLEV, SH, LC)
+RANDOM, RR, WRR, MAGLEV, SH, LC = SCHEDULERS
 TABLE_SCHEDULERS = (WRR, MAGLEV, SH)  # the ones that need an lb_tables row
 
 HASH_SEED = 0x6C62636C  # LB_HASH_SEED of bpf/lbctl.h

@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from lbctl.model import (
+    SCHEDULER_ANNOTATION,
+    SCHEDULERS,
     Endpoint,
     EndpointPort,
     EndpointSlice,
@@ -28,7 +30,6 @@ from lbctl.model import (
     ServicePort,
     ServiceRef,
 )
-from lbctl.plan.planner import SCHEDULER_ANNOTATION, SCHEDULERS
 from lbctl.sources import fields
 from lbctl.sources.fields import InvalidObject
 

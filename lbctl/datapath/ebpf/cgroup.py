@@ -27,9 +27,9 @@ import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from lbctl.datapath import DatapathError
 from lbctl.datapath.ebpf import libbpf
 from lbctl.datapath.ebpf.compiler import CGROUP_SOCK_ADDR, PROGRAMS
-from lbctl.datapath.ebpf.frontends import DatapathError
 
 CGROUP2_SUPER_MAGIC = 0x63677270
 CGROUP_SUPER_MAGIC = 0x27E0EB  # cgroup v1

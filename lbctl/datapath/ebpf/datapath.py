@@ -12,11 +12,11 @@ from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from lbctl.datapath import node as nodeconf
-from lbctl.datapath.ebpf import conntrack_gc, layout, tc
+from lbctl.datapath import DatapathError, NodeConfig
+from lbctl.datapath.ebpf import conntrack_gc, layout, nodeconf, tc
 from lbctl.datapath.ebpf.compiler import Compilation, CompileError
 from lbctl.datapath.ebpf.entries import has_source_ranges
-from lbctl.datapath.ebpf.frontends import DatapathError, FrontendTable
+from lbctl.datapath.ebpf.frontends import FrontendTable
 from lbctl.datapath.ebpf.maps import Maps
 from lbctl.datapath.ebpf.ranges import SourceRangeTable, Vip, ranges_of, vip_of
 from lbctl.datapath.ebpf.settings import BpfSettings
@@ -24,7 +24,6 @@ from lbctl.datapath.ebpf.upgrade.plan import Report
 from lbctl.datapath.ebpf.upgrade.record import RecordError
 from lbctl.datapath.ebpf.upgrade.run import Upgrade
 from lbctl.datapath.ebpf.upgrade.structs import LayoutError
-from lbctl.datapath.node import NodeConfig
 from lbctl.plan.planner import SCOPE_NAMES, Frontend, FrontendKey, PlanDiff
 
 log = logging.getLogger(__name__)

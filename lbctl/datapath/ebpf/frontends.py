@@ -23,6 +23,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from lbctl.datapath import DatapathError
 from lbctl.datapath.ebpf import conntrack_gc, entries, layout
 from lbctl.datapath.ebpf.entries import (
     MAX_BACKENDS_PER_FRONTEND,
@@ -37,18 +38,14 @@ from lbctl.datapath.ebpf.entries import (
 )
 from lbctl.datapath.ebpf.libbpf import MapError
 from lbctl.datapath.ebpf.maps import Maps
+from lbctl.datapath.ebpf.nodeconf import PLACEMENT_FLAGS, Placement
 from lbctl.datapath.ebpf.servicecounters import Labels, ServiceCounters
 from lbctl.datapath.ebpf.tables import RowsExhausted, TableRows
-from lbctl.datapath.node import PLACEMENT_FLAGS, Placement
 from lbctl.model import Protocol, ServiceRef
 from lbctl.plan import scheduling
 from lbctl.plan.planner import Backend, Frontend, FrontendKey
 
 log = logging.getLogger(__name__)
-
-
-class DatapathError(Exception):
-    """A frontend could not be programmed; the message names it and the fix."""
 
 
 class FrontendTable:

@@ -6,8 +6,7 @@ from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
-from lbctl.datapath import node as nodeconf
-from lbctl.datapath.ebpf import conntrack_gc, layout
+from lbctl.datapath.ebpf import conntrack_gc, layout, nodeconf
 from lbctl.datapath.ebpf.entries import SCHED_NAMES, describe_flags, flags_backend
 from lbctl.datapath.ebpf.maps import Maps
 from lbctl.datapath.ebpf.settings import SECOND_NS

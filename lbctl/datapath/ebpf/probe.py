@@ -25,11 +25,11 @@ loads the ip_vs module when the kernel has it as a module.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import os
-import shutil
 import struct
+
+from lbctl.datapath import Probe
 
 SYS_BPF = 321  # x86_64
 BPF_MAP_CREATE, BPF_PROG_LOAD = 0, 5
@@ -63,24 +63,6 @@ HELPERS = (
     ("ringbuf_output", 130),
 )
 PROBE_LINK = "lbctl-probe0"  # the veth pair made (and deleted) by the attach probe
-
-
-@dataclasses.dataclass
-class Probe:
-    """What was checked, in order, and the first thing missing (None: all present)."""
-
-    checked: list[str] = dataclasses.field(default_factory=list)
-    missing: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.missing is None
-
-    def summary(self) -> str:
-        if self.missing is None:
-            return "present: " + ", ".join(self.checked)
-        done = f" (present before it: {', '.join(self.checked)})" if self.checked else ""
-        return f"{self.missing}{done}"
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -258,37 +240,3 @@ def _attach_refused() -> str:
             "seccomp) refuses"
         )
     return f"attaching: creating the probe veth {PROBE_LINK} was not permitted (EPERM): {why}"
-
-
-def probe_ipvs() -> Probe:
-    """IPVS over generic netlink, and nft for the table beside it."""
-    from pyroute2 import IPVS
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    out = Probe()
-    try:
-        ipvs = IPVS()
-    except NetlinkError as err:
-        if err.code in (errno.ENOENT, errno.EPROTONOSUPPORT):
-            out.missing = (
-                "IPVS: the kernel has no generic netlink family IPVS (CONFIG_IP_VS; "
-                "as a module: `modprobe ip_vs`)"
-            )
-        else:
-            out.missing = f"IPVS: opening its generic netlink family failed: {err}"
-        return out
-    try:
-        list(ipvs.service("dump"))
-    except NetlinkError as err:
-        out.missing = f"IPVS: listing virtual services failed: {os.strerror(err.code)}" + (
-            " (the agent needs CAP_NET_ADMIN)" if err.code == errno.EPERM else ""
-        )
-        return out
-    finally:
-        ipvs.close()
-    out.checked.append("IPVS generic netlink family")
-    if shutil.which("nft") is None:
-        out.missing = "nft: not found in PATH (install the nftables package)"
-        return out
-    out.checked.append("nft")
-    return out

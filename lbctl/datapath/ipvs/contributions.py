@@ -19,8 +19,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from lbctl.datapath import NodeConfig
 from lbctl.datapath.ipvs import nftables
-from lbctl.datapath.node import NodeConfig
 from lbctl.model import Protocol
 from lbctl.plan.planner import (
     CLUSTER_IP,

@@ -41,9 +41,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lbctl.cli.output import counted
+from lbctl.datapath import NodeConfig
 from lbctl.datapath.ebpf import tc
-from lbctl.datapath.ipvs import nftables
+from lbctl.datapath.ipvs import nftables, owned
 from lbctl.datapath.ipvs.contributions import (
     Contributions,
     TableSync,
@@ -51,13 +51,14 @@ from lbctl.datapath.ipvs.contributions import (
     deciding,
     vs_key,
 )
-from lbctl.datapath.node import NodeConfig
+from lbctl.datapath.ipvs.owned import IPVS_PROC, NODE_PORT_RANGE
 from lbctl.plan.planner import (
     NODE_PORT,
     Frontend,
     FrontendKey,
     PlanDiff,
 )
+from lbctl.words import counted
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +410,6 @@ def _conns(dest: Mapping[str, Any]) -> int:
 
 # -- reading back and removing, for `lbctl maps dump` and `lbctl cleanup` ----------------
 
-IPVS_PROC = Path("/proc/net/ip_vs")  # per network namespace, while ip_vs is loaded
 _PROTOCOLS = {socket.IPPROTO_TCP: "TCP", socket.IPPROTO_UDP: "UDP"}
 
 
@@ -542,9 +542,6 @@ def cleanup(node_port_range: tuple[int, int] | None = None) -> list[str]:
     IPVS cleanup flushes all of IPVS; this one does not)."""
     from pyroute2 import IPVS, IPRoute
 
-    from lbctl.cli.cleanup import NODE_PORT_RANGE
-    from lbctl.cli.cleanup import VirtualService as Named
-
     low, high = node_port_range or NODE_PORT_RANGE
     said = []
     sets = nftables.read()
@@ -569,9 +566,15 @@ def cleanup(node_port_range: tuple[int, int] | None = None) -> list[str]:
     def why(key: VsKey) -> str | None:
         if key in listed:
             return reasons[0]
-        if key[0] in addresses:
+        rule = owned.why(
+            owned.VirtualService(key[2], key[0], key[1]),
+            addresses if found else None,
+            node_addresses,
+            (low, high),
+        )
+        if rule == owned.ON_LINK:
             return reasons[1]
-        if sets is None and found and key[0] in node_addresses and low <= key[1] <= high:
+        if rule == owned.NODE_PORT and sets is None:  # the table would have listed it
             return reasons[2]
         return None
 
@@ -582,10 +585,10 @@ def cleanup(node_port_range: tuple[int, int] | None = None) -> list[str]:
             kept = []
             for svc in [_service_fields(msg) for msg in ipvs.service("dump")]:
                 if svc.get("fwmark") or svc.get("af") != socket.AF_INET:
-                    kept.append(str(Named(0, "", 0, int(svc.get("fwmark") or 0))))
+                    kept.append(str(owned.VirtualService(0, "", 0, int(svc.get("fwmark") or 0))))
                     continue
                 key = (str(svc.get("addr")), int(svc["port"]), int(svc["protocol"]))
-                name = str(Named(key[2], key[0], key[1]))
+                name = str(owned.VirtualService(key[2], key[0], key[1]))
                 reason = why(key)
                 if reason is None:
                     kept.append(name)

@@ -240,7 +240,7 @@ class Upgrade:
             have = (info.kind, info.key_size, info.value_size, info.max_entries, info.flags)
             want = (spec.kind, spec.key_size, spec.value_size, spec.max_entries, spec.flags)
             if have != want:
-                from lbctl.datapath.ebpf.frontends import DatapathError
+                from lbctl.datapath import DatapathError
 
                 raise DatapathError(
                     f"map {name} as loaded is {have} but {want} was planned; this is a bug "

@@ -1,15 +1,16 @@
-"""What the datapath must know about its node: lb4_config and the cluster CIDRs.
+"""The node's settings in the eBPF datapath: lb4_config and the cluster CIDRs.
 
-Written at the first sync and whenever the node's address changes; the
-programs read it on every new flow.  The pod network (the cluster CIDRs) and
+`NodeConfig` (lbctl/datapath/__init__.py) as the programs read it: written at
+the first sync and whenever the node's address changes; the programs read it
+on every new flow.  The pod network (the cluster CIDRs) and
 the node's own addresses also say where each backend is (`Placement`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 
+from lbctl.datapath import NodeConfig
 from lbctl.datapath.ebpf import layout
 from lbctl.datapath.ebpf.maps import Maps
 
@@ -19,18 +20,6 @@ _CFG_F_NODE_CIDRS = layout.const("LB_CFG_F_NODE_CIDRS")
 _BACKEND_F_MASQ_PODS = layout.const("LB_BACKEND_F_MASQ_PODS")
 _BACKEND_F_HOST = layout.const("LB_BACKEND_F_HOST")
 PLACEMENT_FLAGS = _BACKEND_F_MASQ_PODS | _BACKEND_F_HOST
-DEFAULT_NAT_PORTS = (61000, 65535)  # above Linux's default ephemeral range (32768-60999)
-
-
-@dataclasses.dataclass(frozen=True)
-class NodeConfig:
-    snat_address: ipaddress.IPv4Address | None = None  # None: no masquerading
-    nat_ports: tuple[int, int] = DEFAULT_NAT_PORTS
-    masquerade_all: bool = False
-    cluster_cidrs: tuple[ipaddress.IPv4Network, ...] = ()  # the local traffic detector
-    netns_cookie: int = 0  # the node's network namespace, for the socket hooks
-    node_cidrs: bool = False  # cluster_cidrs are this node's spec.podCIDRs (none was given)
-    host_addresses: frozenset[ipaddress.IPv4Address] = frozenset()  # the node's own
 
 
 class Placement:
