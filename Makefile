@@ -22,6 +22,7 @@ lint: deps
 	$(BIN)/ruff check lbctl tests bench
 	$(BIN)/ruff format --check lbctl tests bench
 	$(BIN)/mypy --strict lbctl
+	$(BIN)/lint-imports  # the import layers, [tool.importlinter] in pyproject.toml
 	promtool check rules deploy/prometheus/lbctl-rules.yaml
 	$(PY) scripts/prometheusrule.py --check
 
@@ -63,4 +64,4 @@ bench-upgrade: deps
 	$(PY) bench/upgrade.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache .import_linter_cache
