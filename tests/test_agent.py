@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lbctl.agent.loop import Agent, AgentOptions
 from lbctl.datapath.ebpf.datapath import BpfDatapath
-from lbctl.datapath.ebpf.frontends import FrontendTable
+from lbctl.datapath.ebpf.frontends import FrontendWriter
 from lbctl.sources.manifests import ManifestSource
 from tests import k8s_yaml
 
@@ -25,7 +25,7 @@ def publish(path: Path, name: str, vip: str) -> None:
 
 def restart(dp: BpfDatapath, manifests: Path) -> Agent:
     """A new agent process: it adopts what the pinned maps hold."""
-    dp.table = FrontendTable(dp.maps)
+    dp.table = FrontendWriter(dp.maps)
     dp.table.adopt()
     agent = Agent(ManifestSource(manifests), dp, AgentOptions(interfaces=[]))
     agent.sync()

@@ -1,6 +1,6 @@
 """The tc program under BPF_PROG_TEST_RUN: frames in, verdict and frame out, no network.
 
-Each test programs services through FrontendTable (as the agent does), runs frames
+Each test programs services through FrontendWriter (as the agent does), runs frames
 built by tests/packets.py through the loaded program, and checks the frame that comes
 out (addresses, ports, checksums, TTL), the verdict, the conntrack map and the
 per-CPU lb_stats counters.

@@ -283,14 +283,14 @@ def test_the_node_stacks_icmp_error_about_a_flow_reaches_the_pod_from_the_servic
 def test_maps_of_an_older_agent_get_the_backends_place_when_adopted(dp: BpfDatapath) -> None:
     """Backends written without a place (an agent from before) are rewritten by the
     restarted agent as soon as it knows the node, before new flows need it."""
-    from lbctl.datapath.ebpf.frontends import FrontendTable
+    from lbctl.datapath.ebpf.frontends import FrontendWriter
     from lbctl.datapath.ebpf.nodeconf import Placement
 
     for key, value in list(dp.maps.lb4_backends.items()):
         value.flags &= layout.const("LB_BACKEND_F_READY") | layout.const("LB_BACKEND_F_SERVING")
         dp.maps.lb4_backends.update(key, value)
     assert set(backend_flags(dp).values()) == {0}
-    restarted = FrontendTable(dp.maps, dp.settings.table_size)
+    restarted = FrontendWriter(dp.maps, dp.settings.table_size)
     restarted.adopt()
     conf = NodeConfig(
         snat_address=ip(NODE),

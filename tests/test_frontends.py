@@ -17,7 +17,7 @@ import pytest
 
 from lbctl.datapath.ebpf import layout
 from lbctl.datapath.ebpf.datapath import BpfDatapath
-from lbctl.datapath.ebpf.frontends import FrontendTable
+from lbctl.datapath.ebpf.frontends import FrontendWriter
 from lbctl.datapath.ebpf.libbpf import prog_test_run
 from lbctl.datapath.ebpf.settings import BpfSettings
 from lbctl.model import Protocol, ServiceRef
@@ -193,7 +193,7 @@ def test_full_map_in_a_batched_sync_rolls_back_and_names_the_frontend(pin_dir: P
 def test_restart_adopts_maps_and_touches_only_what_changed(clean_datapath: BpfDatapath) -> None:
     want = {fe.key: fe for fe in (frontend(i, ["10.4.0.1", "10.4.0.2"]) for i in range(20))}
     assert clean_datapath.table.reconcile(want) == []
-    adopted = FrontendTable(clean_datapath.maps)
+    adopted = FrontendWriter(clean_datapath.maps)
     adopted.adopt()
     assert adopted.reconcile(want) == [] and adopted.map_ops == 0
     stale = frontend(5, []).key
@@ -293,7 +293,7 @@ def test_adoption_repairs_what_an_interrupted_update_left(clean_datapath: BpfDat
     orphan = layout.new("struct lb_slot_key", frontend_id=999, slot=1)
     m.lb_slots.update(orphan, slot3)
 
-    adopted = FrontendTable(m)
+    adopted = FrontendWriter(m)
     adopted.adopt()
     clean_datapath.table = adopted
     assert decoded(clean_datapath) == {"10.96.0.1:80": ["10.7.0.2", "10.7.0.3"]}

@@ -333,7 +333,7 @@ def test_affinity_goes_with_its_backend(clean_datapath: BpfDatapath) -> None:
 
 
 def test_a_restart_adopts_the_table_and_rewrites_nothing(clean_datapath: BpfDatapath) -> None:
-    from lbctl.datapath.ebpf.frontends import FrontendTable
+    from lbctl.datapath.ebpf.frontends import FrontendWriter
 
     dp = clean_datapath
     backends = addresses(6)
@@ -341,7 +341,7 @@ def test_a_restart_adopts_the_table_and_rewrites_nothing(clean_datapath: BpfData
     dp.table.upsert(fe)
     flows = flow_tuples()[:500]
     before = decide(dp, flows)
-    adopted = FrontendTable(dp.maps)
+    adopted = FrontendWriter(dp.maps)
     adopted.adopt()
     assert not adopted.matches(fe)  # what the row was built from is not in the maps...
     adopted.upsert(fe)

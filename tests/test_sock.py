@@ -32,7 +32,7 @@ import pytest
 
 from lbctl.datapath.ebpf import cgroup, layout, libbpf
 from lbctl.datapath.ebpf.compiler import Compilation, Loaded
-from lbctl.datapath.ebpf.frontends import FrontendTable
+from lbctl.datapath.ebpf.frontends import FrontendWriter
 from lbctl.datapath.ebpf.maps import Maps
 from lbctl.datapath.ebpf.settings import BpfSettings
 from lbctl.model import Protocol, ServiceRef
@@ -332,7 +332,7 @@ def env(pin_dir: Path, cgroups: CgroupMaker) -> Iterator[Env]:
             with cluster.node.entered():
                 cookie = cgroup.netns_cookie()
             write_cookie(maps, cookie)
-            assert FrontendTable(maps).apply(frontends(cluster.pods), []) == []
+            assert FrontendWriter(maps).apply(frontends(cluster.pods), []) == []
             where = cgroups.new()
             cgroups.check_ours(where)
             attachments = cgroup.attach(where, loaded.prog_fds, pin_dir)

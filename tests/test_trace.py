@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from lbctl.agent.http.tracez import settings_of as tracez_settings
+from lbctl.agent.http.trace import settings_of as tracez_settings
 from lbctl.datapath import NodeConfig
 from lbctl.datapath.ebpf import conntrack_gc, libbpf
 from lbctl.datapath.ebpf.datapath import BpfDatapath

@@ -396,13 +396,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args)
         if args.command == "maps":
-            return _dump(args)
+            from lbctl.cli import maps
+
+            return maps.main(args)
         if args.command == "monitor":
             return _monitor(args)
         if args.command == "trace":
-            from lbctl.cli import trace as trace_command
+            from lbctl.cli import trace
 
-            return trace_command.main(
+            return trace.main(
                 args.bpffs, args.address, args.src, args.dst, args.proto, args.output, args.timeout
             )
         if args.command == "status":
@@ -540,40 +542,6 @@ def _source(cfg: Config) -> Source:
 
 def _node_name(cfg: Config) -> str:
     return str(cfg.hostname_override or os.environ.get("NODE_NAME") or socket.gethostname()).lower()
-
-
-def _dump(args: argparse.Namespace) -> int:
-    from lbctl.cli import maps as dump_render
-    from lbctl.cli import output
-    from lbctl.cli.locate import MISSING_FIX, resolve
-    from lbctl.datapath.ebpf import inspect as dump
-
-    sections: tuple[str, ...] = dump.SECTIONS
-    if args.map is not None:
-        section = dump.MAP_SECTIONS.get(args.map, args.map)
-        if section not in dump.SECTIONS:
-            known = ", ".join([*dump.SECTIONS, *dump.MAP_SECTIONS])
-            raise ValueError(f"no map or section {args.map!r} to dump; choose one of {known}")
-        sections = (section,)
-    if args.service is not None and args.service.count("/") != 1:
-        raise ValueError(f"--service {args.service!r} must be NAMESPACE/NAME, e.g. default/web")
-    where = resolve(args.bpffs, args.address, args.timeout)
-    if not (where.path / "lb4_services").exists():
-        from lbctl.cli import maps_ipvs
-        from lbctl.datapath.ebpf.datapath import check_bpffs
-        from lbctl.datapath.ipvs import datapath as ipvs
-
-        if ipvs.present():  # the IPVS fallback runs here
-            state = ipvs.read_state()
-            sys.stdout.write(output.render(state, args.output, maps_ipvs.render_table))
-            return 0
-        check_bpffs(where.path)  # e.g. under `ip netns exec`, which hides bpffs: says so
-        raise FileNotFoundError(
-            f"{where.missing()}, and no IPVS datapath ({ipvs.LINK}) here: {MISSING_FIX}"
-        )
-    data = dump.read(where.path, sections, args.service)
-    sys.stdout.write(output.render(data, args.output, dump_render.render_table))
-    return 0
 
 
 def events_types() -> list[str]:

@@ -1,11 +1,15 @@
-"""`lbctl maps dump` as text: one table per section that `dump.read` returned."""
+"""`lbctl maps dump`: the datapath's maps read back (lbctl/datapath/ebpf/inspect.py, or the
+IPVS datapath's state), as JSON, YAML or one table per section."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import sys
 from collections.abc import Callable
 from typing import Any
 
+from lbctl.cli import output
 from lbctl.cli.output import columns
 
 
@@ -113,3 +117,68 @@ _SECTIONS: tuple[tuple[str, Callable[[Any], str]], ...] = (
 def render_table(data: dict[str, Any]) -> str:
     """The sections of `data` in the order `dump.read` lists them."""
     return "\n\n".join(show(data[key]) for key, show in _SECTIONS if key in data) + "\n"
+
+
+def render_ipvs_table(state: dict[str, Any]) -> str:
+    services = Table(
+        ["FRONTEND", "PROTO", "KIND", "SCHED", "FLAGS", "BACKEND", "WEIGHT", "ACTIVE", "INACTIVE"]
+    )
+    for vs in state["virtual_services"]:
+        flags = list(vs["flags"])
+        if vs["persistence_timeout_s"]:
+            flags = [f for f in flags if f != "persistent"]
+            flags.append(f"affinity={vs['persistence_timeout_s']}s")
+        first = [f"{vs['address']}:{vs['port']}", vs["protocol"], vs["kind"], vs["scheduler"]]
+        first.append(" ".join(flags) or "-")
+        if not vs["backends"]:
+            services.rows.append([*first, "(no backends)", "", "", ""])
+        for i, be in enumerate(vs["backends"]):
+            lead = first if i == 0 else [""] * len(first)
+            counts = [str(be["weight"]), str(be["active_conns"]), str(be["inactive_conns"])]
+            services.rows.append([*lead, f"{be['address']}:{be['port']}", *counts])
+    link = state["link"]
+    addresses = link["addresses"]
+    summary = (
+        f"mode: ipvs; link {link['name']}: "
+        + (", ".join(addresses) or "no addresses" if addresses is not None else "absent")
+        + ("" if state["ipvs_loaded"] else "; ip_vs is not loaded")
+    )
+    sets = Table(["SET", "ELEMENTS"])
+    table = state["nftables"]
+    for name, elements in (table["sets"] or {}).items():
+        sets.rows.append([name, ", ".join(elements) or "-"])
+    nft = f"nftables table {table['table']}" + (":" if table["sets"] is not None else ": absent")
+    parts = [services.render(), summary, nft + "\n" + sets.render()]
+    return "\n\n".join(parts) + "\n"
+
+
+def main(args: argparse.Namespace) -> int:
+    """`lbctl maps dump`: the eBPF datapath's pinned maps, or the IPVS datapath's state."""
+    from lbctl.cli.locate import MISSING_FIX, resolve
+    from lbctl.datapath.ebpf import inspect
+
+    sections: tuple[str, ...] = inspect.SECTIONS
+    if args.map is not None:
+        section = inspect.MAP_SECTIONS.get(args.map, args.map)
+        if section not in inspect.SECTIONS:
+            known = ", ".join([*inspect.SECTIONS, *inspect.MAP_SECTIONS])
+            raise ValueError(f"no map or section {args.map!r} to dump; choose one of {known}")
+        sections = (section,)
+    if args.service is not None and args.service.count("/") != 1:
+        raise ValueError(f"--service {args.service!r} must be NAMESPACE/NAME, e.g. default/web")
+    where = resolve(args.bpffs, args.address, args.timeout)
+    if not (where.path / "lb4_services").exists():
+        from lbctl.datapath.ebpf.datapath import check_bpffs
+        from lbctl.datapath.ipvs import datapath as ipvs
+
+        if ipvs.present():  # the IPVS fallback runs here
+            state = ipvs.read_state()
+            sys.stdout.write(output.render(state, args.output, render_ipvs_table))
+            return 0
+        check_bpffs(where.path)  # e.g. under `ip netns exec`, which hides bpffs: says so
+        raise FileNotFoundError(
+            f"{where.missing()}, and no IPVS datapath ({ipvs.LINK}) here: {MISSING_FIX}"
+        )
+    data = inspect.read(where.path, sections, args.service)
+    sys.stdout.write(output.render(data, args.output, render_table))
+    return 0

@@ -3,7 +3,7 @@
 Two sources, read apart so that either may be missing:
 
 - the agent's status document (`/statusz` on its health port, see
-  lbctl/agent/http/statusz.py): mode and why, source, last syncs and their result,
+  lbctl/agent/http/status.py): mode and why, source, last syncs and their result,
   counts, errors;
 - the kernel, read here: for every interface of this network namespace the
   BPF programs on its clsact ingress and egress hooks (tc filters) and its XDP

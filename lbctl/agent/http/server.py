@@ -29,11 +29,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from lbctl.agent.http import metrics
 from lbctl.agent.http.nodeport_health import HealthChecks
-from lbctl.agent.http.statusz import document as status_document
-from lbctl.agent.http.statusz import retry as _retry
-from lbctl.agent.http.statusz import rfc3339 as _rfc3339
-from lbctl.agent.http.tracez import QueryError
-from lbctl.agent.http.tracez import document as trace_document
+from lbctl.agent.http.status import document as status_document
+from lbctl.agent.http.status import retry as _retry
+from lbctl.agent.http.status import rfc3339 as _rfc3339
+from lbctl.agent.http.trace import QueryError
+from lbctl.agent.http.trace import document as trace_document
 from lbctl.agent.loop import Agent
 from lbctl.datapath.ebpf.datapath import BpfDatapath
 from lbctl.datapath.ebpf.inspect import read_counters

@@ -16,7 +16,7 @@ from lbctl.datapath import DatapathError, NodeConfig
 from lbctl.datapath.ebpf import conntrack_gc, layout, nodeconf, tc
 from lbctl.datapath.ebpf.compiler import Compilation, CompileError
 from lbctl.datapath.ebpf.entries import has_source_ranges
-from lbctl.datapath.ebpf.frontends import FrontendTable
+from lbctl.datapath.ebpf.frontends import FrontendWriter
 from lbctl.datapath.ebpf.maps import Maps
 from lbctl.datapath.ebpf.ranges import SourceRangeTable, Vip, ranges_of, vip_of
 from lbctl.datapath.ebpf.settings import BpfSettings
@@ -171,7 +171,7 @@ class BpfDatapath:
         for problem in report.problems:
             log.error("%s", problem)
         self.maps = Maps.from_fds(loaded.map_fds.__getitem__, owns_fds=True)
-        self.table = FrontendTable(self.maps, self.settings.table_size)
+        self.table = FrontendWriter(self.maps, self.settings.table_size)
         self.table.counters.enabled = self.settings.service_counters
         self.table.adopt()
         self.ranges = SourceRangeTable(self.maps)

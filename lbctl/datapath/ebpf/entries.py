@@ -1,7 +1,7 @@
 """What one frontend is made of in the maps: the Python records that mirror
 the entries, and the encoders that turn them into lbctl.h structs.
 
-FrontendTable (frontends.py) decides what to write and in which order; this
+FrontendWriter (frontends.py) decides what to write and in which order; this
 module only says what the bytes are.  `Batch` gathers many entries of one map
 into the contiguous arrays a batched write takes.
 """

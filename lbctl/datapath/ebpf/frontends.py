@@ -48,7 +48,7 @@ from lbctl.plan.planner import Backend, Frontend, FrontendKey
 log = logging.getLogger(__name__)
 
 
-class FrontendTable:
+class FrontendWriter:
     """What the maps hold, mirrored in Python, and the only code writing them."""
 
     def __init__(self, maps: Maps, table_size: int = scheduling.DEFAULT_TABLE_SIZE) -> None:

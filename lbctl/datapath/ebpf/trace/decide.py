@@ -28,7 +28,7 @@ or an external interface); the node's own sockets are translated at connect
 time with a random source port instead (bpf/lbctl_sock.c).
 
 The maps hold only the backends the plan made eligible; why the other
-endpoints are not there comes from the agent's `/tracez` (lbctl/agent/http/tracez.py)
+endpoints are not there comes from the agent's `/tracez` (lbctl/agent/http/trace.py)
 when it answers.
 
 Exit codes: 0 a backend would get the packet, 1 the command failed, 2 usage,
@@ -44,7 +44,7 @@ from typing import Any
 from lbctl.datapath.ebpf import layout
 from lbctl.datapath.ebpf.entries import SCHED_NAMES, describe_flags
 from lbctl.datapath.ebpf.settings import SECOND_NS, BpfSettings
-from lbctl.datapath.ebpf.trace import masquerade as trace_masq
+from lbctl.datapath.ebpf.trace import masquerade
 from lbctl.datapath.ebpf.trace.view import Be, Ct, MapView, Packet, Svc
 from lbctl.model import Protocol
 from lbctl.plan import scheduling
@@ -325,7 +325,7 @@ def trace(view: MapView, p: Packet, now_ns: int, knobs: Knobs) -> dict[str, Any]
 
     detector = cfg is not None and bool(cfg.flags & _CFG_F_DETECTOR)
     internal = detector and view.in_cluster_cidrs(p.src)
-    net = trace_masq.pod_network(cfg)
+    net = masquerade.pod_network(cfg)
     if svc.flags & _SVC_F_EXTERNAL and svc.flags & _SVC_F_LOCAL:
         if internal:
             t.step(
@@ -379,7 +379,7 @@ def trace(view: MapView, p: Packet, now_ns: int, knobs: Knobs) -> dict[str, Any]
                     "deterministic": True,
                     "candidates": [be.describe()],
                 }
-                trace_masq.record(t, svc, cfg, internal, [be], p)
+                masquerade.record(t, svc, cfg, internal, [be], p)
                 return t.end("forward", f"ClientIP affinity: to {be}")
 
     # 5. the scheduler, 6. no backend
@@ -398,9 +398,9 @@ def trace(view: MapView, p: Packet, now_ns: int, knobs: Knobs) -> dict[str, Any]
         "candidates": [c.describe() for c in candidates],
     }
     if be is not None and deterministic:
-        trace_masq.record(t, svc, cfg, internal, [be], p)
+        masquerade.record(t, svc, cfg, internal, [be], p)
         return t.end("forward", f"{t.doc['choice']['scheduler']}: to {be}")
-    trace_masq.record(t, svc, cfg, internal, candidates, p)
+    masquerade.record(t, svc, cfg, internal, candidates, p)
     return t.end(
         "forward",
         f"{t.doc['choice']['scheduler']}: to one of {', '.join(str(c) for c in candidates)}",
@@ -512,7 +512,7 @@ def _follow(
         "address": f"{ct.snat_addr}:{ct.snat_port}" if ct.snat_addr else None,
         "why": "as the flow was when it started",
     }
-    if trace_masq.on_this_node(be):
+    if masquerade.on_this_node(be):
         t.note(
             f"{be} is an address of this node: the flow's replies leave through the tc "
             "egress hook (lbctl_tc_egress), which gives them the Service's address back"

@@ -18,7 +18,7 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lbctl.agent.http.statusz import API_VERSION, retry
+from lbctl.agent.http.status import API_VERSION, retry
 from lbctl.agent.loop import Agent
 from lbctl.datapath.ebpf.datapath import BpfDatapath
 from lbctl.datapath.ebpf.settings import BpfSettings
