@@ -29,6 +29,12 @@ lint: deps
 test: lint
 	$(PY) -m pytest -q tests
 
+# The pure tests (marked `unit`: the model, the parser, the plan, the config,
+# the manifests and deploy/'s rules), without root, in seconds. Uses the .venv
+# `make deps` made (deps itself installs Debian packages, as root).
+unit:
+	$(PY) -m pytest -q -m unit tests
+
 # Issue 18's reliability suites, short (they are part of `make test` too):
 # restarts, rolling updates and full tables under load; API faults, malformed
 # objects and packet fuzzing; each printing its figures.

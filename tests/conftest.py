@@ -1,7 +1,8 @@
 """Shared fixtures.
 
 The suite runs as root: it compiles BPF programs, pins maps under
-/sys/fs/bpf and builds network namespaces.  Every fixture removes what it
+/sys/fs/bpf and builds network namespaces.  The pure test modules (marked
+`unit`, `make unit`) run without root.  Every fixture removes what it
 made, and the session ends by checking that nothing was left behind.
 """
 
@@ -25,9 +26,15 @@ PIN_PREFIX = f"lbctl-test-{os.getpid()}-"
 _pins = itertools.count()
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    if os.geteuid() != 0:
-        pytest.exit("lbctl's tests need root (BPF, bpffs, network namespaces)", returncode=1)
+@pytest.hookimpl(trylast=True)  # after -m and -k deselected what they do not ask for
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Root is needed unless every test selected is a pure one (marked `unit`: make unit)."""
+    if os.geteuid() != 0 and any(item.get_closest_marker("unit") is None for item in items):
+        pytest.exit(
+            "lbctl's tests need root (BPF, bpffs, network namespaces); "
+            "the pure ones run without it: make unit (pytest -m unit tests)",
+            returncode=1,
+        )
 
 
 def remove_pins(path: Path) -> None:

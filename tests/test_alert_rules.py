@@ -36,6 +36,8 @@ import yaml
 from lbctl.agent import config
 from tests.test_deploy import DEPLOY, MONITORING, agent_container, find, pod_spec
 
+pytestmark = pytest.mark.unit  # pure: make unit runs it without root
+
 RULES = MONITORING / "lbctl-rules.yaml"
 UNIT_TESTS = MONITORING / "tests" / "lbctl-rules.test.yaml"
 OPERATOR_RULES = MONITORING / "prometheusrule.yaml"

@@ -10,6 +10,8 @@ from lbctl.agent import config
 from lbctl.agent.config import Config, ConfigError
 from lbctl.datapath.ebpf.settings import DEFAULT_PIN_DIR, BpfSettings
 
+pytestmark = pytest.mark.unit  # pure: make unit runs it without root
+
 HEADER = "apiVersion: lbctl.io/v1alpha1\nkind: LbctlConfiguration\n"
 
 FULL = (

@@ -15,6 +15,8 @@ import yaml
 from lbctl.model import ServiceRef, ServiceTable
 from lbctl.sources.manifests import ManifestSource
 
+pytestmark = pytest.mark.unit  # pure: make unit runs it without root
+
 SERVICE = """\
 apiVersion: v1
 kind: Service

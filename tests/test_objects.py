@@ -19,6 +19,8 @@ from lbctl.sources.parse import (
     parse_service,
 )
 
+pytestmark = pytest.mark.unit  # pure: make unit runs it without root
+
 
 def service(**spec: Any) -> dict[str, Any]:
     base: dict[str, Any] = {

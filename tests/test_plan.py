@@ -21,6 +21,8 @@ from lbctl.model import (
 )
 from lbctl.plan.planner import SCOPE_EXTERNAL, FrontendKey, NodeContext, Planner, plan_service
 
+pytestmark = pytest.mark.unit  # pure: make unit runs it without root
+
 IP = ipaddress.ip_address
 REF = ServiceRef("ns", "web")
 

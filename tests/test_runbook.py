@@ -18,11 +18,14 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from lbctl.cli.main import _parser
 from tests.test_deploy import DEPLOY, MANIFESTS, configmap_config, documents, pod_spec
 from tests.test_deploy_versions import VERSIONS, kustomize, problems
+
+pytestmark = pytest.mark.unit  # pure: make unit runs it without root
 
 ROOT = DEPLOY.parent
 SECTION = ("## Deploying lbctl: replacing kube-proxy", "## How it works")

@@ -8,6 +8,8 @@ import pytest
 
 from lbctl.plan import scheduling
 
+pytestmark = pytest.mark.unit  # pure: make unit runs it without root
+
 SIZE = scheduling.DEFAULT_TABLE_SIZE
 
 

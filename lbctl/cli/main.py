@@ -578,42 +578,22 @@ def _monitor(args: argparse.Namespace) -> int:
 
 
 def _cleanup(args: argparse.Namespace) -> int:
+    """Each datapath removes its own: the eBPF programs and maps, then IPVS's."""
     if args.kube_proxy:
         return _cleanup_kube_proxy(args)
     from lbctl.cli.locate import resolve
-    from lbctl.datapath.ebpf import cgroup, tc, xdp
-    from lbctl.datapath.ebpf.maps import MAP_TYPES
-    from lbctl.datapath.ebpf.upgrade import pinsets, record
+    from lbctl.datapath.ebpf import cleanup
 
     # before anything is detached: with the agent down, the attached programs tell
     where = resolve(args.bpffs, args.address, args.timeout)
-    pin_dir = where.path
     if not args.force:
-        _refuse_while_in_use(pin_dir)
-    hooks = cgroup.detach(pin_dir)
-    links = tc.all_links()
-    detached = tc.detach(link.name for link in links)
-    fast = xdp.detach(link.name for link in links)
-    removed = []
-    for name in MAP_TYPES:
-        pin = pin_dir / name
-        if pin.exists():
-            pin.unlink()
-            removed.append(name)
-    # the layout record and what an interrupted upgrade left (lbctl/datapath/ebpf/upgrade/run.py)
-    for staging in pinsets.staging_dirs(pin_dir):
-        pinsets.discard(staging)
-        removed.append(staging.name)
-    if (pin_dir / record.NAME).exists():
-        (pin_dir / record.NAME).unlink()
-        removed.append(record.NAME)
-    if pin_dir.is_dir() and not any(pin_dir.iterdir()):
-        pin_dir.rmdir()
-    print(f"tc programs (ingress, egress) detached from: {', '.join(detached) or 'no interface'}")
-    print(f"XDP program detached from: {', '.join(fast) or 'no interface'}")
-    print(f"socket hooks detached: {', '.join(hooks) or 'none'}")
-    print(f"removed pinned maps: {', '.join(removed) or 'none'} (under {pin_dir})")
-    if not removed:
+        cleanup.refuse_while_in_use(where.path)
+    removed = cleanup.cleanup(where.path)
+    print(f"tc programs (ingress, egress) detached from: {', '.join(removed.tc) or 'no interface'}")
+    print(f"XDP program detached from: {', '.join(removed.xdp) or 'no interface'}")
+    print(f"socket hooks detached: {', '.join(removed.hooks) or 'none'}")
+    print(f"removed pinned maps: {', '.join(removed.pins) or 'none'} (under {where.path})")
+    if not removed.pins:
         print(f"  {where.missing()}")
     from lbctl.datapath.ipvs import datapath as ipvs
 
@@ -621,28 +601,6 @@ def _cleanup(args: argparse.Namespace) -> int:
         for line in ipvs.cleanup(args.node_port_range):
             print(line)
     return 0
-
-
-def _refuse_while_in_use(pin_dir: Path) -> None:
-    """A running agent would go on programming maps no program reads any more,
-    and lose every connection at its next start: stop it first."""
-    from lbctl.datapath.ebpf import libbpf
-
-    pin = pin_dir / "lb4_services"
-    if not pin.exists():
-        return
-    fd = libbpf.obj_get(str(pin))
-    try:
-        holders = libbpf.map_holders(libbpf.map_info(fd).id)
-    finally:
-        os.close(fd)
-    if holders:
-        who = ", ".join(f"pid {pid} ({command[:60].strip()})" for pid, command in holders)
-        raise RuntimeError(
-            f"the maps under {pin_dir} are in use by {who}: stop the agent first (on a "
-            "cluster, delete or re-target its DaemonSet; see README, rolling back), or pass "
-            "--force to detach and remove them anyway"
-        )
 
 
 def _cleanup_kube_proxy(args: argparse.Namespace) -> int:
