@@ -25,6 +25,8 @@ setup(
             "types-PyYAML",
             # the Kubernetes API schemas deploy/ is checked against (tests/test_deploy.py)
             "kubernetes-validate>=1.37",
+            # `lbctl status -o json` checked against docs/status-v1.schema.json
+            "jsonschema>=4.17",
             # property-based generation of malformed objects (tests/test_reliability_input.py)
             "hypothesis>=6.100",
             # the import layers of lbctl/ (cli -> agent -> sources, datapath -> plan -> model)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
@@ -64,7 +65,16 @@ def status(node: Netns, *args: str) -> subprocess.CompletedProcess[str]:
 
 def status_json(node: Netns, *args: str) -> tuple[int, dict[str, Any]]:
     out = status(node, "-o", "json", *args)
-    return out.returncode, json.loads(out.stdout)
+    return out.returncode, checked(json.loads(out.stdout))
+
+
+SCHEMA = json.loads((Path(__file__).parents[1] / "docs" / "status-v1.schema.json").read_text())
+
+
+def checked(report: dict[str, Any]) -> dict[str, Any]:
+    """A report as the stable API (docs/status-api.md) promises it."""
+    jsonschema.validate(report, SCHEMA)
+    return report
 
 
 def kernel_programs(node: Netns) -> dict[str, set[tuple[str, int]]]:
@@ -192,7 +202,7 @@ def test_status_of_a_running_agent_then_of_a_killed_one(
 
         as_yaml = status(node, "-o", "yaml")
         assert as_yaml.returncode == 0
-        parsed = yaml.safe_load(as_yaml.stdout)
+        parsed = checked(yaml.safe_load(as_yaml.stdout))
         assert parsed["agent"]["status"]["counts"] == doc["counts"]
         assert reported_programs(parsed) == kernel
 
@@ -200,7 +210,7 @@ def test_status_of_a_running_agent_then_of_a_killed_one(
         agent.kill()
         down = status(node, "--bpffs", str(pin_dir), "-o", "json")
         assert down.returncode == 3
-        report = json.loads(down.stdout)
+        report = checked(json.loads(down.stdout))
         assert report["agent"]["reachable"] is False and report["agent"]["status"] is None
         assert report["verdict"]["state"] == "agent down"
         assert report["verdict"]["problems"] == [
@@ -296,7 +306,7 @@ def test_status_without_an_agent(tmp_path: Path) -> None:
         node.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
         out = status(node, "--bpffs", "/sys/fs/bpf/lbctl-status-test-none", "-o", "yaml")
         assert out.returncode == 3
-        report = yaml.safe_load(out.stdout)
+        report = checked(yaml.safe_load(out.stdout))
         assert report["verdict"]["state"] == "agent down"
         assert {i["name"]: i["programs"] for i in report["kernel"]["interfaces"]} == {
             "eth0": [],

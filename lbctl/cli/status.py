@@ -33,6 +33,9 @@ from lbctl.datapath.ebpf.upgrade import status as upgrade_status
 from lbctl.datapath.ipvs import nftables
 from lbctl.words import counted
 
+# `lbctl status -o json` is an API: within this version fields are only added
+# (docs/status-api.md, docs/status-v1.schema.json).
+API_VERSION, KIND = "lbctl.io/v1", "StatusReport"
 OK, FAILED, USAGE, AGENT_DOWN, UNHEALTHY, NO_DATAPATH = 0, 1, 2, 3, 4, 5
 STATES = {  # the verdict of each exit code `lbctl status` decides
     OK: "healthy",
@@ -198,7 +201,7 @@ def collect(address: str, pin_dir: Path | None, timeout: float) -> dict[str, Any
     except OSError as err:
         kernel["socketHooks"] = []
         kernel["socketHooksError"] = str(err)
-    report = {"agent": agent, "kernel": kernel}
+    report = {"apiVersion": API_VERSION, "kind": KIND, "agent": agent, "kernel": kernel}
     report["verdict"] = verdict(agent, kernel)
     return report
 
