@@ -16,7 +16,7 @@ from typing import Any
 
 import jsonschema
 
-from lbctl import status
+from lbctl.cli import status
 
 DOCS = Path(__file__).parents[1] / "docs"
 SCHEMA = json.loads((DOCS / "status-v1.schema.json").read_text())
