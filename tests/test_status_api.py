@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 
 from lbctl.cli import status
+
+pytestmark = pytest.mark.unit  # pure: make unit runs it without root
 
 DOCS = Path(__file__).parents[1] / "docs"
 SCHEMA = json.loads((DOCS / "status-v1.schema.json").read_text())

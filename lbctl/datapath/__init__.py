@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from lbctl.datapath.ebpf import tc
@@ -85,5 +85,9 @@ class Datapath(Protocol):
     def attach_xdp(self, links: list[tc.Link], mode: str) -> list[str]: ...
 
     def attach_cgroup(self, path: str | None) -> list[str]: ...
+
+    def describe(self) -> dict[str, Any]:
+        """What /statusz says of this datapath, beside the agent's own options."""
+        ...
 
     def close(self) -> None: ...

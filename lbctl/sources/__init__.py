@@ -6,7 +6,7 @@ over the changes to the ServiceTable as the Services they touched.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from lbctl.model import ServiceRef, ServiceTable
 
@@ -35,3 +35,11 @@ class Source(Protocol):
         ...
 
     def poll(self, table: ServiceTable) -> set[ServiceRef]: ...
+
+    def describe(self) -> dict[str, Any]:
+        """What /statusz says of the source: its kind, its location, whether it is complete."""
+        ...
+
+    def rejected(self) -> list[dict[str, str]]:
+        """What the source refused (objects, files), each with where and the reason."""
+        ...

@@ -170,6 +170,13 @@ class KubeSource:
         """Return when changes are queued, or after `timeout` seconds."""
         self._wake.wait(timeout)
 
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "kubernetes", "location": self.server, "complete": self.complete}
+
+    def rejected(self) -> list[dict[str, str]]:
+        problems = dict(self.problems)
+        return [{"where": "API server", "reason": problems[k]} for k in sorted(problems)]
+
     def poll(self, table: ServiceTable) -> set[ServiceRef]:
         """Apply the queued changes to the table; return the services touched."""
         with self._lock:

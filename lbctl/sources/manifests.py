@@ -117,6 +117,15 @@ class ManifestSource:
             p.startswith("cannot parse the file") for msgs in self.errors.values() for p in msgs
         )
 
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "manifests", "location": str(self.directory), "complete": self.complete}
+
+    def rejected(self) -> list[dict[str, str]]:
+        out = []
+        for path, messages in sorted(dict(self.errors).items()):
+            out += [{"where": str(path), "reason": m} for m in messages]
+        return out
+
     def poll(self, table: ServiceTable) -> set[ServiceRef]:
         """Apply what changed in the directory; return the services touched."""
         touched: set[ServiceRef] = set()

@@ -16,10 +16,6 @@ from typing import Any, TypeVar
 
 from lbctl import __version__
 from lbctl.agent.loop import Agent, SyncRecord
-from lbctl.datapath.ebpf.datapath import BpfDatapath
-from lbctl.datapath.ipvs.datapath import IpvsDatapath
-from lbctl.sources.kube import KubeSource
-from lbctl.sources.manifests import ManifestSource
 
 API_VERSION = "lbctl.io/v1alpha1"
 KIND = "AgentStatus"
@@ -54,52 +50,22 @@ def _sync(record: SyncRecord | None) -> dict[str, Any] | None:
     }
 
 
-def _source(agent: Agent) -> dict[str, Any]:
-    source = agent.source
-    if isinstance(source, ManifestSource):
-        return {"kind": "manifests", "location": str(source.directory), "complete": source.complete}
-    if isinstance(source, KubeSource):
-        return {
-            "kind": "kubernetes",
-            "location": source.server,
-            "complete": source.complete,
-        }
-    return {"kind": type(source).__name__, "location": "", "complete": source.complete}
-
-
 def _rejected(agent: Agent) -> list[dict[str, str]]:
     """Objects the source or the planner refused, with the reason."""
-    source, out = agent.source, []
-    if isinstance(source, ManifestSource):
-        for path, messages in sorted(dict(source.errors).items()):
-            out += [{"where": str(path), "reason": m} for m in messages]
-    elif isinstance(source, KubeSource):
-        problems = dict(source.problems)
-        out += [{"where": "API server", "reason": problems[k]} for k in sorted(problems)]
+    out = agent.source.rejected()
     conflicts = dict(agent.planner.conflicts)
     out += [{"where": f"Service {ref}", "reason": conflicts[ref]} for ref in sorted(conflicts)]
     return out
 
 
 def _datapath(agent: Agent) -> dict[str, Any]:
-    dp, options = agent.datapath, agent.options
+    options = agent.options
     out: dict[str, Any] = {
         "interfaces": sorted(options.interfaces) if options.interfaces is not None else "all",
         "xdp": options.xdp,
         "cgroup": options.cgroup_path,  # None: the root of the cgroup2 mount; "": none
     }
-    if isinstance(dp, BpfDatapath):
-        out |= {
-            "bpffs": str(dp.settings.pin_dir),
-            "attached": sorted(dict(dp.interfaces)),
-            "xdpAttached": sorted(dict(dp.xdp_interfaces)),
-            "programsNotLoaded": dict(dp.failed_programs),
-            # what this start did with the maps it found pinned (lbctl/datapath/ebpf/upgrade/run.py)
-            "upgrade": dp.upgrade_report.as_dict() if dp.upgrade_report else None,
-        }
-    if isinstance(dp, IpvsDatapath):
-        out["nftables"] = dp.nft.state()  # unavailable: what the node goes without, and why
-    return out
+    return out | agent.datapath.describe()
 
 
 def document(agent: Agent, healthy: bool, problems: list[str]) -> dict[str, Any]:
@@ -121,7 +87,7 @@ def document(agent: Agent, healthy: bool, problems: list[str]) -> dict[str, Any]
         "problems": problems,
         "mode": agent.datapath.mode,
         "modeReason": agent.options.mode_reason,
-        "source": _source(agent),
+        "source": agent.source.describe(),
         "lastSync": _sync(agent.last_sync),
         "lastChange": _sync(agent.last_change),
         "counts": {

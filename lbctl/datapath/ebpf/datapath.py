@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Network
 from pathlib import Path
+from typing import Any
 
 from lbctl.datapath import DatapathError, NodeConfig
 from lbctl.datapath.ebpf import conntrack_gc, layout, nodeconf, tc
@@ -382,6 +383,16 @@ class BpfDatapath:
                     f"{vip[0]}:{vip[1]}/{vip[2].name} not programmed: {err}"
                 )
         return errors, failed
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "bpffs": str(self.settings.pin_dir),
+            "attached": sorted(dict(self.interfaces)),
+            "xdpAttached": sorted(dict(self.xdp_interfaces)),
+            "programsNotLoaded": dict(self.failed_programs),
+            # what this start did with the maps it found pinned (lbctl/datapath/ebpf/upgrade/run.py)
+            "upgrade": self.upgrade_report.as_dict() if self.upgrade_report else None,
+        }
 
     def close(self) -> None:
         """Release this process's handles; programs and pins stay in place."""

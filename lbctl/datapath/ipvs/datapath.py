@@ -374,6 +374,9 @@ class IpvsDatapath:
             )
         return out
 
+    def describe(self) -> dict[str, Any]:
+        return {"nftables": self.nft.state()}  # unavailable: what the node goes without, and why
+
     def close(self) -> None:
         """Release the sockets; IPVS, the link and the table stay, as the BPF maps do."""
         self.ipvs.close()
