@@ -43,7 +43,8 @@ test-reliability: deps
 
 bench: bench-control-plane bench-dataplane bench-program bench-reliability bench-upgrade
 
-# Figures for the README; see the docstring of bench/control_plane.py.
+# Figures for the README, and the cold sync of 10,000 real-shaped Services against
+# the LIST-and-decode floor (issue 20); see the docstring of bench/control_plane.py.
 bench-control-plane: deps
 	$(PY) bench/control_plane.py
 

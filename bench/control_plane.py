@@ -14,6 +14,19 @@ API server (tests/apiserver.py; no kube-apiserver can be installed here):
   chains, generated here from kube-proxy's documented rule layout), full
   load and one endpoint change (kube-proxy rewrites the service's chains).
 
+Then the cold sync against real-shaped objects (issue 20; `--cold-sizes`,
+default 10,000 Services x 10 endpoints), built by tests/k8s_payloads.py as a
+real cluster holds them (managedFields, last-applied-configuration, targetRef...)
+and served in pages, measured in the same run, median of `--cold-runs`:
+
+- the floor: LIST every page (limit=500, the continue token) of Services and
+  EndpointSlices and `json.loads` each, nothing else, in this process;
+- launch -> synced: from launching `lbctl run` to its "synced:" log line, and
+  to its /healthz answering 200; the ratio of each to the floor;
+- the agent's RSS after the sync.
+
+The goals (issue 20): launch -> synced <= 2 s and <= 1.5x the floor.
+
 Everything runs inside network namespaces this script creates and deletes.
 The machine is shared and noisy: read the figures as ratios within one run.
 """
@@ -21,7 +34,9 @@ The machine is shared and noisy: read the figures as ratios within one run.
 from __future__ import annotations
 
 import argparse
+import http.client
 import ipaddress
+import json
 import math
 import os
 import platform
@@ -36,6 +51,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import machine
+from tests import k8s_payloads
 from tests.apiserver import FakeApiServer
 from tests.kubeproxy_rules import ServicePort, iptables_rules, iptables_service_rewrite
 from tests.netlab import Netns
@@ -160,6 +176,152 @@ def bench_lbctl(services: int, changes: int, work: Path) -> dict[str, float]:
         ns.delete()
 
 
+# -- the cold sync against real-shaped objects ---------------------------------------
+
+COLD_PAGE = 500  # client-go's informers list in pages of 500
+COLD_PATHS = ("/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices")
+
+
+def real_objects(services: int) -> list[dict[str, Any]]:
+    objects = []
+    for i in range(services):
+        name = f"svc{i}"
+        objects.append(
+            k8s_payloads.service("bench", name, str(ipaddress.IPv4Address(0x0A600000 + i)))
+        )
+        ips = [endpoint(i, j) for j in range(ENDPOINTS)]
+        objects.append(k8s_payloads.endpoint_slice("bench", name, ips))
+    return objects
+
+
+def list_and_decode(ns: Netns, port: int) -> dict[str, float]:
+    """The floor: every page of both LISTs fetched and decoded, nothing else."""
+    fetch = decode = 0.0
+    size = items = 0
+    with ns.entered():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            started = time.perf_counter()
+            for path in COLD_PATHS:
+                token = ""
+                while True:
+                    query = f"?limit={COLD_PAGE}" + (f"&continue={token}" if token else "")
+                    began = time.perf_counter()
+                    conn.request("GET", path + query, headers={"Accept": "application/json"})
+                    body = conn.getresponse().read()
+                    got = time.perf_counter()
+                    page = json.loads(body)
+                    decode += time.perf_counter() - got
+                    fetch += got - began
+                    size += len(body)
+                    items += len(page["items"])
+                    token = page["metadata"].get("continue", "")
+                    if not token:
+                        break
+            total = time.perf_counter() - started
+        finally:
+            conn.close()
+    return {"floor_s": total, "fetch_s": fetch, "decode_s": decode, "mb": size / 1e6,
+            "items": items}  # fmt: skip
+
+
+def healthz_ok(ns: Netns, port: int) -> bool:
+    with ns.entered():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        try:
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+
+def bench_cold_sync(services: int, runs: int, work: Path) -> dict[str, Any]:
+    """Floor and launch -> synced, alternated `runs` times against one server."""
+    ns = Netns.create("cold")
+    pins = Path(f"/sys/fs/bpf/lbctl-cold-{os.getpid()}")
+    result: dict[str, Any] = {"runs": []}
+    try:
+        sock = ns.open_socket()
+        sock.bind(("127.0.0.1", 0))
+        server = FakeApiServer(sock).start()
+        ns.on_delete(server.stop)
+        with server.batch():
+            for obj in real_objects(services):
+                server.create(obj)
+        kubeconfig = server.write_kubeconfig(work / "kubeconfig-cold")
+        size = max(1024, services * 2)
+        health = 10257
+        for run in range(runs):
+            floor = list_and_decode(ns, server.port)
+            log = work / f"agent-cold-{services}-{run}.log"
+            args = [
+                "nsenter", f"--net={ns.path}", LBCTL, "run", "--kubeconfig", str(kubeconfig),
+                "--hostname-override", "bench-node", "--bpffs", str(pins),
+                "--metrics-bind-address", "", "--healthz-bind-address", f"127.0.0.1:{health}",
+                "--max-services", str(size), "--max-backends", str(size * ENDPOINTS),
+                "--max-slots", str(size * ENDPOINTS),
+            ]  # fmt: skip
+            proc: subprocess.Popen[bytes] | None = None
+            try:
+                with log.open("wb") as sink:
+                    started = time.monotonic()
+                    proc = subprocess.Popen(
+                        args, stdout=sink, stderr=sink, stdin=subprocess.DEVNULL
+                    )
+                synced_s = healthz_s = None
+                deadline = started + 120
+                while (synced_s is None or healthz_s is None) and time.monotonic() < deadline:
+                    if synced_s is None and SYNCED.search(log.read_text()):
+                        synced_s = time.monotonic() - started
+                    if healthz_s is None and healthz_ok(ns, health):
+                        healthz_s = time.monotonic() - started
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"lbctl run exited:\n{log.read_text()}")
+                    time.sleep(0.005)
+                if synced_s is None or healthz_s is None:
+                    raise TimeoutError(f"no sync within 120 s:\n{log.read_text()}")
+                rss, peak = rss_mb(proc.pid)
+                [agent_sync] = SYNCED.findall(log.read_text())
+                result["runs"].append({**floor, "synced_s": synced_s, "healthz_s": healthz_s,
+                    "agent_sync_s": float(agent_sync), "rss_mb": rss, "peak_mb": peak})  # fmt: skip
+            finally:
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(timeout=20)
+                subprocess.run(
+                    ["nsenter", f"--net={ns.path}", LBCTL, "cleanup", "--bpffs", str(pins)],
+                    capture_output=True,
+                    check=False,
+                )
+    finally:
+        ns.delete()
+    for key in result["runs"][0]:
+        result[key] = statistics.median(r[key] for r in result["runs"])
+    return result
+
+
+def print_cold(size: int, cold: dict[str, Any]) -> None:
+    synced_x = cold["synced_s"] / cold["floor_s"]
+    healthz_x = cold["healthz_s"] / cold["floor_s"]
+    print(
+        f"{size:>8} {cold['mb']:>6.1f} {cold['floor_s']:>7.2f} ({cold['fetch_s']:.2f} + "
+        f"{cold['decode_s']:.2f}) {cold['synced_s']:>8.2f} {synced_x:>6.2f}x "
+        f"{cold['healthz_s']:>9.2f} {healthz_x:>6.2f}x {cold['agent_sync_s']:>7.2f} "
+        f"{cold['rss_mb']:>7.0f}",
+        flush=True,
+    )
+    goal_s, goal_x = cold["synced_s"] <= 2.0, synced_x <= 1.5
+    print(
+        f"{'':>8} goals: launch -> synced <= 2 s {'met' if goal_s else 'missed'} "
+        f"({cold['synced_s']:.2f} s, {cold['synced_s'] / 2.0:.2f}x the goal); <= 1.5x the floor "
+        f"{'met' if goal_x else 'missed'} ({synced_x:.2f}x, {synced_x / 1.5:.2f}x the goal); "
+        f"runs: " + ", ".join(f"{r['synced_s']:.2f}/{r['floor_s']:.2f} s" for r in cold["runs"]),
+        flush=True,
+    )
+
+
 # -- the kube-proxy reference ----------------------------------------------------------
 
 
@@ -221,6 +383,8 @@ def main() -> int:
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--changes", type=int, default=200)
     parser.add_argument("--skip-reference", action="store_true", help="no iptables-restore")
+    parser.add_argument("--cold-sizes", default="10000", help="real-shaped cold sync; '' for none")
+    parser.add_argument("--cold-runs", type=int, default=3)
     args = parser.parse_args()
     work = Path("/tmp") / f"lbctl-bench-{os.getpid()}"
     work.mkdir(exist_ok=True)
@@ -236,7 +400,7 @@ def main() -> int:
     )
     print(header)
     print("-" * len(header))
-    for size in (int(s) for s in args.sizes.split(",")):
+    for size in (int(s) for s in args.sizes.split(",") if s):
         lb = bench_lbctl(size, args.changes, work)
         print(
             f"{size:>8} {lb['start_s']:>8.2f} {lb['sync_s']:>7.2f} {lb['rss_mb']:>7.0f} "
@@ -252,6 +416,20 @@ def main() -> int:
             print(f"{f'> {REFERENCE_TIMEOUT_S:.0f} (stopped)':>23} {'-':>13}", flush=True)
         else:
             print(f"{ref['full_s']:>23.2f} {ref['change_ms']:>13.1f}", flush=True)
+    cold_sizes = [int(s) for s in args.cold_sizes.split(",") if s]
+    if cold_sizes:
+        print(
+            f"\ncold sync, real-shaped objects (tests/k8s_payloads.py), LIST pages of {COLD_PAGE}; "
+            f"median of {args.cold_runs} runs, floor and agent alternated"
+        )
+        header = (
+            f"{'services':>8} {'MB':>6} {'floor s (LIST + json.loads)':>27} {'synced s':>8} "
+            f"{'/floor':>7} {'healthz s':>9} {'/floor':>7} {'sync s':>7} {'RSS MB':>7}"
+        )
+        print(header)
+        print("-" * len(header))
+        for size in cold_sizes:
+            print_cold(size, bench_cold_sync(size, args.cold_runs, work))
     return 0
 
 

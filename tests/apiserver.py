@@ -8,8 +8,20 @@ stand-in.  It speaks enough of the real list/watch wire protocol for the officia
   ``/apis/discovery.k8s.io/v1/endpointslices``, ``.../namespaces/{ns}/endpointslices``
   and ``/api/v1/nodes``; any other path is a 404 ``Status``, any other verb a 405.
 * One global resourceVersion counter (like etcd) shared by every resource.
-* LIST with ``limit``/``continue`` over a consistent snapshot, ``fieldSelector``
-  (``metadata.name``, ``metadata.namespace``) and equality-based ``labelSelector``.
+* LIST with ``limit``/``continue`` over a consistent snapshot (``remainingItemCount``
+  on every page but the last; a token of a compacted snapshot gets 410 Expired),
+  ``fieldSelector`` (``metadata.name``, ``metadata.namespace``) and equality-based
+  ``labelSelector``.  As from kube-apiserver, the items of a LIST carry no ``kind``
+  nor ``apiVersion`` (the list has them); watch events' objects do.
+* Content types: every answer is ``application/json``, whatever the request's
+  ``Accept`` asks (``application/json;as=Table;...`` or
+  ``application/vnd.kubernetes.protobuf``): a client that needs a Table or
+  protobuf gets JSON objects here, where kube-apiserver would convert.
+* Server-set metadata: uid, creationTimestamp (both kept across updates, unless
+  the writer gives them, as tests/k8s_payloads.py does), resourceVersion, and an
+  EndpointSlice's ``generation`` (1 on create, one more on each update).  Other
+  fields (``managedFields``, defaults like ``clusterIPs``) are stored as written:
+  tests/k8s_payloads.py writes objects whole, as a real cluster holds them.
 * WATCH (``watch=true``): chunked, one JSON event per line; history replay from a
   resourceVersion, synthetic ADDED events for ``resourceVersion`` unset or "0", an
   ``ERROR`` 410 event for a compacted resourceVersion, BOOKMARKs, ``timeoutSeconds``.
@@ -92,6 +104,7 @@ _REASONS = {
     503: "ServiceUnavailable",
 }
 _MAX_SNAPSHOTS = 64
+_GENERATED = {"endpointslices"}  # kinds whose metadata.generation the server keeps
 _CHUNK = 1 << 20
 
 
@@ -126,6 +139,7 @@ class _Entry(NamedTuple):
     uid: str
     created: str
     labels: dict[str, str]
+    generation: int = 0
 
 
 class _Event(NamedTuple):
@@ -456,6 +470,10 @@ class FakeApiServer:
             meta.setdefault("uid", str(uuid.uuid4()))
             meta.setdefault("creationTimestamp", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
             meta["resourceVersion"] = str(self._rv)
+            generation = 0
+            if kind.resource in _GENERATED:
+                generation = old.generation + 1 if old is not None else 1
+                meta["generation"] = generation
             if kind.namespaced:
                 meta["namespace"] = ns
             else:
@@ -463,7 +481,8 @@ class FakeApiServer:
             stored = {"apiVersion": kind.api_version, "kind": kind.kind, **obj, "metadata": meta}
             stored.update(apiVersion=kind.api_version, kind=kind.kind)
             labels = dict(meta.get("labels") or {})
-            entry = _Entry(_dumps(stored), meta["uid"], meta["creationTimestamp"], labels)
+            raw = _dumps(stored)
+            entry = _Entry(raw, meta["uid"], meta["creationTimestamp"], labels, generation)
             self._store[kind.resource][(ns, name)] = entry
             self._record(b"MODIFIED" if old else b"ADDED", kind, ns, name, entry.raw, labels)
         return stored
@@ -585,7 +604,12 @@ class FakeApiServer:
                 meta["remainingItemCount"] = len(items) - end
         head = b'{"kind":"%sList","apiVersion":"%s","metadata":%s,"items":['
         head %= (kind.kind.encode(), kind.api_version.encode(), _dumps(meta))
-        return head + b",".join(items[start:end]) + b"]}"
+        # Stored objects start with their apiVersion and kind (see _write); a LIST's
+        # items go without them, as kube-apiserver sends them.
+        cut = len(
+            b'{"apiVersion":"%s","kind":"%s",' % (kind.api_version.encode(), kind.kind.encode())
+        )
+        return head + b",".join(b"{" + raw[cut:] for raw in items[start:end]) + b"]}"
 
     def _watch(
         self, h: _Handler, kind: Kind, ns: str | None, match: Matcher | None, q: dict[str, str]

@@ -671,9 +671,12 @@ def udp_request(
     payload: str = "hi",
     timeout: float = 2.0,
     check_source: bool = True,
+    source_port: int = 0,
 ) -> Reply:
     """Send one datagram from a fresh socket in ``where`` and wait for one reply.
 
+    A fresh socket may get the ephemeral port of an earlier one, and so join
+    that one's flow: tests that count flows give each its own ``source_port``.
     With ``check_source`` a reply from any address other than ``ip:port`` (e.g. a
     backend's own address because reverse NAT is missing) raises :class:`RequestError`;
     otherwise it is returned with :attr:`Reply.source` telling where it came from.
@@ -683,6 +686,8 @@ def udp_request(
     with ns.open_socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
         try:
+            if source_port:
+                sock.bind(("0.0.0.0", source_port))
             sock.sendto(payload.encode(), (ip, port))
             data, (src_ip, src_port) = sock.recvfrom(65535)
         except OSError as exc:

@@ -290,9 +290,9 @@ def test_nat_port_exhaustion_is_counted_per_service(tmp_path: Path, pin_dir: Pat
             env.agent.wait_for_log("synced:")
             w = env.world
             failed = 0
-            for _ in range(5):  # UDP flows hold their port for the 60 s timeout
+            for i in range(5):  # UDP flows hold their port for the 60 s timeout
                 try:
-                    udp_request(w.client, LB_IP, 53, timeout=0.5)
+                    udp_request(w.client, LB_IP, 53, timeout=0.5, source_port=42000 + i)
                 except RequestError:
                     failed += 1
             m = scrape(w.node_a)

@@ -108,9 +108,9 @@ def check_events(w: Any, pin_dir: Path) -> None:
             udp.recv(100)
     # masqueraded UDP flows: two NAT ports per backend, two backends
     answered = 0
-    for _ in range(8):
+    for i in range(8):  # each its own flow (a fresh socket may reuse a port)
         try:
-            udp_request(w.client, NODE_IP, 30081, timeout=0.5)
+            udp_request(w.client, NODE_IP, 30081, timeout=0.5, source_port=42000 + i)
             answered += 1
         except RequestError:
             pass

@@ -122,9 +122,9 @@ def traffic(world: extlab.World) -> None:
         with pytest.raises(RequestError):  # no endpoints: refused
             tcp_request(world.client, NODE_IP, 30090)
     failed = 0
-    for _ in range(NAT_FLOWS):  # each from a fresh socket: one NAT port each
+    for i in range(NAT_FLOWS):  # each from its own source port: one NAT port each
         try:
-            udp_request(world.client, NODE_IP, 30091, timeout=1.5)
+            udp_request(world.client, NODE_IP, 30091, timeout=1.5, source_port=42000 + i)
         except RequestError:
             failed += 1
     assert failed == NAT_FLOWS - NAT_PORTS
