@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from lbctl.objects import parse_checked, parse_endpoint_slice, parse_service
+from lbctl.sources.parse import parse_checked, parse_endpoint_slice, parse_service
 from tests import k8s_payloads
 from tests.apiserver import FakeApiServer
 from tests.netlab import Netns
